@@ -87,7 +87,7 @@ def assert_close(name, got, ref, atol, rtol):
         idx = tuple(int(i) for i in np.argwhere((inf_g != inf_r) | (inf_g & (g != r)))[0])
         raise AssertionError(f"{name}: inf pattern differs, first at {idx}: got {g[idx]}, expected {r[idx]}")
     finite = ~(nan_g | inf_g)
-    err = np.where(finite, np.abs(g - r), 0.0)
+    err = np.abs(np.where(finite, g, 0.0) - np.where(finite, r, 0.0))
     tol = atol + rtol * np.abs(np.where(finite, r, 0.0))
     bad = err > tol
     if bad.any():

@@ -1,0 +1,386 @@
+"""topk.py: exact top-k and statistical top-k, the two sparsifying operators of this project.
+
+Papers
+- Exact top-k: "The Lazy Neuron Phenomenon" (Li et al., ICLR 2023, arXiv 2210.06313). Its
+  Top-k Transformer keeps the k largest FFN activations of each token and zeroes the rest.
+- Statistical top-k: "Spark Transformer" (You et al., arXiv 2506.06644). Instead of sorting,
+  it estimates the k-th largest value of a row from the row's mean and standard deviation, as
+  if the row were Gaussian, and keeps what lies above that threshold:
+
+      theta(z) = mean(z) + std(z) * Q(1 - k/D)          Q = standard normal quantile (inverse CDF)
+      statistical_topk(z) = max(z - theta(z), 0)         (a *soft* threshold: survivors shift down)
+
+  Two reductions and one elementwise pass: linear time, no sort. Gemma 3n ships this operator
+  (Hugging Face `Gemma3nTextMLP._gaussian_topk`, population std, target sparsity p = 1 - k/D).
+
+What a reader learns here
+- the two operators written plainly in NumPy (the references), then the same in PyTorch
+  (differentiable, any device, float32/16/bf16, no host synchronisation);
+- where statistical top-k is exact (i.i.d. Gaussian rows) and where it drifts (skewed,
+  heavy-tailed rows): `python topk.py` measures target k vs achieved k on several row
+  distributions, the overlap with exact top-k, and the CPU time of both operators.
+
+Dimension letters (used in every shape comment below)
+    D   length of the last axis (the row we select in: FFN width f, or number of keys n)
+    k   how many entries of a row should survive, 1 <= k <= D
+    ... any leading dimensions (batch, tokens, heads); each row is treated independently
+
+Choices where the sources are silent (also in notes/topk.md)
+- Population std (divide by D), as Gemma 3n's public code does; llama.cpp uses D - 1.
+- Statistics in float64 in NumPy, and in at least float32 in torch (bf16/fp16 rows are upcast).
+- We centre each row on its first entry before taking mean and variance. It changes nothing
+  mathematically (mean(z - z0) + z0 = mean(z), var is shift invariant) but makes a constant row
+  give *exactly* mean = z0 and std = 0 in floating point; without it NumPy's mean of a
+  constant row is off by an ulp in most cases and a constant row would keep "survivors" of size
+  1e-17. With the shift, a constant row has theta = its value and no survivors (all `fill`).
+- k == D: the input is returned unchanged (the same object, no copy): nothing is thresholded,
+  as if theta = -inf.
+- An entry survives when it is strictly greater than theta (ties at theta are dropped).
+- NaN: the NumPy references raise ValueError (a reference should refuse bad data); the torch
+  versions never look at values on the host (that would synchronise a GPU), so NaN propagates:
+  statistical top-k turns a row containing NaN into all-NaN (its mean is NaN), and exact top-k
+  follows torch.topk, which ranks NaN above every number, so the NaN is kept in its row. Other
+  rows are never affected.
+- Empty last axis (D = 0): no valid k exists (1 <= k <= 0), so it is a ValueError naming k and
+  D. Leading dimensions of size 0 are fine and give an empty result of the same shape.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+# ------------------------------------------------------------------------------------------
+# Shared helpers: argument checks and the normal quantile
+# ------------------------------------------------------------------------------------------
+
+
+def check_k(k, D):
+    """Raise ValueError unless k is an integer with 1 <= k <= D (D = length of the last axis)."""
+    # bool is an int in Python; k=True would silently mean k=1, so we refuse it.
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an int with 1 <= k <= D (D={D}), got k={k!r} of type {type(k).__name__}")
+    if D == 0:
+        raise ValueError(f"the last axis of x is empty (D=0): no k satisfies 1 <= k <= D (got k={k})")
+    if not 1 <= k <= D:
+        raise ValueError(f"k must satisfy 1 <= k <= D, got k={k} with D={D}")
+
+
+def normal_icdf(p):
+    """Q(p): the standard normal quantile, the z with P(N(0,1) <= z) = p, for 0 < p < 1.
+
+    Python's statistics.NormalDist gives it to double precision (Wichura's AS241 algorithm), so
+    we need no SciPy. Q(0.92) = 1.405 (k = 8 %), Q(0.95) = 1.645 (Gemma 3n's multiplier).
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1) for the normal quantile, got p={p}")
+    return statistics.NormalDist().inv_cdf(p)
+
+
+def _check_np(x, name="x"):
+    """The NumPy references take a floating array with at least one axis and no NaN."""
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least one axis (rows are taken along the last), got a scalar")
+    if np.isnan(x).any():
+        rows = np.argwhere(np.isnan(x).reshape(-1, x.shape[-1]).any(axis=-1)).ravel()
+        raise ValueError(f"{name} contains NaN (in {len(rows)} row(s), first at flattened row {rows[0]})")
+    return x
+
+
+def _check_torch(x, name="x"):
+    """The torch versions take a floating tensor with at least one axis (values are not inspected)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} (use the *_np function for NumPy)")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64), got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one axis (rows are taken along the last), got a scalar")
+
+
+# ------------------------------------------------------------------------------------------
+# 1. Exact top-k (Lazy Neuron paper, Top-k Transformer) -- NumPy reference
+# ------------------------------------------------------------------------------------------
+
+
+def exact_topk_np(x, k, fill=0.0):
+    """Keep the k largest entries of each row, set the others to `fill`.   [..., D] -> [..., D]
+
+    fill = 0.0 before an activation with act(0) = 0 (ReLU, GELU); fill = -inf before a softmax.
+    Which of several equal values survives is not defined (tests compare kept values, not
+    positions, when there are ties).
+    """
+    x = _check_np(x)
+    D = x.shape[-1]
+    check_k(k, D)
+    if k == D:
+        return x  # every entry is among the k largest
+    # argpartition puts the indices of the k largest first (in no particular order): O(D) per row.
+    idx = np.argpartition(-x, k - 1, axis=-1)[..., :k]  # [..., k]
+    out = np.full_like(x, fill)  # [..., D]
+    np.put_along_axis(out, idx, np.take_along_axis(x, idx, axis=-1), axis=-1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Statistical top-k (Spark Transformer, arXiv 2506.06644) -- NumPy reference
+# ------------------------------------------------------------------------------------------
+
+
+def statistical_threshold_np(x, k):
+    """theta = mean(x) + std(x) * Q(1 - k/D) over the last axis.   [..., D] -> [..., 1] float64
+
+    If the D entries of a row were i.i.d. Gaussian, about k of them would exceed theta.
+    Population std (divide by D). k == D gives theta = -inf (everything survives).
+    """
+    x = _check_np(x)
+    D = x.shape[-1]
+    check_k(k, D)
+    if k == D:
+        return np.full(x.shape[:-1] + (1,), -np.inf)
+    z = x.astype(np.float64)
+    # Centre on the first entry so a constant row gives mean = z0 and std = 0 exactly (module docstring).
+    z0 = z[..., :1]  # [..., 1]
+    c = z - z0  # [..., D]
+    mean = z0 + c.mean(axis=-1, keepdims=True)  # [..., 1]
+    std = np.sqrt(((c - c.mean(axis=-1, keepdims=True)) ** 2).mean(axis=-1, keepdims=True))  # [..., 1] population std
+    # theta = mean + std * Q(1 - k/D)          (Spark, statistical top-k; Gemma 3n: p = 1 - k/D)
+    return mean + std * normal_icdf(1.0 - k / D)
+
+
+def statistical_topk_np(x, k, fill=0.0, soft=True):
+    """Statistical top-k along the last axis.   [..., D] -> [..., D], dtype of x
+
+    soft=True  (the paper's operator): survivors become x - theta, the rest `fill`;
+               with fill = 0 this is max(x - theta, 0).
+    soft=False: survivors keep their value x (useful before a softmax, with fill = -inf).
+    An entry survives when x > theta. k == D returns x unchanged.
+    """
+    x = _check_np(x)
+    D = x.shape[-1]
+    check_k(k, D)
+    if k == D:
+        return x
+    theta = statistical_threshold_np(x, k)  # [..., 1] float64
+    z = x.astype(np.float64)  # [..., D]
+    kept = z - theta if soft else z  # [..., D]
+    out = np.where(z > theta, kept, fill)  # [..., D]
+    return out.astype(x.dtype)
+
+
+def achieved_k(y, fill=0.0):
+    """How many entries of each row differ from `fill` (survived).   [..., D] -> [...] int
+
+    Works on NumPy arrays (returns an int64 array) and torch tensors (returns an int64 tensor on
+    the same device, without synchronising). NaN counts as a survivor (NaN != fill).
+    """
+    if isinstance(y, torch.Tensor):
+        return (y != fill).sum(dim=-1)
+    y = np.asarray(y)
+    if y.ndim == 0:
+        raise ValueError("y must have at least one axis (rows are taken along the last), got a scalar")
+    return (y != fill).sum(axis=-1).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# 3. The same operators in PyTorch (must match the NumPy references above)
+#    Any leading shape, CPU or CUDA, float32/float16/bfloat16/float64, differentiable.
+#    No .item(), no data-dependent Python branches: nothing waits for the device.
+# ------------------------------------------------------------------------------------------
+
+
+def exact_topk(x, k, fill=0.0):
+    """Torch version of exact_topk_np.   [..., D] -> [..., D]
+
+    Gradient: 1 for kept entries, 0 elsewhere (torch.where routes it).
+    NaN follows torch.topk (ranked above every number, so it is kept in its row).
+    """
+    _check_torch(x)
+    D = x.shape[-1]
+    check_k(k, D)
+    if k == D:
+        return x
+    idx = torch.topk(x, k, dim=-1, sorted=False).indices  # [..., k]
+    # A boolean mask of the survivors, then one where(): differentiable and dtype-preserving.
+    keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)  # [..., D]
+    return torch.where(keep, x, torch.full((), fill, dtype=x.dtype, device=x.device))
+
+
+def statistical_threshold(x, k):
+    """Torch version of statistical_threshold_np.   [..., D] -> [..., 1]
+
+    The statistics are computed in float32 for float16/bfloat16 input (float64 stays float64),
+    and theta is returned in that precision. Gradients flow through mean and std (theta is not
+    detached: whether the paper detaches it is not known, REFERENCE.md §2).
+    """
+    _check_torch(x)
+    D = x.shape[-1]
+    check_k(k, D)
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    if k == D:
+        return torch.full(x.shape[:-1] + (1,), -math.inf, dtype=stat_dtype, device=x.device)
+    if x.numel() == 0:  # leading dims of size 0 (a shape check, not a value check: no sync)
+        return torch.empty(x.shape[:-1] + (1,), dtype=stat_dtype, device=x.device)
+    z = x.to(stat_dtype)  # [..., D]
+    # Centre on the first entry: a constant row then has exactly std = 0 (see module docstring).
+    z0 = z[..., :1]  # [..., 1]
+    var, mean_c = torch.var_mean(z - z0, dim=-1, keepdim=True, correction=0)  # [..., 1] each, population
+    # theta = mean + std * Q(1 - k/D)
+    return (z0 + mean_c) + var.sqrt() * normal_icdf(1.0 - k / D)
+
+
+def statistical_topk(x, k, fill=0.0, soft=True):
+    """Torch version of statistical_topk_np.   [..., D] -> [..., D], dtype of x
+
+    With fill = 0 and soft = True this is Gemma 3n's operator relu(x - (mean + std * Q(p))),
+    p = 1 - k/D. A row containing NaN becomes all NaN (its theta is NaN); other rows are unaffected.
+    Gradient (soft): 1 on survivors plus the small terms through mean and std.
+    """
+    _check_torch(x)
+    D = x.shape[-1]
+    check_k(k, D)
+    if k == D:
+        return x
+    theta = statistical_threshold(x, k)  # [..., 1], float32 or float64
+    z = x.to(theta.dtype)  # [..., D]
+    kept = z - theta if soft else z  # [..., D]
+    # NaN rows: theta is NaN, `z > theta` is False, so we route NaN through explicitly to keep it visible.
+    fill_t = torch.full((), fill, dtype=theta.dtype, device=x.device)
+    out = torch.where(z > theta, kept, torch.where(torch.isnan(theta), theta, fill_t))  # [..., D]
+    return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Demonstration: how close is statistical top-k to exact top-k, and what does it cost?
+#    python topk.py [--json PATH] [--rows N]
+# ------------------------------------------------------------------------------------------
+
+
+def _gelu_np(z):
+    """GELU, tanh approximation (as in Gemma): 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))."""
+    return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def demo_rows(kind, rows, D, rng):
+    """Rows drawn from the distributions we test the Gaussian assumption against.   -> [rows, D]"""
+    if kind == "gaussian":  # the assumption holds: i.i.d. N(0.3, 2^2)
+        return 0.3 + 2.0 * rng.standard_normal((rows, D))
+    if kind == "gelu":  # GELU of Gaussians: skewed, piled up just below 0
+        return _gelu_np(rng.standard_normal((rows, D)))
+    if kind == "student_t3":  # heavy tails (3 degrees of freedom)
+        return rng.standard_t(3, size=(rows, D))
+    if kind == "bimodal":  # two modes: 90 % around 0, 10 % around +3
+        hi = rng.random((rows, D)) < 0.10
+        return np.where(hi, 3.0, 0.0) + 0.5 * rng.standard_normal((rows, D))
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def _median_ms(fn, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Statistical vs exact top-k: accuracy and CPU time.")
+    ap.add_argument("--json", metavar="PATH", help="also write the measured figures as a JSON list of records")
+    ap.add_argument("--rows", type=int, default=256, help="rows per distribution for the accuracy table")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (median is reported)")
+    ap.add_argument("--timing-rows", type=int, default=2048, help="rows M of the [M, 16384] timing input")
+    ap.add_argument("--no-plot", action="store_true", help="skip notes/figures/topk.png")
+    args = ap.parse_args(argv)
+
+    D, density = 16384, 0.08
+    k = round(density * D)  # 1311 of 16384
+    rng = np.random.default_rng(0)
+    kinds = ["gaussian", "gelu", "student_t3", "bimodal"]
+    records = []
+
+    # --- accuracy: target k vs achieved k, overlap of survivors with exact top-k --------------
+    print(f"Statistical vs exact top-k, D = {D}, k = {k} ({density:.0%}), {args.rows} rows per distribution")
+    print(f"{'rows drawn from':<12} {'target k':>8} {'achieved k: mean':>17} {'min':>6} {'max':>6} {'rel. err':>9} {'overlap':>8}")
+    sample_rows = {}
+    for kind in kinds:
+        x = demo_rows(kind, args.rows, D, rng)  # [rows, D] float64
+        y_stat = statistical_topk_np(x, k)  # [rows, D]
+        y_exact = exact_topk_np(x, k, fill=-np.inf)  # [rows, D], -inf so that survivors <= 0 still count
+        got = achieved_k(y_stat)  # [rows]
+        exact_mask = y_exact != -np.inf
+        # overlap = |stat survivors ∩ exact survivors| / k: the recall of the true top-k
+        overlap = ((y_stat != 0) & exact_mask).sum(-1) / k  # [rows]
+        mean_k = float(got.mean())
+        print(f"{kind:<12} {k:>8} {mean_k:>17.1f} {got.min():>6} {got.max():>6} {mean_k / k - 1:>+9.1%} {overlap.mean():>8.1%}")
+        records.append({"name": f"achieved_k/{kind}", "target_k": k, "achieved_k_mean": mean_k,
+                        "achieved_k_min": int(got.min()), "achieved_k_max": int(got.max()),
+                        "overlap_with_exact": float(overlap.mean())})
+        sample_rows[kind] = x[0]
+
+    # --- timing on the CPU: [2048, 16384] float32, eager torch -------------------------------
+    M = args.timing_rows
+    xt = torch.randn(M, D)  # [M, D] float32, 128 MiB
+    buf = torch.empty_like(xt)
+    threads = torch.get_num_threads()
+    t_copy = _median_ms(lambda: buf.copy_(xt), args.reps)
+    t_exact = _median_ms(lambda: exact_topk(xt, k), args.reps)
+    t_stat = _median_ms(lambda: statistical_topk(xt, k), args.reps)
+    nbytes = 2 * xt.numel() * xt.element_size()  # one read + one write: the least any top-k must move
+    gbs = nbytes / t_copy / 1e6
+    limit = t_exact / t_copy  # speedup if the fast side moved only its bytes at copy bandwidth
+    print(f"\nCPU time, x = [{M}, {D}] float32, torch {torch.__version__}, {threads} threads, median of {args.reps}")
+    print(f"{'operator':<36} {'ms':>8} {'vs exact':>9}")
+    print(f"{'exact_topk (torch.topk + scatter)':<36} {t_exact:>8.1f} {1.0:>8.2f}x")
+    print(f"{'statistical_topk (eager torch)':<36} {t_stat:>8.1f} {t_exact / t_stat:>8.2f}x")
+    print(f"{'copy (1 read + 1 write: the floor)':<36} {t_copy:>8.1f} {t_exact / t_copy:>8.2f}x   ({gbs:.1f} GB/s)")
+    print(f"statistical_topk reaches {t_copy / t_stat:.0%} of the memory-bandwidth floor; "
+          f"a fused single-pass kernel is the job of kernels_cpu.py.")
+    records.append({"name": f"statistical_topk_vs_exact/cpu/{M}x{D}/float32", "baseline_ms": t_exact, "ms": t_stat,
+                    "speedup": t_exact / t_stat, "limit": limit, "floor_ms": t_copy, "copy_GBps": gbs,
+                    "fraction_of_limit": (t_exact / t_stat) / limit, "threads": threads, "torch": torch.__version__})
+
+    if not args.no_plot:
+        _plot(sample_rows, k, os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes", "figures", "topk.png"))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(records, fh, indent=1)
+        print(f"wrote {args.json}")
+
+
+def _plot(sample_rows, k, path):
+    """One histogram per distribution with the exact k-th largest value and the statistical theta."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sample_rows), figsize=(4 * len(sample_rows), 3.2))
+    for ax, (kind, row) in zip(axes, sample_rows.items()):
+        D = row.shape[-1]
+        theta = float(statistical_threshold_np(row, k)[0])
+        kth = float(np.sort(row)[D - k])  # the exact top-k keeps entries >= this value
+        lo, hi = np.percentile(row, [0.05, 99.95])
+        ax.hist(row, bins=120, range=(lo, hi), color="0.6")
+        ax.axvline(kth, color="C0", label=f"exact k-th value {kth:.2f}")
+        ax.axvline(theta, color="C3", ls="--", label=f"statistical θ {theta:.2f}")
+        ax.set_title(f"{kind}: {int((row > theta).sum())} above θ (k = {k})", fontsize=9)
+        ax.set_yticks([])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
