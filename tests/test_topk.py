@@ -352,3 +352,19 @@ def test_demo_json(tmp_path):
         assert key in timing[0]
     assert timing[0]["speedup"] == pytest.approx(timing[0]["baseline_ms"] / timing[0]["ms"])
     assert {r["name"] for r in recs} >= {"achieved_k/gaussian", "achieved_k/student_t3"}
+
+
+def test_assert_close_reports_where_it_fails():
+    """The harness itself: a failure names the quantity, the max errors and where they occur."""
+    ref = np.zeros((3, 4))
+    got = ref.copy()
+    got[2, 1] = 0.5
+    with pytest.raises(AssertionError) as e:
+        assert_close("demo", got, ref, 1e-3, 0.0)
+    msg = str(e.value)
+    assert "demo" in msg and "max abs err 5.000e-01 at (2, 1)" in msg
+    with pytest.raises(AssertionError, match="NaN pattern"):
+        assert_close("nan", np.array([np.nan]), np.array([0.0]), 1.0, 1.0)
+    with pytest.raises(AssertionError, match="shape mismatch"):
+        assert_close("shape", np.zeros(3), np.zeros(4), 1.0, 1.0)
+    assert_close("within tolerance", got, ref, 0.5, 0.0)
