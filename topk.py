@@ -213,6 +213,16 @@ def exact_topk(x, k, fill=0.0):
     return torch.where(keep, x, torch.full((), fill, dtype=x.dtype, device=x.device))
 
 
+def _row_mean_std(z):
+    """Mean and population std of each row of z (already in the statistics dtype).   [..., D] -> 2 x [..., 1]
+
+    Centred on the first entry so that a constant row gives exactly std = 0 (module docstring).
+    """
+    z0 = z[..., :1]  # [..., 1]
+    var, mean_c = torch.var_mean(z - z0, dim=-1, keepdim=True, correction=0)  # [..., 1] each, population
+    return z0 + mean_c, var.sqrt()
+
+
 def statistical_threshold(x, k):
     """Torch version of statistical_threshold_np.   [..., D] -> [..., 1]
 
@@ -228,12 +238,66 @@ def statistical_threshold(x, k):
         return torch.full(x.shape[:-1] + (1,), -math.inf, dtype=stat_dtype, device=x.device)
     if x.numel() == 0:  # leading dims of size 0 (a shape check, not a value check: no sync)
         return torch.empty(x.shape[:-1] + (1,), dtype=stat_dtype, device=x.device)
-    z = x.to(stat_dtype)  # [..., D]
-    # Centre on the first entry: a constant row then has exactly std = 0 (see module docstring).
-    z0 = z[..., :1]  # [..., 1]
-    var, mean_c = torch.var_mean(z - z0, dim=-1, keepdim=True, correction=0)  # [..., 1] each, population
+    mean, std = _row_mean_std(x.to(stat_dtype))  # [..., 1] each
     # theta = mean + std * Q(1 - k/D)
-    return (z0 + mean_c) + var.sqrt() * normal_icdf(1.0 - k / D)
+    return mean + std * normal_icdf(1.0 - k / D)
+
+
+def statistical_topk_grad(g, z, mean, std, q, soft=True):
+    """Gradient of statistical top-k with respect to its input, theta included.   -> [..., D]
+
+    g [..., D] upstream gradient; z [..., D] the input (statistics dtype); mean, std [..., 1] its
+    row statistics; q = Q(1 - k/D). Derivation, for one row of length D:
+
+        theta = mu + q sigma,   mu = (1/D) sum_j z_j,   sigma^2 = (1/D) sum_j (z_j - mu)^2
+        d mu / d z_j = 1/D,     d sigma / d z_j = (z_j - mu) / (D sigma)
+        => d theta / d z_j = 1/D + q (z_j - mu) / (D sigma)
+
+        soft:  y_i = (z_i - theta) m_i,  m_i = [z_i > theta]  (m is piecewise constant)
+               dL/dz_j = g_j m_j - S * d theta / d z_j,   S = sum_i g_i m_i
+        hard:  y_i = z_i m_i               dL/dz_j = g_j m_j
+
+    A constant row (sigma = 0) has no survivors, so S = 0 and its gradient is 0 (we avoid 0/0).
+    Autograd through the plain ops gives the same numbers; writing it out saves ~15 elementwise
+    passes per call, which is what makes a statistical top-k FFN train at nearly dense speed.
+    kernels_cpu.py's blocked CPU version reuses this function.
+    """
+    m = z > mean + q * std  # [..., D] survivors
+    gm = g * m  # [..., D]  g_j m_j
+    if not soft:
+        return gm
+    D = z.shape[-1]
+    S = gm.sum(dim=-1, keepdim=True)  # [..., 1]
+    safe_std = torch.where(std > 0, std, torch.ones((), dtype=std.dtype, device=std.device))  # [..., 1]
+    # dL/dz = g m - S (1/D + q (z - mu) / (D sigma))  =  g m - a z + (a mu - S/D),  a = S q / (D sigma)
+    # (per-row scalars first, so the [..., D] work is two passes: one add, one fused multiply-add)
+    a = S * (q / D) / safe_std  # [..., 1]
+    return (gm + (a * mean - S / D)).addcmul_(z, a, value=-1.0)
+
+
+class _StatisticalTopk(torch.autograd.Function):
+    """statistical_topk's forward with the analytic backward of statistical_topk_grad."""
+
+    @staticmethod
+    def forward(ctx, z, q, fill, soft):  # z [..., D] in the statistics dtype
+        mean, std = _row_mean_std(z)  # [..., 1] each
+        theta = mean + std * q  # [..., 1]
+        if soft and fill == 0.0:
+            # max(z - theta, 0): two passes; clamp keeps NaN, so a NaN row stays all NaN
+            out = (z - theta).clamp_min_(0.0)  # [..., D]
+        else:
+            kept = z - theta if soft else z  # [..., D]
+            # NaN rows: theta is NaN and `z > theta` is False, so we route NaN through explicitly.
+            fill_t = torch.full((), fill, dtype=z.dtype, device=z.device)
+            out = torch.where(z > theta, kept, torch.where(torch.isnan(theta), theta, fill_t))  # [..., D]
+        ctx.save_for_backward(z, mean, std)
+        ctx.q, ctx.soft = q, soft
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        z, mean, std = ctx.saved_tensors
+        return statistical_topk_grad(g, z, mean, std, ctx.q, ctx.soft), None, None, None
 
 
 def statistical_topk(x, k, fill=0.0, soft=True):
@@ -241,20 +305,17 @@ def statistical_topk(x, k, fill=0.0, soft=True):
 
     With fill = 0 and soft = True this is Gemma 3n's operator relu(x - (mean + std * Q(p))),
     p = 1 - k/D. A row containing NaN becomes all NaN (its theta is NaN); other rows are unaffected.
-    Gradient (soft): 1 on survivors plus the small terms through mean and std.
+    Gradient: statistical_topk_grad (1 on survivors, minus the terms through mean and std).
     """
     _check_torch(x)
     D = x.shape[-1]
     check_k(k, D)
     if k == D:
         return x
-    theta = statistical_threshold(x, k)  # [..., 1], float32 or float64
-    z = x.to(theta.dtype)  # [..., D]
-    kept = z - theta if soft else z  # [..., D]
-    # NaN rows: theta is NaN, `z > theta` is False, so we route NaN through explicitly to keep it visible.
-    fill_t = torch.full((), fill, dtype=theta.dtype, device=x.device)
-    out = torch.where(z > theta, kept, torch.where(torch.isnan(theta), theta, fill_t))  # [..., D]
-    return out.to(x.dtype)
+    if x.numel() == 0:
+        return x.clone()
+    z = x.to(torch.promote_types(x.dtype, torch.float32))  # [..., D] statistics dtype
+    return _StatisticalTopk.apply(z, normal_icdf(1.0 - k / D), float(fill), bool(soft)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------

@@ -103,6 +103,17 @@ def assert_close(name, got, ref, atol, rtol):
         )
 
 
+# One torch thread for the tests: their tensors are small, and on a 2-core machine shared with
+# anything else two OpenMP threads spin-wait on each other (we saw a test file go from 1.5 s to
+# 54 s). Benchmarks (`python kernels_cpu.py`, ...) choose their own thread count.
+try:
+    import torch as _torch
+
+    _torch.set_num_threads(1)
+except ImportError:
+    pass
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds():
     """Every test starts from the same random state, so failures reproduce."""

@@ -368,3 +368,21 @@ def test_assert_close_reports_where_it_fails():
     with pytest.raises(AssertionError, match="shape mismatch"):
         assert_close("shape", np.zeros(3), np.zeros(4), 1.0, 1.0)
     assert_close("within tolerance", got, ref, 0.5, 0.0)
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_analytic_gradient_equals_autograd_of_plain_ops(soft):
+    """statistical_topk's hand-written backward vs autograd through the plain formula, at a
+    realistic width (D = 1000) and with a constant row (its gradient must be 0, not NaN)."""
+    x = torch.randn(5, 1000, dtype=torch.float64)
+    x[3] = 0.7  # constant row
+    g = torch.randn(5, 1000, dtype=torch.float64)
+    k = 80
+    x1 = x.clone().requires_grad_(True)
+    (statistical_topk(x1, k, soft=soft) * g).sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    theta = statistical_threshold(x2, k)  # plain ops, autograd all the way
+    plain = torch.where(x2 > theta, x2 - theta if soft else x2, torch.zeros((), dtype=x2.dtype))
+    (plain * g).sum().backward()
+    assert_close(f"analytic grad soft={soft}", x1.grad, torch.nan_to_num(x2.grad), 1e-12, 1e-10)
+    assert torch.all(x1.grad[3] == 0)

@@ -1,0 +1,1047 @@
+"""spark.py: every sparse layer of the papers, in NumPy and PyTorch, and one tiny GPT that switches between them.
+
+Keep this file open beside the papers. Each layer comes three times, smallest first:
+a plain NumPy reference (forward only, loops where loops are clearer), the same math as a
+PyTorch function (vectorised, differentiable, the training path), and a module holding the
+weights under the same names. At the end a small GPT (nanoGPT's layout) whose FFN and attention
+can be any of them, a KV-cache `generate`, and `count_costs`, the FLOPs and bytes arithmetic
+behind the papers' speed-up claims (`python spark.py` prints the table; `--bench` also times
+one training step of every variant on the CPU).
+
+Papers
+- Spark Transformer (You et al. 2025, arXiv 2506.06644): statistical top-k, the predictor-split
+  FFN (`spark_ffn`) and the predictor-split sparse attention (`spark_attention`).
+  Digest in ../shared/REFERENCE.md §2-5.
+- The Lazy Neuron Phenomenon (Li et al., ICLR 2023, arXiv 2210.06313): the Top-k Transformer,
+  exact top-k on the FFN activations (`topk_ffn`, method "exact"). REFERENCE.md §1.
+- Gemma 3n's MLP (statistical top-k on the gate of a GeGLU, Hugging Face `Gemma3nTextMLP`):
+  `topk_ffn`, method "statistical". REFERENCE.md §2.
+- Sparser, Faster, Lighter Transformer LMs (Sakana AI, arXiv 2603.23198): ReLU-gated FFN
+  trained with an L1 penalty on its activations (`relu_l1_ffn`). REFERENCE.md §6.
+- Gated FFNs, GeGLU (Shazeer 2020, arXiv 2002.05202); grouped-query attention (Ainslie et al.
+  2023, arXiv 2305.13245); Gemma 2 shapes (arXiv 2408.00118); nanoGPT (karpathy) for the GPT.
+
+The operators themselves (exact_topk, statistical_topk and their NumPy references) live in
+topk.py; this file only uses them.
+
+Dimension letters (every shape comment below uses them)
+    B    batch size                      T    tokens in this call (queries)
+    S    keys visible to the call (S = T without a cache, S = cached + T with one)
+    M    tokens flattened (any leading shape ...)
+    d    model width (d_model)           f    FFN width (gated width; Spark uses 1.5x, see §3)
+    k    FFN entries kept per token      r    predictor slice: first r of d (FFN) or of hd (attention)
+    H    query heads                     Hkv  key/value heads (grouped-query: H % Hkv == 0)
+    G    query heads per KV head, H // Hkv
+    hd   head size                       kt   attention: tokens kept per query (k_top)
+    n    cached tokens a decoded token attends to (cost accounting)
+    V    vocabulary size                 L    layers
+
+Conventions: row vectors (y = x @ W, W is [in, out]), as in REFERENCE.md. GELU is the tanh
+approximation (Gemma's). Learned absolute position embeddings and pre-LayerNorm blocks (nanoGPT),
+not Gemma's RoPE and RMSNorm: nothing in the sparse layers depends on that choice, and absolute
+positions keep the KV cache trivial.
+
+Where the sources are silent we choose, say so at the line, and test the property
+(list in notes/spark.md):
+- Spark attention scales: softmax over q[:r].K1 / sqrt(r); gate softplus(q[r:].K2 / sqrt(hd - r)).
+- Spark attention selects with an *exact* top-k over keys: a cap of kt tokens per query and
+  head; a query that sees fewer than kt tokens attends to all of them.
+- Future tokens are masked *before* the top-k, so the top-k runs over visible tokens only.
+- Grouped-query heads: every query head selects its own kt tokens among its KV head's keys.
+- FFN k = max(1, round(density * f)).
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from topk import check_k, exact_topk, exact_topk_np, statistical_topk, statistical_topk_np
+
+FFN_KINDS = ("dense", "topk", "stat_topk", "spark", "relu_l1")
+ATTN_KINDS = ("dense", "spark")
+ACTS = ("gelu", "relu")
+
+# ------------------------------------------------------------------------------------------
+# 0. Small helpers: activations, argument checks
+# ------------------------------------------------------------------------------------------
+
+
+def gelu_np(z):
+    """GELU, tanh approximation:  0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))).   [...] -> [...]
+
+    gelu(0) = 0 exactly, which is why zeroing an entry before the GELU removes it (top-k FFNs).
+    """
+    return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def relu_np(z):
+    return np.maximum(z, 0.0)
+
+
+def softplus_np(z):
+    """softplus(z) = log(1 + e^z), computed without overflow."""
+    return np.logaddexp(0.0, z)
+
+
+def softmax_np(s):
+    """Softmax over the last axis; -inf entries get weight 0 (a row must have one finite entry)."""
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _act_np(name):
+    if name == "gelu":
+        return gelu_np
+    if name == "relu":
+        return relu_np
+    raise ValueError(f"act must be one of {ACTS}, got {name!r}")
+
+
+def _act(name):
+    if name == "gelu":
+        return lambda z: F.gelu(z, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"act must be one of {ACTS}, got {name!r}")
+
+
+def _check_int(name, value, lo, hi=None):
+    """ValueError/TypeError unless value is an int in [lo, hi] (hi None: no upper bound)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+
+
+def _check_ffn_weights(x, d, Wg, Wu, Wd):
+    """Shapes of a gated FFN: x [..., d], Wg and Wu [d, f], Wd [f, d]."""
+    if x.shape[-1] != d or Wg.ndim != 2 or Wg.shape != Wu.shape or Wd.shape != (Wg.shape[1], d):
+        raise ValueError(
+            f"gated FFN shapes: expected x [..., d], Wg and Wu [d, f], Wd [f, d]; got x {tuple(x.shape)}, "
+            f"Wg {tuple(Wg.shape)}, Wu {tuple(Wu.shape)}, Wd {tuple(Wd.shape)}"
+        )
+
+
+def _check_attn_shapes(q, k, v):
+    """q [B, H, T, hd], k and v [B, Hkv, S, hd] with H % Hkv == 0 and S >= T."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"attention expects q [B, H, T, hd], k and v [B, Hkv, S, hd]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, H, T, hd = q.shape
+    if k.shape[0] != B or k.shape[3] != hd or k.shape[1] == 0 or H % k.shape[1] != 0:
+        raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}: need the same B and hd, "
+                         f"and H ({H}) divisible by Hkv ({k.shape[1]})")
+    if k.shape[2] < T:
+        raise ValueError(f"fewer keys than queries: S = {k.shape[2]} < T = {T} (with a KV cache S >= T)")
+
+
+# ------------------------------------------------------------------------------------------
+# 1. FFN layers -- NumPy references (forward only)
+#    A token x [d] -> y [d]; any leading shape [..., d] works, tokens are independent.
+# ------------------------------------------------------------------------------------------
+
+
+def gated_ffn_np(x, Wg, Wu, Wd, act):
+    """Dense gated FFN (GeGLU for act="gelu", ReLU-gated for "relu"; Shazeer 2020).
+
+    y = (act(x Wg) * (x Wu)) Wd        x [..., d], Wg Wu [d, f], Wd [f, d] -> y [..., d]
+    """
+    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    g = x @ Wg  # [..., f] gate pre-activation
+    u = x @ Wu  # [..., f] up projection
+    a = _act_np(act)(g) * u  # [..., f]
+    return a @ Wd  # [..., d]
+
+
+def topk_ffn_np(x, Wg, Wu, Wd, k, method):
+    """Gated FFN with top-k on the gate pre-activation (Top-k Transformer; Gemma 3n).
+
+    g = x Wg;  a = gelu(topk(g, k)) * (x Wu);  y = a Wd          x [..., d] -> y [..., d]
+    method "exact":       topk keeps the k largest g of each token, the others 0 (gelu(0) = 0).
+    method "statistical": topk = max(g - theta, 0), theta = mean(g) + std(g) Q(1 - k/f)
+                          (Spark §statistical top-k; exactly Gemma 3n's `_gaussian_topk`).
+    """
+    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    g = x @ Wg  # [..., f]
+    if method == "exact":
+        t = exact_topk_np(g, k)  # [..., f], k survivors keep their value
+    elif method == "statistical":
+        t = statistical_topk_np(g, k)  # [..., f], about k survivors, shifted down by theta
+    else:
+        raise ValueError(f"method must be 'exact' or 'statistical', got {method!r}")
+    a = gelu_np(t) * (x @ Wu)  # [..., f], zero wherever t is zero
+    return a @ Wd  # [..., d]
+
+
+def spark_ffn_np(x, K1, K2, V, k, r):
+    """Spark FFN: the first r input dims predict which of the f neurons fire (REFERENCE.md §3).
+
+    p = x[:r] K1                         K1 [r, f]       the predictor (dense, cheap: r < d)
+    u = x[r:] K2                         K2 [d - r, f]   needed only for the survivors of p
+    a = gelu(statistical_topk(p, k)) * u
+    y = a V                              V  [f, d]       needed only for the survivors
+    Two matrices of d x f instead of three, so at equal parameters f is 1.5x the gated width.
+    """
+    d = x.shape[-1]
+    f = V.shape[0]
+    if not 1 <= r <= d - 1 or K1.shape != (r, f) or K2.shape != (d - r, f) or V.shape != (f, d):
+        raise ValueError(f"spark FFN shapes: expected 1 <= r <= d-1, K1 [r, f], K2 [d-r, f], V [f, d] with d={d}, "
+                         f"r={r}; got K1 {K1.shape}, K2 {K2.shape}, V {V.shape}")
+    p = x[..., :r] @ K1  # [..., f]  predictor scores
+    u = x[..., r:] @ K2  # [..., f]  the rest of the "gate * up" product
+    a = gelu_np(statistical_topk_np(p, k)) * u  # [..., f], about k nonzeros
+    return a @ V  # [..., d]
+
+
+def relu_l1_ffn_np(x, Wg, Wu, Wd):
+    """ReLU-gated FFN and its L1 term (Sakana, arXiv 2603.23198; REFERENCE.md §6).
+
+    h = relu(x Wg) * (x Wu);  y = h Wd;  l1 = mean over tokens of sum over f of |h|
+    x [..., d] -> (y [..., d], l1 scalar). The training loss adds lambda * (l1 averaged over layers).
+    """
+    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    h = relu_np(x @ Wg) * (x @ Wu)  # [..., f]
+    l1 = np.abs(h).sum(axis=-1).mean()  # sum over f, mean over every token
+    return h @ Wd, l1  # [..., d], scalar
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Attention -- NumPy references (loops over batch, head and query: the plainest form)
+#    q [B, H, T, hd], k and v [B, Hkv, S, hd], S >= T. Query i sits at position S - T + i,
+#    so with a KV cache (S > T) the T new tokens are the last T positions. Causal: query i
+#    sees keys 0 .. S - T + i. Grouped-query: query head h reads KV head h // G, G = H // Hkv.
+# ------------------------------------------------------------------------------------------
+
+
+def attention_np(q, k, v, causal=True):
+    """Multi-head (grouped-query) softmax attention: softmax(q k^T / sqrt(hd)) v.   -> [B, H, T, hd]"""
+    _check_attn_shapes(q, k, v)
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    G = H // Hkv
+    out = np.zeros_like(q)  # [B, H, T, hd]
+    for b in range(B):
+        for h in range(H):
+            kv = h // G  # the KV head this query head shares
+            for i in range(T):
+                n = S - T + i + 1 if causal else S  # keys visible to query i
+                s = k[b, kv, :n] @ q[b, h, i] / math.sqrt(hd)  # [n]
+                out[b, h, i] = softmax_np(s) @ v[b, kv, :n]  # [hd]
+    return out
+
+
+def spark_attention_np(q, k, v, k_top, r, causal=True):
+    """Spark attention (Spark §sparse attention; REFERENCE.md §4).   -> [B, H, T, hd]
+
+    The key vector is split by dimension: K1 = first r dims (the predictor), K2 = the rest.
+    For one query q over its visible keys j:
+        s_j = q[:r] . K1_j / sqrt(r)                       (scale: our choice, see below)
+        keep the kt = min(k_top, visible) largest s_j, the others -inf   (exact top-k: a cap)
+        w_j = softmax(s)_j * softplus(q[r:] . K2_j / sqrt(hd - r))
+        out = sum_j w_j V_j              (w does not sum to 1: the softplus gate rescales it)
+    Choices (the sources are silent): each scale is 1/sqrt(number of dims in its dot product),
+    the usual attention scale, so both arguments have unit variance for unit-variance q and K
+    (and softplus starts in its curved region, softplus(0) = ln 2); future keys are removed
+    before the top-k; each query head selects its own tokens.
+    """
+    _check_attn_shapes(q, k, v)
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    _check_int("k_top", k_top, 1)
+    _check_int("r", r, 1, hd - 1)
+    G = H // Hkv
+    out = np.zeros_like(q)  # [B, H, T, hd]
+    for b in range(B):
+        for h in range(H):
+            kv = h // G
+            for i in range(T):
+                n = S - T + i + 1 if causal else S  # visible keys (future ones never enter the top-k)
+                K, Vv, qi = k[b, kv, :n], v[b, kv, :n], q[b, h, i]  # [n, hd], [n, hd], [hd]
+                s = K[:, :r] @ qi[:r] / math.sqrt(r)  # [n] predictor scores
+                s = exact_topk_np(s, min(k_top, n), fill=-np.inf)  # [n], at most k_top finite
+                gate = softplus_np(K[:, r:] @ qi[r:] / math.sqrt(hd - r))  # [n]
+                out[b, h, i] = (softmax_np(s) * gate) @ Vv  # [hd]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# 3. The same layers in PyTorch (the training path). Each must match its *_np reference;
+#    tests/test_spark.py compares them in float64. `return_act=True` also returns the
+#    activation that multiplies the down projection, so modules can count its nonzeros.
+# ------------------------------------------------------------------------------------------
+
+
+def gated_ffn(x, Wg, Wu, Wd, act, *, return_act=False):
+    """Torch version of gated_ffn_np.   x [..., d] -> y [..., d]"""
+    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    a = _act(act)(x @ Wg)  # [..., f]
+    y = (a * (x @ Wu)) @ Wd  # [..., d]
+    return (y, a) if return_act else y
+
+
+def topk_ffn(x, Wg, Wu, Wd, k, method, *, return_act=False):
+    """Torch version of topk_ffn_np.   x [..., d] -> y [..., d]"""
+    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    g = x @ Wg  # [..., f]
+    if method == "exact":
+        t = exact_topk(g, k)  # [..., f]   torch.topk + scatter: O(f log k) per token
+    elif method == "statistical":
+        t = statistical_topk(g, k)  # [..., f]   mean, std, one threshold: linear time
+    else:
+        raise ValueError(f"method must be 'exact' or 'statistical', got {method!r}")
+    y = (F.gelu(t, approximate="tanh") * (x @ Wu)) @ Wd  # [..., d]
+    return (y, t) if return_act else y
+
+
+def spark_ffn(x, K1, K2, V, k, r, *, return_act=False):
+    """Torch version of spark_ffn_np.   x [..., d] -> y [..., d]
+
+    In training we compute u = x[r:] K2 for all f neurons and multiply by the sparse gate; only
+    a decode kernel (kernels_cpu.py) skips the columns of K2 and rows of V that the gate zeroes.
+    """
+    d = x.shape[-1]
+    f = V.shape[0]
+    if not 1 <= r <= d - 1 or K1.shape != (r, f) or K2.shape != (d - r, f) or V.shape != (f, d):
+        raise ValueError(f"spark FFN shapes: expected 1 <= r <= d-1, K1 [r, f], K2 [d-r, f], V [f, d] with d={d}, "
+                         f"r={r}; got K1 {tuple(K1.shape)}, K2 {tuple(K2.shape)}, V {tuple(V.shape)}")
+    t = statistical_topk(x[..., :r] @ K1, k)  # [..., f]  p = x[:r] K1, then max(p - theta, 0)
+    y = (F.gelu(t, approximate="tanh") * (x[..., r:] @ K2)) @ V  # [..., d]
+    return (y, t) if return_act else y
+
+
+def relu_l1_ffn(x, Wg, Wu, Wd, *, return_act=False):
+    """Torch version of relu_l1_ffn_np.   x [..., d] -> (y [..., d], l1 scalar tensor with gradient)"""
+    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    h = F.relu(x @ Wg) * (x @ Wu)  # [..., f]
+    l1 = h.abs().sum(dim=-1).mean()  # sum over f, mean over tokens
+    y = h @ Wd  # [..., d]
+    return (y, l1, h) if return_act else (y, l1)
+
+
+def attention(q, k, v, causal=True, *, dropout_p=0.0):
+    """Torch version of attention_np, via scaled_dot_product_attention.   -> [B, H, T, hd]
+
+    With a cache (S > T) the causal mask is aligned to the bottom right: query i sees keys
+    0 .. S - T + i. SDPA's own is_causal is top-left aligned, so we pass a mask then.
+    """
+    _check_attn_shapes(q, k, v)
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not causal or T == 1:  # one new token sees the whole cache: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    visible = _visible(T, S, q.device)  # [T, S] bool
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def _visible(T, S, device):
+    """visible[i, j] = (key j is not in the future of query i) = j <= S - T + i.   -> [T, S] bool"""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= S - T + i
+
+
+def spark_attention(q, k, v, k_top, r, causal=True, *, dropout_p=0.0, return_kept=False):
+    """Torch version of spark_attention_np.   q [B, H, T, hd], k v [B, Hkv, S, hd] -> [B, H, T, hd]
+
+    Two paths with the same math:
+    - training / prefill (T > 1 or S <= k_top): all [T, S] scores, future masked to -inf,
+      exact top-k over the last axis (fill -inf), softmax, times the softplus gate. O(T S)
+      memory per head: fine at our sizes; a long-context implementation would tile it.
+    - decode (T == 1 and S > k_top): scores against K1 of every cached token, torch.topk for
+      the kt indices, then gather only those kt rows of K2 and V -- the computation a sparse
+      decode kernel does, and what generate() runs one token at a time.
+    Grouped-query heads: we view q as [B, Hkv, G, T, hd] so each KV head broadcasts to its G
+    query heads without copying K and V; each of the G heads picks its own tokens.
+    return_kept: also return the number of (query, key) pairs that got weight (a 0-d tensor).
+    """
+    _check_attn_shapes(q, k, v)
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    _check_int("k_top", k_top, 1)
+    _check_int("r", r, 1, hd - 1)
+    G = H // Hkv
+    qg = q.reshape(B, Hkv, G, T, hd)  # [B, Hkv, G, T, hd]
+    kg, vg = k[:, :, None], v[:, :, None]  # [B, Hkv, 1, S, hd]
+    if T == 1 and S > k_top:
+        # --- decode path: touch K2 and V of kt tokens only -------------------------------
+        # s_j = q[:r] . K1_j / sqrt(r) for every cached j (one query at the last position sees all S)
+        s = (qg[..., :r] @ kg[..., :r].transpose(-1, -2)) / math.sqrt(r)  # [B, Hkv, G, 1, S]
+        top = torch.topk(s, k_top, dim=-1)  # values, indices [B, Hkv, G, 1, kt]
+        idx = top.indices.transpose(-1, -2)  # [B, Hkv, G, kt, 1]
+        k_sel = kg.expand(B, Hkv, G, S, hd).gather(3, idx.expand(B, Hkv, G, k_top, hd))  # [B, Hkv, G, kt, hd]
+        v_sel = vg.expand(B, Hkv, G, S, hd).gather(3, idx.expand(B, Hkv, G, k_top, hd))  # [B, Hkv, G, kt, hd]
+        # w_j = softmax(s)_j * softplus(q[r:] . K2_j / sqrt(hd - r)) over the kt selected j only
+        gate = F.softplus((qg[..., r:] @ k_sel[..., r:].transpose(-1, -2)) / math.sqrt(hd - r))  # [B, Hkv, G, 1, kt]
+        w = torch.softmax(top.values, dim=-1) * gate  # [B, Hkv, G, 1, kt]
+        w = F.dropout(w, dropout_p) if dropout_p > 0 else w
+        out = (w @ v_sel).reshape(B, H, 1, hd)  # [B, H, 1, hd]
+        kept = torch.tensor(B * H * k_top, device=q.device)
+        return (out, kept) if return_kept else out
+    # --- training / prefill path: every (query, key) pair, masked -------------------------
+    s = (qg[..., :r] @ kg[..., :r].transpose(-1, -2)) / math.sqrt(r)  # [B, Hkv, G, T, S]
+    if causal:
+        # Mask BEFORE the top-k: a future key must never take one of the kt places.
+        s = s.masked_fill(~_visible(T, S, q.device), -math.inf)  # [B, Hkv, G, T, S]
+    if k_top < S:
+        # Exact top-k over keys (a cap of kt tokens). When fewer than kt keys are visible the
+        # kept set contains -inf entries, which stay -inf: the query attends to all visible keys.
+        s = exact_topk(s, k_top, fill=-math.inf)  # [B, Hkv, G, T, S]
+    gate = F.softplus((qg[..., r:] @ kg[..., r:].transpose(-1, -2)) / math.sqrt(hd - r))  # [B, Hkv, G, T, S]
+    w = torch.softmax(s, dim=-1) * gate  # [B, Hkv, G, T, S], exactly 0 where s = -inf
+    w = F.dropout(w, dropout_p) if dropout_p > 0 else w
+    out = (w @ vg).reshape(B, H, T, hd)  # [B, Hkv, G, T, hd] -> [B, H, T, hd]
+    if return_kept:
+        return out, torch.isfinite(s).sum()
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# 4. Modules: the weights, under the references' names, plus the density of the last forward.
+#    FFN weights are plain [in, out] Parameters (row-vector convention) so that a test can
+#    hand module.Wg straight to gated_ffn_np. FFNs have no biases (the references have none).
+#    `last_density` is a detached 0-d tensor (no host sync in forward); GPT.stats() reads it.
+# ------------------------------------------------------------------------------------------
+
+
+def _param(*shape, std=0.02):
+    return nn.Parameter(torch.randn(*shape) * std)
+
+
+class GatedFFN(nn.Module):
+    """Dense gated FFN (gated_ffn). Parameters Wg, Wu [d, f], Wd [f, d]. 3 d f parameters."""
+
+    def __init__(self, d, f, act="gelu"):
+        super().__init__()
+        _check_int("d", d, 1)
+        _check_int("f", f, 1)
+        _act(act)  # raises on an unknown name
+        self.act = act
+        self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
+        self.last_density = None
+
+    def forward(self, x):  # [..., d] -> [..., d]
+        y, a = gated_ffn(x, self.Wg, self.Wu, self.Wd, self.act, return_act=True)
+        self.last_density = torch.count_nonzero(a.detach()) / a.numel()  # fraction of nonzero activations
+        return y
+
+
+class TopkFFN(nn.Module):
+    """Gated FFN with exact or statistical top-k on the gate (topk_ffn). Same parameters as GatedFFN."""
+
+    def __init__(self, d, f, k, method="statistical"):
+        super().__init__()
+        _check_int("d", d, 1)
+        _check_int("f", f, 1)
+        check_k(k, f)
+        if method not in ("exact", "statistical"):
+            raise ValueError(f"method must be 'exact' or 'statistical', got {method!r}")
+        self.k, self.method = k, method
+        self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
+        self.last_density = None
+
+    def forward(self, x):  # [..., d] -> [..., d]
+        y, t = topk_ffn(x, self.Wg, self.Wu, self.Wd, self.k, self.method, return_act=True)
+        self.last_density = torch.count_nonzero(t.detach()) / t.numel()
+        return y
+
+
+class SparkFFN(nn.Module):
+    """Spark FFN (spark_ffn). Parameters K1 [r, f], K2 [d - r, f], V [f, d]: 2 d f parameters,
+    so GPT gives it f = 1.5 x the gated width to match GatedFFN's 3 d f."""
+
+    def __init__(self, d, f, k, r):
+        super().__init__()
+        _check_int("d", d, 2)
+        _check_int("f", f, 1)
+        check_k(k, f)
+        _check_int("r", r, 1, d - 1)
+        self.k, self.r = k, r
+        self.K1, self.K2, self.V = _param(r, f), _param(d - r, f), _param(f, d)
+        self.last_density = None
+
+    def forward(self, x):  # [..., d] -> [..., d]
+        y, t = spark_ffn(x, self.K1, self.K2, self.V, self.k, self.r, return_act=True)
+        self.last_density = torch.count_nonzero(t.detach()) / t.numel()
+        return y
+
+
+class ReluL1FFN(nn.Module):
+    """ReLU-gated FFN trained with an L1 penalty (relu_l1_ffn). Same parameters as GatedFFN.
+
+    forward returns y only; the L1 term of the last forward (with its graph, so the loss can
+    backpropagate through it) is left in `self.last_l1` for GPT.forward to add to the loss.
+    """
+
+    def __init__(self, d, f):
+        super().__init__()
+        _check_int("d", d, 1)
+        _check_int("f", f, 1)
+        self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
+        self.last_density = None
+        self.last_l1 = None
+
+    def forward(self, x):  # [..., d] -> [..., d]
+        y, l1, h = relu_l1_ffn(x, self.Wg, self.Wu, self.Wd, return_act=True)
+        self.last_l1 = l1
+        self.last_density = torch.count_nonzero(h.detach()) / h.numel()
+        return y
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention (attention). q_proj [d -> H hd], k_proj and v_proj
+    [d -> Hkv hd], o_proj [H hd -> d] (nn.Linear: weight is [out, in], so x @ weight.T).
+
+    forward(x, cache=None): x [B, T, d] -> [B, T, d]. With a cache (a dict, filled in place,
+    one per layer) the new keys/values are appended to cache["k"], cache["v"] [B, Hkv, S, hd]
+    and the T new queries attend to everything cached so far.
+    """
+
+    def __init__(self, d, n_head, n_kv_head, head_dim, bias=False, dropout=0.0):
+        super().__init__()
+        _check_int("n_head", n_head, 1)
+        _check_int("n_kv_head", n_kv_head, 1)
+        _check_int("head_dim", head_dim, 1)
+        if n_head % n_kv_head != 0:
+            raise ValueError(f"n_head ({n_head}) must be divisible by n_kv_head ({n_kv_head})")
+        self.H, self.Hkv, self.hd, self.dropout = n_head, n_kv_head, head_dim, dropout
+        self.q_proj = nn.Linear(d, n_head * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, n_kv_head * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, n_kv_head * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_head * head_dim, d, bias=bias)
+        self.resid_drop = nn.Dropout(dropout)
+        self.last_density = None
+
+    def _qkv(self, x, cache):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)  # [B, Hkv, T, hd]
+        if cache is not None:
+            if "k" in cache:
+                k = torch.cat([cache["k"], k], dim=2)  # [B, Hkv, S, hd]
+                v = torch.cat([cache["v"], v], dim=2)  # [B, Hkv, S, hd]
+            cache["k"], cache["v"] = k, v
+        return q, k, v
+
+    def _mix(self, q, k, v):
+        self.last_density = 1.0  # dense attention weighs every visible key
+        return attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+
+    def forward(self, x, cache=None):  # [B, T, d] -> [B, T, d]
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cache)
+        o = self._mix(q, k, v)  # [B, H, T, hd]
+        o = o.transpose(1, 2).reshape(B, T, self.H * self.hd)  # [B, T, H hd]
+        return self.resid_drop(self.o_proj(o))  # [B, T, d]
+
+
+class SparkAttention(Attention):
+    """Spark attention (spark_attention): the same parameters as Attention (the predictor K1 is
+    the first r dims of every key, not a new matrix), so dense and Spark models have equal counts.
+    last_density = attended (query, key) pairs / visible pairs of the last forward."""
+
+    def __init__(self, d, n_head, n_kv_head, head_dim, k_top, r, bias=False, dropout=0.0):
+        super().__init__(d, n_head, n_kv_head, head_dim, bias=bias, dropout=dropout)
+        _check_int("k_top", k_top, 1)
+        _check_int("r", r, 1, head_dim - 1)
+        self.k_top, self.r = k_top, r
+
+    def _mix(self, q, k, v):
+        B, H, T, _ = q.shape
+        S = k.shape[2]
+        out, kept = spark_attention(q, k, v, self.k_top, self.r, causal=True,
+                                    dropout_p=self.dropout if self.training else 0.0, return_kept=True)
+        visible = B * H * (T * (S - T) + T * (T + 1) // 2)  # sum over queries of S - T + i + 1
+        self.last_density = kept.detach() / visible
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# 5. The configuration and the GPT
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GPTConfig:
+    """Everything that defines a model; plain values only, so asdict() round-trips.
+
+    Defaults: the tiny laptop model (nanoGPT's laptop run: 4 layers, 4 heads, d 128, context 64),
+    dense FFN and attention. train_tiny.py sets vocab_size from its tokenizer.
+    """
+
+    vocab_size: int = 256  # V: token ids 0 .. V-1 (256 = bytes)
+    block_size: int = 64  # longest context in tokens (learned position embeddings)
+    n_layer: int = 4  # L: Transformer blocks
+    n_head: int = 4  # H: query heads
+    n_kv_head: int = 2  # Hkv: key/value heads; H % Hkv == 0 (2 of 4, as Gemma-2 2B's 4 of 8)
+    d_model: int = 128  # d: residual stream width
+    d_ff: int = 512  # f: GATED FFN width (4 d, Gemma-2's ratio); ffn="spark" uses round(1.5 * d_ff)
+    ffn: str = "dense"  # "dense" | "topk" (exact, Lazy Neuron) | "stat_topk" (Gemma 3n) | "spark" | "relu_l1"
+    act: str = "gelu"  # activation of ffn="dense": "gelu" (GeGLU) or "relu" (ReLU-gated)
+    ffn_density: float = 0.08  # k / f for topk, stat_topk and spark, in (0, 1] (Spark: 8 %)
+    ffn_r: int | None = None  # r: predictor dims of the Spark FFN, in [1, d-1]; None -> d // 2
+    attn: str = "dense"  # "dense" | "spark"
+    attn_k: int = 16  # kt: tokens each query attends to at most (Spark: 256 of 8192; here 16 of 64)
+    attn_r: int | None = None  # r: predictor dims of Spark attention, in [1, hd-1]; None -> hd // 2
+    head_dim: int | None = None  # hd; None -> d_model // n_head (Gemma-2 2B needs 256 != 2304 / 8)
+    l1: float = 3e-4  # lambda of ffn="relu_l1" (Sakana: 2e-5 at 1.5B, 3e-4 in some configs)
+    dropout: float = 0.0  # dropout on attention weights and residual branches
+    bias: bool = False  # biases in LayerNorms and attention projections (FFNs never have them)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "attn_k"):
+            _check_int(name, getattr(self, name), 1)
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
+        if self.attn not in ATTN_KINDS:
+            raise ValueError(f"attn must be one of {ATTN_KINDS}, got {self.attn!r}")
+        if self.act not in ACTS:
+            raise ValueError(f"act must be one of {ACTS}, got {self.act!r}")
+        if isinstance(self.ffn_density, bool) or not isinstance(self.ffn_density, (int, float)) \
+                or not 0.0 < self.ffn_density <= 1.0:  # NaN fails the comparison too
+            raise ValueError(f"ffn_density must be a number in (0, 1], got {self.ffn_density!r}")
+        if self.head_dim is None:
+            if self.d_model % self.n_head != 0:
+                raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}) "
+                                 f"unless head_dim is given")
+        else:
+            _check_int("head_dim", self.head_dim, 1)
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.ffn_r is not None:
+            _check_int("ffn_r", self.ffn_r, 1, self.d_model - 1)
+        elif self.ffn == "spark" and self.d_model < 2:
+            raise ValueError("ffn='spark' needs d_model >= 2 (r in [1, d-1])")
+        if self.attn_r is not None:
+            _check_int("attn_r", self.attn_r, 1, self.hd - 1)
+        elif self.attn == "spark" and self.hd < 2:
+            raise ValueError(f"attn='spark' needs a head size >= 2 (r in [1, hd-1]), got {self.hd}")
+        if not isinstance(self.l1, (int, float)) or not 0.0 <= self.l1 < math.inf:
+            raise ValueError(f"l1 must be a finite number >= 0, got {self.l1!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, bool):
+            raise TypeError(f"bias must be a bool, got {self.bias!r}")
+        check_k(self.ffn_k, self.ffn_width)
+
+    # Derived sizes (properties, not fields, so asdict() gives back exactly what was passed).
+    @property
+    def hd(self):
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
+
+    @property
+    def ffn_width(self):
+        """f of this variant: d_ff, or round(1.5 d_ff) for Spark (two matrices instead of three)."""
+        return round(1.5 * self.d_ff) if self.ffn == "spark" else self.d_ff
+
+    @property
+    def ffn_k(self):
+        """k = max(1, round(density * f)): at 8 % of 13824 that is 1106, as in the paper."""
+        return max(1, round(self.ffn_density * self.ffn_width))
+
+    @property
+    def ffn_r_(self):
+        return self.ffn_r if self.ffn_r is not None else self.d_model // 2
+
+    @property
+    def attn_r_(self):
+        return self.attn_r if self.attn_r is not None else self.hd // 2
+
+
+def make_ffn(c):
+    """The FFN module of a config (all variants have 3 d f parameters, Spark up to rounding)."""
+    if c.ffn == "dense":
+        return GatedFFN(c.d_model, c.d_ff, c.act)
+    if c.ffn == "topk":
+        return TopkFFN(c.d_model, c.d_ff, c.ffn_k, "exact")
+    if c.ffn == "stat_topk":
+        return TopkFFN(c.d_model, c.d_ff, c.ffn_k, "statistical")
+    if c.ffn == "spark":
+        return SparkFFN(c.d_model, c.ffn_width, c.ffn_k, c.ffn_r_)
+    return ReluL1FFN(c.d_model, c.d_ff)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln(x)), then x + ffn(ln(x)).   [B, T, d] -> [B, T, d]"""
+
+    def __init__(self, c):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.d_model, bias=c.bias)
+        if c.attn == "spark":
+            self.attn = SparkAttention(c.d_model, c.n_head, c.n_kv_head, c.hd, c.attn_k, c.attn_r_, c.bias, c.dropout)
+        else:
+            self.attn = Attention(c.d_model, c.n_head, c.n_kv_head, c.hd, c.bias, c.dropout)
+        self.ln_2 = nn.LayerNorm(c.d_model, bias=c.bias)
+        self.ffn = make_ffn(c)
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.drop(self.ffn(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    """A small GPT whose FFN and attention are chosen by GPTConfig.ffn / .attn.
+
+    model(idx, targets=None) -> (logits [B, T, V], loss or None)
+    loss = cross-entropy (targets -1 are ignored) + l1 * mean over layers of the L1 term (relu_l1).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)  # [V, d], tied with the output head
+        self.wpe = nn.Embedding(c.block_size, c.d_model)  # [block_size, d]
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([Block(c) for _ in range(c.n_layer)])
+        self.ln_f = nn.LayerNorm(c.d_model, bias=c.bias)
+        # nanoGPT's initialisation: N(0, 0.02) everywhere (the FFN Parameters already are), zero
+        # biases, and the projections that write into the residual stream scaled by 1/sqrt(2 L)
+        # so the stream's variance does not grow with depth.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        out_std = 0.02 / math.sqrt(2 * c.n_layer)
+        for blk in self.blocks:
+            nn.init.normal_(blk.attn.o_proj.weight, std=out_std)
+            nn.init.normal_(blk.ffn.V if c.ffn == "spark" else blk.ffn.Wd, std=out_std)
+
+    def num_params(self, non_embedding=False):
+        """Parameter count (the tied embedding once); non_embedding drops wte and wpe."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def _check_idx(self, idx):
+        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2:
+            raise TypeError(f"idx must be an int64 tensor [B, T], got "
+                            f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+        if idx.shape[1] == 0:
+            raise ValueError("idx has no tokens (T = 0)")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"idx must hold token ids in [0, {self.config.vocab_size}), "
+                             f"got min {int(idx.min())}, max {int(idx.max())}")
+
+    def _run(self, idx, caches=None):
+        """idx [B, T] -> logits [B, T, V]. With caches (one dict per layer) positions continue
+        after the cached tokens and the caches are extended."""
+        B, T = idx.shape
+        start = caches[0]["k"].shape[2] if caches is not None and "k" in caches[0] else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # [T]
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, T, d]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, None if caches is None else caches[i])  # [B, T, d]
+        return self.ln_f(x) @ self.wte.weight.T  # [B, T, V]  (tied output head)
+
+    def forward(self, idx, targets=None):
+        self._check_idx(idx)
+        logits = self._run(idx)  # [B, T, V]
+        if targets is None:
+            return logits, None
+        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
+            raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, "
+                             f"got {tuple(getattr(targets, 'shape', ()))}")
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        if self.config.ffn == "relu_l1":
+            # Sakana: loss = CE + lambda * (sum_f |h| averaged over tokens, then over layers)
+            l1 = torch.stack([blk.ffn.last_l1 for blk in self.blocks]).mean()
+            loss = loss + self.config.l1 * l1
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, return_logits=False):
+        """Append max_new_tokens sampled tokens to idx [B, T] -> [B, T + max_new_tokens].
+
+        Each new token runs one query through every layer against the KV cache (for Spark
+        attention: the decode path, K2 and V of kt tokens only). temperature 0 = greedy.
+        When the sequence outgrows block_size we do what nanoGPT does, condition on the last
+        block_size tokens, which with absolute positions means rebuilding the cache from them.
+        return_logits: also return the (untempered) logits each new token was drawn from, [B, new, V].
+        Call model.eval() first if the model has dropout.
+        """
+        self._check_idx(idx)
+        _check_int("max_new_tokens", max_new_tokens, 0)
+        if not isinstance(temperature, (int, float)) or not 0.0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None:
+            _check_int("top_k", top_k, 1, self.config.vocab_size)
+        bs = self.config.block_size
+        caches = [{} for _ in self.blocks]
+        logits = self._run(idx[:, -bs:], caches)[:, -1]  # [B, V] prefill
+        all_logits = []
+        for step in range(max_new_tokens):
+            all_logits.append(logits)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
+            else:
+                lg = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(lg, top_k, dim=-1).values[:, -1:]  # [B, 1]
+                    lg = lg.masked_fill(lg < kth, -math.inf)
+                nxt = torch.multinomial(torch.softmax(lg, dim=-1), 1)  # [B, 1]
+            idx = torch.cat([idx, nxt], dim=1)  # [B, T + step + 1]
+            if step == max_new_tokens - 1:
+                break
+            if caches[0]["k"].shape[2] < bs:
+                logits = self._run(nxt, caches)[:, -1]  # one token against the cache
+            else:
+                caches = [{} for _ in self.blocks]
+                logits = self._run(idx[:, -bs:], caches)[:, -1]  # window slid: rebuild
+        if return_logits:
+            V = self.config.vocab_size
+            out_logits = torch.stack(all_logits, dim=1) if all_logits else logits.new_zeros(idx.shape[0], 0, V)
+            return idx, out_logits
+        return idx
+
+    def stats(self):
+        """Per layer, the achieved densities of the last forward (host floats; syncs here, not in forward).
+
+        ffn_density: fraction of FFN activations that are nonzero (what a sparse kernel would use).
+        attn_density: fraction of visible (query, key) pairs that got weight (1.0 for dense).
+        """
+        def f(v):
+            return None if v is None else float(v)
+
+        return {
+            "ffn_density": [f(blk.ffn.last_density) for blk in self.blocks],
+            "attn_density": [f(blk.attn.last_density) for blk in self.blocks],
+        }
+
+
+# ------------------------------------------------------------------------------------------
+# 6. Cost accounting: per-token FLOPs and bytes read when decoding one token
+#    (REFERENCE.md §3-5). Counted: matmuls (a multiply-add = 2 FLOPs) and the weights and
+#    KV entries a decode step must read. Not counted: norms, activations, softmax, the top-k
+#    itself (all O(f) or O(n) elementwise, small beside the matmuls) and the embedding lookup.
+# ------------------------------------------------------------------------------------------
+
+
+def count_params(c):
+    """Parameters of GPT(c), by arithmetic (so we can count Gemma-2 2B without building it)."""
+    d, hd = c.d_model, c.hd
+    ln = d * (2 if c.bias else 1)
+    attn = d * hd * (2 * c.n_head + 2 * c.n_kv_head) + (hd * (c.n_head + 2 * c.n_kv_head) + d if c.bias else 0)
+    ffn = (2 if c.ffn == "spark" else 3) * d * c.ffn_width
+    return c.vocab_size * d + c.block_size * d + c.n_layer * (2 * ln + attn + ffn) + ln
+
+
+def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
+    """Costs of decoding one token that attends to n_ctx tokens (itself included).
+
+    Returns a dict of per-token numbers: FLOPs (ffn, attention projections, attention mixing,
+    per layer and for the whole model with and without the LM head) and bytes read (weights,
+    KV cache). bytes_per_el: 2 for bf16 (ratios do not depend on it).
+    What a sparse variant is credited with (the decode kernels of REFERENCE.md §3-4):
+      topk / stat_topk: gate dense (d f), then up and down for k neurons only (2 k d)
+      spark FFN:        predictor dense (r f), then K2 and V for k neurons only (k (d-r) + k d)
+      relu_l1:          like topk at the density you measured (relu_l1_density); None -> dense
+      spark attention:  K1 of all n tokens (n r), then K2 and V of the kt kept tokens
+    With grouped-query heads the G query heads of a KV head pick their tokens independently,
+    so the K2/V rows a KV head must read are the union of G selections: we count the worst
+    case, min(n, G kt) rows ("kv_bytes"), and give the best case, kt rows, as "kv_bytes_best".
+    """
+    if not isinstance(c, GPTConfig):
+        raise TypeError(f"c must be a GPTConfig, got {type(c).__name__}")
+    _check_int("n_ctx", n_ctx, 1)
+    d, f, hd, H, Hkv, L, n = c.d_model, c.ffn_width, c.hd, c.n_head, c.n_kv_head, c.n_layer, n_ctx
+    G = H // Hkv
+    # --- FFN: weight elements read per token (= multiply-adds) -------------------------------
+    if c.ffn == "dense":
+        ffn_w = 3 * d * f  # Wg, Wu, Wd
+    elif c.ffn in ("topk", "stat_topk"):
+        ffn_w = d * f + 2 * c.ffn_k * d  # all of Wg; k columns of Wu, k rows of Wd
+    elif c.ffn == "spark":
+        r, k = c.ffn_r_, c.ffn_k
+        ffn_w = r * f + k * (d - r) + k * d  # K1 dense; k columns of K2, k rows of V
+    else:  # relu_l1
+        if relu_l1_density is None:
+            ffn_w = 3 * d * f
+        else:
+            if not 0.0 < relu_l1_density <= 1.0:
+                raise ValueError(f"relu_l1_density must be in (0, 1], got {relu_l1_density}")
+            ffn_w = d * f + 2 * round(relu_l1_density * f) * d
+    # --- attention projections: q, k, v, o -----------------------------------------------------
+    proj_w = d * hd * (2 * H + 2 * Hkv)
+    # --- attention mixing: scores and weighted sum over the cache --------------------------------
+    if c.attn == "dense":
+        mix_flops = H * (2 * n * hd + 2 * n * hd)  # q.K_j and sum_j w_j V_j for n keys, per head
+        kv_el = Hkv * 2 * n * hd  # K and V of every cached token, per KV head
+        kv_el_best = kv_el
+    else:
+        r, kt = c.attn_r_, min(c.attn_k, n)
+        mix_flops = H * (2 * n * r + 2 * kt * (hd - r) + 2 * kt * hd)  # K1 scores; K2 gate and V for kt
+        kv_el = Hkv * (n * r + min(n, G * kt) * (2 * hd - r))  # K1 all; K2 and V of the union
+        kv_el_best = Hkv * (n * r + kt * (2 * hd - r))  # all G heads chose the same kt tokens
+    layer_flops = 2 * ffn_w + 2 * proj_w + mix_flops
+    head_flops = 2 * d * c.vocab_size  # logits (tied embedding)
+    weight_el = L * (ffn_w + proj_w) + c.vocab_size * d
+    return {
+        "n_ctx": n,
+        "ffn_flops": 2 * ffn_w,  # per layer
+        "attn_proj_flops": 2 * proj_w,  # per layer
+        "attn_mix_flops": mix_flops,  # per layer
+        "layer_flops": layer_flops,  # per layer
+        "lm_head_flops": head_flops,
+        "layers_flops": L * layer_flops,  # whole model without the LM head
+        "total_flops": L * layer_flops + head_flops,
+        "ffn_weight_bytes": L * ffn_w * bytes_per_el,
+        "weight_bytes": weight_el * bytes_per_el,  # incl. attention projections and LM head
+        "kv_bytes": L * kv_el * bytes_per_el,  # worst case over GQA unions
+        "kv_bytes_best": L * kv_el_best * bytes_per_el,
+        "decode_bytes": (weight_el + L * kv_el) * bytes_per_el,
+        "params": count_params(c),
+    }
+
+
+def gemma2_2b_config(**over):
+    """Gemma-2 2B shapes (arXiv 2408.00118): d 2304, 26 layers, 8 heads / 4 KV heads of 256,
+    gated f 9216, vocabulary 256000, context 8192; Spark settings of the paper."""
+    kw = dict(vocab_size=256000, block_size=8192, n_layer=26, n_head=8, n_kv_head=4, head_dim=256, d_model=2304,
+              d_ff=9216, ffn_density=0.08, ffn_r=1024, attn_k=256, attn_r=128)
+    kw.update(over)
+    return GPTConfig(**kw)
+
+
+def cost_table(dense, n_ctxs):
+    """Rows comparing `dense` (ffn/attn "dense") with the same config made Spark (FFN and attention)."""
+    spark = dataclasses.replace(dense, ffn="spark", attn="spark")
+    rows = []
+    for n in n_ctxs:
+        a, b = count_costs(dense, n), count_costs(spark, n)
+        rows.append({"n_ctx": n, "dense": a, "spark": b,
+                     "ffn_ratio": a["ffn_flops"] / b["ffn_flops"],
+                     "attn_ratio": a["attn_mix_flops"] / b["attn_mix_flops"],
+                     "layers_ratio": a["layers_flops"] / b["layers_flops"],
+                     "total_ratio": a["total_flops"] / b["total_flops"],
+                     "bytes_ratio": a["decode_bytes"] / b["decode_bytes"],
+                     "bytes_ratio_best": a["decode_bytes"] / (b["decode_bytes"] - b["kv_bytes"] + b["kv_bytes_best"]),
+                     "kv_ratio": a["kv_bytes"] / b["kv_bytes"]})
+    return spark, rows
+
+
+def _si(x):
+    for unit, s in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= unit:
+            return f"{x / unit:.3g}{s}"
+    return f"{x:.3g}"
+
+
+def print_cost_table(name, dense, n_ctxs):
+    spark, rows = cost_table(dense, n_ctxs)
+    c = dense
+    print(f"== {name}: d {c.d_model}, {c.n_layer} layers, {c.n_head} heads / {c.n_kv_head} KV heads of {c.hd}, "
+          f"vocab {c.vocab_size} ==")
+    print(f"dense: gated FFN f {c.d_ff}, full attention | Spark: FFN f {spark.ffn_width}, r {spark.ffn_r_}, "
+          f"k {spark.ffn_k} ({spark.ffn_k / spark.ffn_width:.1%}); attention kt {spark.attn_k}, r {spark.attn_r_}")
+    pd, ps = count_params(dense), count_params(spark)
+    print(f"parameters: dense {_si(pd)}, Spark {_si(ps)} (Spark/dense {ps / pd:.5f})")
+    r0 = rows[0]
+    fw_d, fw_s = r0["dense"]["ffn_flops"] / 2, r0["spark"]["ffn_flops"] / 2
+    print(f"FFN per token and layer: {_si(2 * fw_d)} vs {_si(2 * fw_s)} FLOPs, {_si(fw_d)} vs {_si(fw_s)} weights read "
+          f"-> {r0['ffn_ratio']:.2f}x fewer (FLOPs and bytes)")
+    print("per decoded token (FLOPs: 2 per multiply-add; bytes: bf16 weights + KV cache read; "
+          "Spark KV: worst case over GQA unions, best case in brackets)")
+    hdr = (f"{'n_ctx':>6} | {'attn mix ratio':>14} | {'FLOPs dense':>11} {'Spark':>7} {'ratio':>6} | "
+           f"{'no LM head':>10} | {'bytes dense':>11} {'Spark':>7} {'ratio':>6} {'(best)':>7} | {'KV ratio':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for row in rows:
+        a, b = row["dense"], row["spark"]
+        print(f"{row['n_ctx']:>6} | {row['attn_ratio']:>13.2f}x | {_si(a['total_flops']):>11} {_si(b['total_flops']):>7} "
+              f"{row['total_ratio']:>5.2f}x | {row['layers_ratio']:>9.2f}x | {_si(a['decode_bytes']) + 'B':>11} "
+              f"{_si(b['decode_bytes']) + 'B':>7} {row['bytes_ratio']:>5.2f}x {'(' + format(row['bytes_ratio_best'], '.2f') + 'x)':>7} | "
+              f"{row['kv_ratio']:>7.2f}x")
+    # A training or prefill sequence of N tokens has one token at every position 1..N: its mean
+    # cost per token is the sum over positions divided by N (the ideal sparse count; our torch
+    # training path computes every pair and masks, see spark_attention).
+    N = c.block_size
+    tot = {key: [0, 0] for key in ("total_flops", "layers_flops")}
+    for n in range(1, N + 1):
+        a, b = count_costs(dense, n), count_costs(spark, n)
+        for key in tot:
+            tot[key][0] += a[key]
+            tot[key][1] += b[key]
+    print(f"mean over the {N} positions of one {N}-token sequence (training / prefill): FLOPs "
+          f"{tot['total_flops'][0] / tot['total_flops'][1]:.2f}x fewer, "
+          f"{tot['layers_flops'][0] / tot['layers_flops'][1]:.2f}x without the LM head")
+    print()
+
+
+# ------------------------------------------------------------------------------------------
+# 7. Benchmark (python spark.py --bench): one training step of the tiny default model per
+#    variant, the steps interleaved so that a load change on a shared machine hits all alike.
+#    Not a test: nothing asserts a speed.
+# ------------------------------------------------------------------------------------------
+
+BENCH_VARIANTS = [("dense", "dense"), ("stat_topk", "dense"), ("topk", "dense"), ("spark", "dense"),
+                  ("relu_l1", "dense"), ("dense", "spark"), ("spark", "spark")]
+
+
+def bench_training(steps=15, batch=12, warmup=3):
+    """Median time of forward + backward + AdamW on [batch, block_size] random tokens, per variant."""
+    import statistics
+    import time
+
+    torch.manual_seed(0)
+    base = GPTConfig()
+    runs = []
+    for ffn, attn in BENCH_VARIANTS:
+        m = GPT(dataclasses.replace(base, ffn=ffn, attn=attn))
+        runs.append((ffn, attn, m, torch.optim.AdamW(m.parameters(), lr=1e-3), []))
+    idx = torch.randint(0, base.vocab_size, (batch, base.block_size))
+    tgt = torch.randint(0, base.vocab_size, (batch, base.block_size))
+
+    def step(m, opt):
+        _, loss = m(idx, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(warmup + steps):
+        for _, _, m, opt, times in runs:
+            t0 = time.perf_counter()
+            step(m, opt)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    print(f"one training step, tiny default config, batch {batch} x {base.block_size} tokens, float32, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {steps} interleaved steps")
+    dense = statistics.median(runs[0][4])
+    for ffn, attn, _, _, times in runs:
+        med = statistics.median(times)
+        print(f"  ffn={ffn:<9} attn={attn:<5} {med * 1e3:7.1f} ms  (min {min(times) * 1e3:6.1f})  {med / dense:5.2f}x dense")
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Dense vs Spark costs (always); training-step timings (--bench).")
+    ap.add_argument("--bench", action="store_true", help="also time one training step of each variant on the CPU")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for --bench (default: torch's)")
+    args = ap.parse_args(argv)
+    print("Dense vs Spark, cost per decoded token (count_costs in spark.py; REFERENCE.md §3-5)\n")
+    print_cost_table("Gemma-2 2B shapes", gemma2_2b_config(), [256, 1024, 2048, 4096, 8192])
+    print_cost_table("tiny default config", GPTConfig(), [8, 16, 32, 64])
+    print("Paper: 2.5x fewer FLOPs (8 % FFN, <= 256 tokens); REFERENCE.md §3: FFN weight-byte limit 3.52x.")
+    if args.bench:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        print()
+        bench_training()
+
+
+if __name__ == "__main__":
+    main()
