@@ -1,0 +1,428 @@
+"""Tests for kernels_cpu.py: every CPU kernel against its NumPy reference (spark.py, topk.py).
+
+No test here measures speed (that is `python kernels_cpu.py`); they check that the fast paths
+compute the same thing as the references, on awkward shapes: odd sizes, k = 1, k = f (every
+neuron kept), no survivor at all, every neuron a survivor, fewer cached tokens than k_top,
+grouped-query heads, caches that are views into a bigger buffer, several tokens at once.
+
+Tolerances (per dtype):
+- float64: the kernels do the reference's arithmetic in another order (a GEMV, a gather, a
+  weighted sum of rows), so we allow 1e-10 absolute + 1e-9 relative: far above float64
+  rounding (~1e-16 per operation, sums of a few hundred terms) and far below any real bug.
+- float32 against the float64 reference: 1e-4 absolute + 1e-3 relative. Sums of ~100-1000
+  products of O(1) values carry ~1e-6..1e-5 of rounding; a survivor whose p sits within ~1e-7
+  of theta may be in or out depending on rounding, but it contributes gelu(p - theta) ~ 1e-7.
+- float16 / bfloat16 (statistical top-k only): compared with topk.statistical_topk, which
+  computes in float32 and rounds once, like ours: one rounding step of the output dtype.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kernels_cpu as kc
+import spark
+import topk
+from conftest import assert_close
+
+F64 = dict(atol=1e-10, rtol=1e-9)
+F32 = dict(atol=1e-4, rtol=1e-3)
+
+
+def _t(a, dtype):
+    return torch.as_tensor(np.asarray(a)).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Spark FFN decode vs spark.spark_ffn_np
+# ------------------------------------------------------------------------------------------
+
+
+def _spark_weights(d, f, r, rng):
+    K1 = rng.standard_normal((r, f)) / math.sqrt(r)  # p ~ N(0, |x1|^2 / r): O(1) scores
+    K2 = rng.standard_normal((d - r, f)) / math.sqrt(d - r)
+    V = rng.standard_normal((f, d)) / math.sqrt(f)
+    return K1, K2, V
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
+@pytest.mark.parametrize("d,f,r,k,lead", [
+    (37, 53, 11, 7, ()),  # odd sizes, one token as a vector
+    (37, 53, 11, 7, (1,)),  # one token as a [1, d] row
+    (37, 53, 11, 7, (5,)),  # several tokens: union of their survivors
+    (37, 53, 11, 7, (2, 3)),  # any leading shape
+    (64, 301, 32, 1, (1,)),  # k = 1
+    (64, 301, 32, 300, (3,)),  # k = f - 1: nearly every neuron
+    (64, 301, 1, 24, (2,)),  # r = 1
+    (64, 301, 63, 24, (2,)),  # r = d - 1
+])
+def test_spark_ffn_decode_matches_reference(dtype, tol, d, f, r, k, lead):
+    rng = np.random.default_rng(0)
+    K1, K2, V = _spark_weights(d, f, r, rng)
+    x = rng.standard_normal(lead + (d,))
+    ref = spark.spark_ffn_np(x, K1, K2, V, k, r)  # float64
+    prepared = kc.prepare_spark_ffn_cpu(_t(K1, dtype), _t(K2, dtype), _t(V, dtype))
+    got = kc.spark_ffn_decode_cpu(_t(x, dtype), *prepared, k, r)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert_close(f"spark_ffn_decode_cpu {dtype} d{d} f{f} r{r} k{k} {lead}", got, ref, **tol)
+
+
+def test_spark_ffn_decode_all_neurons_k_equals_f():
+    """k == f: statistical_topk returns p unchanged (no shift, negatives kept), every neuron used."""
+    rng = np.random.default_rng(1)
+    d, f, r = 20, 33, 9
+    K1, K2, V = _spark_weights(d, f, r, rng)
+    x = rng.standard_normal((3, d))
+    ref = spark.spark_ffn_np(x, K1, K2, V, f, r)
+    got = kc.spark_ffn_decode_cpu(_t(x, torch.float64), *kc.prepare_spark_ffn_cpu(
+        _t(K1, torch.float64), _t(K2, torch.float64), _t(V, torch.float64)), f, r)
+    assert_close("spark_ffn_decode_cpu k == f", got, ref, **F64)
+
+
+def test_spark_ffn_decode_zero_survivors():
+    """Constant predictor scores (K1 = 0): std = 0, theta = p, nobody survives, y = 0 exactly."""
+    rng = np.random.default_rng(2)
+    d, f, r = 16, 40, 8
+    _, K2, V = _spark_weights(d, f, r, rng)
+    K1 = np.zeros((r, f))
+    x = rng.standard_normal((2, d))
+    ref = spark.spark_ffn_np(x, K1, K2, V, 5, r)
+    assert not ref.any()  # the reference agrees: nothing fires
+    got = kc.spark_ffn_decode_cpu(_t(x, torch.float64), *kc.prepare_spark_ffn_cpu(
+        _t(K1, torch.float64), _t(K2, torch.float64), _t(V, torch.float64)), 5, r)
+    assert_close("spark_ffn_decode_cpu, no survivor", got, ref, atol=0.0, rtol=0.0)
+
+
+def test_spark_ffn_decode_batch_equals_one_token_at_a_time():
+    """The union trick: each token of a batch gets exactly what it gets alone."""
+    rng = np.random.default_rng(3)
+    d, f, r, k = 48, 200, 24, 16
+    K1, K2, V = (_t(a, torch.float64) for a in _spark_weights(d, f, r, rng))
+    prepared = kc.prepare_spark_ffn_cpu(K1, K2, V)
+    x = _t(rng.standard_normal((6, d)), torch.float64)
+    together = kc.spark_ffn_decode_cpu(x, *prepared, k, r)
+    alone = torch.stack([kc.spark_ffn_decode_cpu(x[i], *prepared, k, r) for i in range(6)])
+    assert_close("batch vs one at a time", together, alone, **F64)
+
+
+def test_spark_ffn_decode_bad_inputs():
+    rng = np.random.default_rng(4)
+    d, f, r = 16, 40, 8
+    K1, K2, V = (_t(a, torch.float32) for a in _spark_weights(d, f, r, rng))
+    P = kc.prepare_spark_ffn_cpu(K1, K2, V)
+    x = torch.randn(d)
+    with pytest.raises(ValueError, match="K2t"):  # K2 passed without prepare_spark_ffn_cpu
+        kc.spark_ffn_decode_cpu(x, K1, K2, V, 5, r)
+    with pytest.raises(ValueError, match="r must be"):
+        kc.spark_ffn_decode_cpu(x, *P, 5, d)
+    with pytest.raises(ValueError, match="1 <= k"):
+        kc.spark_ffn_decode_cpu(x, *P, 0, r)
+    with pytest.raises(ValueError, match="1 <= k"):
+        kc.spark_ffn_decode_cpu(x, *P, f + 1, r)
+    with pytest.raises(ValueError, match="x"):  # wrong d
+        kc.spark_ffn_decode_cpu(torch.randn(d + 1), *P, 5, r)
+    with pytest.raises(TypeError, match="dtype"):  # mixed dtypes
+        kc.spark_ffn_decode_cpu(x.double(), *P, 5, r)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kc.spark_ffn_decode_cpu(x.bfloat16(), *(t.bfloat16() for t in P), 5, r)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kc.spark_ffn_decode_cpu(torch.ones(d, dtype=torch.int64), *P, 5, r)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        kc.spark_ffn_decode_cpu(x.numpy(), *P, 5, r)
+    with pytest.raises(ValueError, match="NaN"):
+        kc.spark_ffn_decode_cpu(torch.full((d,), math.nan), *P, 5, r)
+    with pytest.raises(ValueError, match="K1"):
+        kc.prepare_spark_ffn_cpu(K1, K2[:-1], V)
+
+
+# ------------------------------------------------------------------------------------------
+# ReLU FFN decode vs spark.relu_l1_ffn_np
+# ------------------------------------------------------------------------------------------
+
+
+def _relu_weights(d, f, rng, shift=0.0):
+    """Gate pre-activations ~N(-shift, 1) when x[0] = 1 (row 0 of Wg is the shift)."""
+    Wg = rng.standard_normal((d, f)) / math.sqrt(d - 1)
+    Wg[0] = -shift
+    Wu = rng.standard_normal((d, f)) / math.sqrt(d)
+    Wd = rng.standard_normal((f, d)) / math.sqrt(f)
+    return Wg, Wu, Wd
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
+@pytest.mark.parametrize("d,f,shift,lead", [
+    (33, 71, 0.0, ()),  # half the neurons on
+    (33, 71, 2.3, (1,)),  # ~1 % on: the L1-trained regime
+    (33, 71, 2.3, (4,)),  # union over 4 tokens
+    (64, 257, 1.0, (2, 2)),
+])
+def test_relu_ffn_decode_matches_reference(dtype, tol, d, f, shift, lead):
+    rng = np.random.default_rng(5)
+    Wg, Wu, Wd = _relu_weights(d, f, rng, shift)
+    x = rng.standard_normal(lead + (d,))
+    x[..., 0] = 1.0
+    ref, _ = spark.relu_l1_ffn_np(x, Wg, Wu, Wd)
+    got = kc.relu_ffn_decode_cpu(_t(x, dtype), *kc.prepare_relu_ffn_cpu(_t(Wg, dtype), _t(Wu, dtype), _t(Wd, dtype)))
+    assert got.shape == x.shape
+    assert_close(f"relu_ffn_decode_cpu {dtype} {lead} shift {shift}", got, ref, **tol)
+
+
+@pytest.mark.parametrize("case", ["no survivor", "every neuron"])
+def test_relu_ffn_decode_extremes(case):
+    rng = np.random.default_rng(6)
+    d, f = 24, 50
+    Wg, Wu, Wd = _relu_weights(d, f, rng, 0.0)
+    Wg[1:] = 0.0  # gate = x[0] * Wg[0]: we choose its sign for every neuron
+    Wg[0] = -1.0 if case == "no survivor" else 1.0
+    x = rng.standard_normal((3, d))
+    x[:, 0] = 1.0
+    ref, _ = spark.relu_l1_ffn_np(x, Wg, Wu, Wd)
+    got = kc.relu_ffn_decode_cpu(_t(x, torch.float64), *kc.prepare_relu_ffn_cpu(
+        _t(Wg, torch.float64), _t(Wu, torch.float64), _t(Wd, torch.float64)))
+    assert_close(f"relu_ffn_decode_cpu, {case}", got, ref, **F64)
+    if case == "no survivor":
+        assert not got.any()
+
+
+def test_relu_ffn_decode_bad_inputs():
+    Wg, Wu, Wd = torch.randn(8, 12), torch.randn(8, 12), torch.randn(12, 8)
+    P = kc.prepare_relu_ffn_cpu(Wg, Wu, Wd)
+    with pytest.raises(ValueError, match="Wut"):  # Wu given untransposed
+        kc.relu_ffn_decode_cpu(torch.randn(8), Wg, Wu, Wd)
+    with pytest.raises(ValueError, match="d=9"):
+        kc.relu_ffn_decode_cpu(torch.randn(9), *P)
+    with pytest.raises(ValueError, match="Wd"):
+        kc.prepare_relu_ffn_cpu(Wg, Wu, Wd.t())
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kc.relu_ffn_decode_cpu(torch.randn(8).half(), *(t.half() for t in P))
+    with pytest.raises(ValueError, match="NaN"):
+        kc.relu_ffn_decode_cpu(torch.full((8,), math.nan), *P)
+
+
+# ------------------------------------------------------------------------------------------
+# Spark attention decode vs spark.spark_attention_np (T = 1)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
+@pytest.mark.parametrize("B,H,Hkv,n,hd,k_top,r", [
+    (1, 2, 2, 50, 16, 7, 5),  # plain multi-head, top-k active
+    (2, 4, 2, 9, 8, 16, 3),  # n below k_top: attend to every key
+    (2, 4, 4, 16, 8, 16, 3),  # n == k_top
+    (2, 6, 3, 40, 12, 1, 11),  # k_top = 1, r = hd - 1, grouped-query (G = 2)
+    (1, 4, 1, 33, 10, 5, 1),  # r = 1, one KV head for 4 query heads
+    (3, 2, 2, 1, 6, 4, 2),  # a single cached token
+])
+def test_spark_attention_decode_matches_reference(dtype, tol, B, H, Hkv, n, hd, k_top, r):
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((B, H, 1, hd))
+    k = rng.standard_normal((B, Hkv, n, hd))
+    v = rng.standard_normal((B, Hkv, n, hd))
+    ref = spark.spark_attention_np(q, k, v, k_top, r)  # [B, H, 1, hd]
+    k1, k2, vv = kc.prepare_spark_kv_cpu(_t(k, dtype), _t(v, dtype), r)
+    got = kc.spark_attention_decode_cpu(_t(q, dtype), k1, k2, vv, k_top, r)
+    assert_close(f"spark_attention_decode_cpu {dtype} B{B} H{H}/{Hkv} n{n} hd{hd} kt{k_top} r{r}", got, ref, **tol)
+    got3 = kc.spark_attention_decode_cpu(_t(q[:, :, 0], dtype), k1, k2, vv, k_top, r)  # q as [B, H, hd]
+    assert_close("q given as [B, H, hd]", got3, ref[:, :, 0], **tol)
+
+
+def test_spark_attention_decode_on_views_of_a_bigger_cache():
+    """generate_cpu passes [:, :, :n] views of a [B, Hkv, capacity, *] buffer: no copy, same result."""
+    rng = np.random.default_rng(8)
+    B, H, Hkv, cap, n, hd, r, kt = 2, 4, 2, 64, 37, 12, 5, 6
+    k = _t(rng.standard_normal((B, Hkv, cap, hd)), torch.float64)
+    v = _t(rng.standard_normal((B, Hkv, cap, hd)), torch.float64)
+    q = _t(rng.standard_normal((B, H, 1, hd)), torch.float64)
+    k1, k2, vv = kc.prepare_spark_kv_cpu(k, v, r)  # [B, Hkv, cap, *]
+    got = kc.spark_attention_decode_cpu(q, k1[:, :, :n], k2[:, :, :n], vv[:, :, :n], kt, r)
+    ref = spark.spark_attention_np(q.numpy(), k[:, :, :n].numpy(), v[:, :, :n].numpy(), kt, r)
+    assert_close("attention on cache views", got, ref, **F64)
+    # a layout that is not whole rows (hd sliced from a wider tensor) is copied, still correct
+    wide = torch.cat([k2, k2], dim=-1)[..., :hd - r]
+    got2 = kc.spark_attention_decode_cpu(q, k1[:, :, :n], wide[:, :, :n], vv[:, :, :n], kt, r)
+    assert_close("attention on a strided k2", got2, ref, **F64)
+
+
+def test_spark_attention_decode_bad_inputs():
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    k1, k2, vv = kc.prepare_spark_kv_cpu(k, v, 3)
+    with pytest.raises(ValueError, match="one new token"):
+        kc.spark_attention_decode_cpu(torch.randn(1, 4, 2, 8), k1, k2, vv, 4, 3)
+    with pytest.raises(ValueError, match="k1"):  # r does not match the split
+        kc.spark_attention_decode_cpu(q, k1, k2, vv, 4, 4)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        kc.spark_attention_decode_cpu(torch.randn(1, 3, 1, 8), k1, k2, vv, 4, 3)
+    with pytest.raises(ValueError, match="k_top"):
+        kc.spark_attention_decode_cpu(q, k1, k2, vv, 0, 3)
+    with pytest.raises(ValueError, match="empty"):
+        kc.spark_attention_decode_cpu(q, k1[:, :, :0], k2[:, :, :0], vv[:, :, :0], 4, 3)
+    with pytest.raises(ValueError, match="r must be"):
+        kc.prepare_spark_kv_cpu(k, v, 8)
+    with pytest.raises(TypeError, match="dtype"):
+        kc.spark_attention_decode_cpu(q.double(), k1, k2, vv, 4, 3)
+
+
+# ------------------------------------------------------------------------------------------
+# Statistical top-k over rows vs topk.statistical_topk_np / topk.statistical_topk
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,k", [
+    ((5, 7, 1000), 80),  # leading dims, D not a power of two
+    ((40, 16384), 1311),  # 16 rows per 1 MB block: 3 blocks, the last one partial
+    ((3, 1), 1),  # D = 1, k = D: returned unchanged
+    ((6, 3), 1),  # tiny rows
+    ((9, 1000), 1),  # k = 1
+    ((9, 1000), 999),  # k = D - 1
+    ((0, 50), 5),  # no rows at all
+])
+@pytest.mark.parametrize("fill,soft", [(0.0, True), (0.0, False), (-1.5, True), (-math.inf, False)])
+def test_statistical_topk_cpu_matches_reference(shape, k, fill, soft):
+    rng = np.random.default_rng(9)
+    x = 0.3 + 2.0 * rng.standard_normal(shape)
+    ref = topk.statistical_topk_np(x, k, fill, soft)  # float64
+    got64 = kc.statistical_topk_cpu(_t(x, torch.float64), k, fill, soft)
+    assert_close(f"statistical_topk_cpu float64 {shape} k{k}", got64, ref, **F64)
+    # float32: same survivors unless an entry sits within rounding of theta (then its value is ~0
+    # for soft, and we compare against the float32 torch version, which has the same theta rounding)
+    x32 = _t(x, torch.float32)
+    got32 = kc.statistical_topk_cpu(x32, k, fill, soft)
+    assert_close(f"statistical_topk_cpu float32 {shape} k{k}", got32, topk.statistical_topk(x32, k, fill, soft),
+                 atol=2e-6, rtol=1e-6)
+
+
+def test_statistical_topk_cpu_k_equals_d_returns_input():
+    x = torch.randn(4, 9)
+    assert kc.statistical_topk_cpu(x, 9) is x
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_statistical_topk_cpu_half_precision(dtype, atol):
+    """Statistics in float32, one rounding to the output dtype, like topk.statistical_topk."""
+    x = (torch.randn(33, 700) * 2 + 0.5).to(dtype)
+    got = kc.statistical_topk_cpu(x, 50)
+    ref = topk.statistical_topk(x, 50)
+    assert got.dtype == dtype
+    assert_close(f"statistical_topk_cpu {dtype}", got, ref, atol=atol, rtol=1e-2)
+
+
+def test_statistical_topk_cpu_constant_and_nan_rows():
+    x = torch.randn(5, 64)
+    x[1] = 3.25  # constant row: theta = 3.25, std = 0, no survivor (topk.py's definition)
+    x[3, 10] = math.nan  # a NaN row comes out all NaN; the other rows are untouched
+    for fill, soft in [(0.0, True), (-1.0, False)]:
+        got = kc.statistical_topk_cpu(x, 6, fill, soft)
+        ref = topk.statistical_topk(x, 6, fill, soft)
+        assert (got[1] == fill).all()
+        assert torch.isnan(got[3]).all()
+        keep = torch.tensor([0, 2, 4])
+        assert_close(f"finite rows, fill {fill}", got[keep], ref[keep], atol=2e-6, rtol=1e-6)
+
+
+def test_statistical_topk_cpu_out_and_noncontiguous():
+    x = torch.randn(64, 300).t()  # [300, 64], not contiguous
+    out = torch.empty(300, 64)
+    got = kc.statistical_topk_cpu(x, 7, out=out)
+    assert got is out
+    assert_close("out=, non-contiguous x", got, topk.statistical_topk(x, 7), atol=2e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="out"):
+        kc.statistical_topk_cpu(x, 7, out=torch.empty(300, 63))
+
+
+def test_statistical_topk_cpu_gradient():
+    """Analytic backward (through the threshold) vs autograd through topk.statistical_topk."""
+    x = torch.randn(4, 37, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: kc.statistical_topk_cpu(t, 6), (x,))
+    assert torch.autograd.gradcheck(lambda t: kc.statistical_topk_cpu(t, 6, -2.0, False), (x,))
+    g = torch.randn(4, 37, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(kc.statistical_topk_cpu(x, 6), x, g)
+    (ref,) = torch.autograd.grad(topk.statistical_topk(x, 6), x, g)
+    assert_close("gradient vs topk.statistical_topk", ours, ref, **F64)
+    c = torch.full((2, 5), 1.5, dtype=torch.float64, requires_grad=True)  # constant rows: zero gradient, no NaN
+    (gc,) = torch.autograd.grad(kc.statistical_topk_cpu(c, 2).sum(), c)
+    assert torch.equal(gc, torch.zeros_like(gc))
+
+
+def test_statistical_topk_cpu_bad_inputs():
+    with pytest.raises(ValueError, match="1 <= k"):
+        kc.statistical_topk_cpu(torch.randn(3, 5), 0)
+    with pytest.raises(ValueError, match="1 <= k"):
+        kc.statistical_topk_cpu(torch.randn(3, 5), 6)
+    with pytest.raises(ValueError, match="1 <= k"):
+        kc.statistical_topk_cpu(torch.randn(3, 5), 2.0)
+    with pytest.raises(TypeError, match="floating"):
+        kc.statistical_topk_cpu(torch.ones(3, 5, dtype=torch.int32), 2)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        kc.statistical_topk_cpu(np.ones((3, 5)), 2)
+    with pytest.raises(ValueError, match="scalar"):
+        kc.statistical_topk_cpu(torch.tensor(1.0), 1)
+
+
+# ------------------------------------------------------------------------------------------
+# generate_cpu vs spark.GPT.generate
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny(ffn, attn, **kw):
+    torch.manual_seed(0)
+    cfg = spark.GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
+                          ffn=ffn, attn=attn, attn_k=6, **kw)
+    model = spark.GPT(cfg).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init, so the sparse paths select sharply
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+    return model
+
+
+@pytest.mark.parametrize("ffn,attn", [("spark", "spark"), ("dense", "dense"), ("relu_l1", "dense"),
+                                      ("stat_topk", "spark"), ("dense", "spark")])
+def test_generate_cpu_matches_model_generate(ffn, attn):
+    model = _tiny(ffn, attn)
+    idx = torch.randint(0, 97, (2, 5))
+    # 40 new tokens with block_size 24: the window slides and the cache is rebuilt, as in generate
+    want, want_logits = model.generate(idx, 40, temperature=0, return_logits=True)
+    got, got_logits = kc.generate_cpu(model, idx, 40, temperature=0, return_logits=True)
+    assert torch.equal(got, want), "greedy tokens differ from model.generate"
+    assert_close("decode logits", got_logits, want_logits, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(5)
+    want = model.generate(idx, 12, temperature=0.9, top_k=10)
+    torch.manual_seed(5)
+    got = kc.generate_cpu(model, idx, 12, temperature=0.9, top_k=10)
+    assert torch.equal(got, want), "sampled tokens differ from model.generate with the same seed"
+
+
+def test_generate_cpu_bad_inputs():
+    model = _tiny("spark", "spark")
+    idx = torch.zeros(1, 3, dtype=torch.int64)
+    assert torch.equal(kc.generate_cpu(model, idx, 0), idx)
+    with pytest.raises(TypeError, match="spark.GPT"):
+        kc.generate_cpu(torch.nn.Linear(2, 2), idx, 3)
+    with pytest.raises(TypeError, match="idx"):
+        kc.generate_cpu(model, idx.float(), 3)
+    with pytest.raises(ValueError, match="token ids"):
+        kc.generate_cpu(model, idx + 97, 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        kc.generate_cpu(model, idx, -1)
+    with pytest.raises(ValueError, match="temperature"):
+        kc.generate_cpu(model, idx, 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        kc.generate_cpu(model, idx, 3, top_k=0)
+
+
+# ------------------------------------------------------------------------------------------
+# The benchmark code runs (tiny shapes; no timing is checked)
+# ------------------------------------------------------------------------------------------
+
+
+def test_benchmark_records_have_the_shared_format():
+    gen = torch.Generator().manual_seed(0)
+    recs = [kc.bench_spark_ffn(d=64, f_gated=96, r=32, reps=1, gen=gen),
+            kc.bench_relu_ffn(d=64, f=96, density=0.1, reps=1, gen=gen),
+            kc.bench_spark_attention(n=40, H=2, hd=16, k_top=8, r=8, reps=1, gen=gen)]
+    recs += kc.bench_statistical_topk(R=8, D=256, reps=1, gen=gen)
+    for r in recs:
+        assert {"name", "baseline_ms", "ms", "speedup", "limit"} <= set(r)
+        assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["limit"] > 0
