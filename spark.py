@@ -687,6 +687,22 @@ class Block(nn.Module):
         return x + self.drop(self.ffn(self.ln_2(x)))
 
 
+def sample_next(logits, temperature, top_k):
+    """Draw the next token from logits [B, V] -> [B, 1] (int64).
+
+    temperature 0 = greedy (argmax); otherwise softmax(logits / temperature), restricted to the
+    top_k most likely tokens when top_k is given (nanoGPT's sampling). Shared by GPT.generate
+    and kernels_cpu.generate_cpu, so the two decoders draw the same tokens from the same logits.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # [B, 1]
+    lg = logits / temperature  # [B, V]
+    if top_k is not None:
+        kth = torch.topk(lg, top_k, dim=-1).values[:, -1:]  # [B, 1] the top_k-th largest logit
+        lg = lg.masked_fill(lg < kth, -math.inf)
+    return torch.multinomial(torch.softmax(lg, dim=-1), 1)  # [B, 1]
+
+
 class GPT(nn.Module):
     """A small GPT whose FFN and attention are chosen by GPTConfig.ffn / .attn.
 
@@ -785,14 +801,7 @@ class GPT(nn.Module):
         all_logits = []
         for step in range(max_new_tokens):
             all_logits.append(logits)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
-            else:
-                lg = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(lg, top_k, dim=-1).values[:, -1:]  # [B, 1]
-                    lg = lg.masked_fill(lg < kth, -math.inf)
-                nxt = torch.multinomial(torch.softmax(lg, dim=-1), 1)  # [B, 1]
+            nxt = sample_next(logits, temperature, top_k)  # [B, 1]
             idx = torch.cat([idx, nxt], dim=1)  # [B, T + step + 1]
             if step == max_new_tokens - 1:
                 break
