@@ -1,11 +1,12 @@
 """train_tiny.py: train and compare tiny Spark Transformers on a laptop CPU, in a few minutes.
 
 What it does
-- `python train_tiny.py` trains a small character-level GPT (spark.py's GPT, 4 layers, 4 heads,
-  128 wide, context 64) on Shakespeare's plays, prints a progress line, the validation loss and a
-  sample of generated text. It is this project's version of nanoGPT's laptop run (char-level
-  Shakespeare, same sizes, batch 12, 2000 steps: validation loss about 1.88 in about 3 minutes on a
-  MacBook), with the feed-forward and attention layers swappable for their sparse variants.
+- `python train_tiny.py` trains a small character-level Spark Transformer (spark.py's GPT with
+  Spark FFN and Spark attention; 4 layers, 4 heads, 128 wide, context 64) on Shakespeare's plays
+  for 1500 steps, printing progress lines, the validation loss and a sample of generated text. It
+  is this project's version of nanoGPT's laptop run (char-level Shakespeare, same sizes, batch 12,
+  2000 steps: validation loss about 1.88 in about 3 minutes on a MacBook); `--ffn` and `--attn`
+  swap in the dense layers or the other sparse variants.
 - `python train_tiny.py --compare` trains every variant with the same data, seed, steps and
   (as far as the architecture allows) parameters, and writes notes/train_tiny.md and
   notes/figures/train_tiny_*.png: what sparsity costs (validation loss) and what it saves
@@ -474,29 +475,33 @@ def get_batch(tokens, batch_size, block_size, generator, device="cpu"):
 # ------------------------------------------------------------------------------------------
 # 4. Settings: defaults tuned to a 2-core laptop CPU, the learning-rate schedule
 # ------------------------------------------------------------------------------------------
-# Sizes follow nanoGPT's laptop run (4 layers, 4 heads, 128 wide, context 64, batch 12, 2000
-# steps, lr 1e-3 -> 1e-4, beta2 0.99). Model fields left at None take spark.GPTConfig's defaults
-# (d_ff 512, 2 KV heads, predictor sizes r = d/2 and hd/2). Three sparsity settings are ours,
-# tuned at this budget (the runs are in notes/train_tiny.md, "Tuning"):
-# - ffn_density 0.16, not the paper's 0.08. With the threshold's gradient flowing through mean and
-#   std (spark.py's choice), training grows a long negative tail in the predictor's outputs, the
-#   rows stop looking Gaussian, and statistical top-k keeps ~30 % fewer neurons than k: at a
-#   target of 8 % we measured 5.4-5.6 % (outside the +-25 % band), at 16 % 12-13 %. 16 % also
-#   matches the dense model's loss (8 %: +1.5 %).
-# - attn_k 32: each query keeps at most 32 of its <= 64 visible keys (75 % of the visible pairs;
-#   16 keys, 43 %, cost +3.5 % loss with the Spark FFN). Spark's 256 of 8192 has no analogue at
-#   a context of 64.
-# - l1 5e-3 for relu_l1: 97 % exact zeros at +1.8 % loss against dense ReLU. The paper's 2e-5
-#   (and 3e-4) are for 1.5B models trained ~1000x longer; here 3e-4 leaves ~half the neurons on.
+# Sizes follow nanoGPT's laptop run (4 layers, 4 heads, 128 wide, context 64, batch 12, lr 1e-3
+# -> 1e-4, beta2 0.99), but 1500 steps instead of 2000: the Spark model's step takes ~115 ms on
+# our 2-core machine (dense: ~70 ms); 2000 steps took 4.3 min with data preparation, too close to
+# the 5 minutes we promise, 1500 take ~3.3 min. Model fields left at None take spark.GPTConfig's
+# defaults (d_ff 512, 2 KV heads, predictor sizes r = d/2 and hd/2). Three sparsity settings are
+# ours, tuned at this budget (every run is listed in notes/train_tiny.md, "Tuning"):
+# - ffn_density 0.20, not the paper's 0.08. The threshold's gradient flows through mean and std
+#   (spark.py's choice), and training uses that path: it grows a long negative tail in the
+#   predictor's outputs, the rows stop looking Gaussian, and statistical top-k keeps 20-35 % fewer
+#   neurons than k, most of all in the last layer. At a target of 8 % we measured 5.4-5.6 %
+#   (outside the +-25 % band the project asks for), at 16 % 11.9 % after 1500 steps (-26 %), at
+#   20 % 16.4 % (-18 %). The loss is within 0.5 % of the dense model from 12 % up (8 %: +1.5 %).
+#   With theta detached the shortfall is ~10 % at any target (notes: a proposal for spark.py).
+# - attn_k 32: each query keeps at most 32 of its <= 64 visible keys (75 % of the visible pairs);
+#   16 keys (43 %) cost +3.5 % loss with the Spark FFN. Spark's 256 of 8192 has no analogue at a
+#   context of 64.
+# - l1 5e-3 for relu_l1: ~97 % exact zeros at +1.4-1.8 % loss against dense ReLU. The paper's 2e-5
+#   and 3e-4 are for 1.5B models trained far longer; here 3e-4 leaves 18 % of neurons active.
 
 MODEL_FIELDS = [f.name for f in dataclasses.fields(spark.GPTConfig)]
 DEFAULTS = {
     # model (passed to spark.GPTConfig; None = GPTConfig's default)
     "n_layer": 4, "n_head": 4, "n_kv_head": None, "d_model": 128, "d_ff": None, "block_size": 64,
-    "ffn": "spark", "act": None, "ffn_density": 0.16, "ffn_r": None, "attn": "spark", "attn_k": 32,
+    "ffn": "spark", "act": None, "ffn_density": 0.20, "ffn_r": None, "attn": "spark", "attn_k": 32,
     "attn_r": None, "head_dim": None, "l1": 5e-3, "dropout": 0.0, "bias": None,
     # optimisation
-    "batch_size": 12, "max_steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "weight_decay": 0.1,
+    "batch_size": 12, "max_steps": 1500, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "weight_decay": 0.1,
     "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0, "seed": 1337,
     # data
     "data": None, "corpus": "auto", "tokenizer": "char", "bpe_vocab": 1024,
@@ -755,6 +760,11 @@ def train(overrides, on_step=None, quiet=False):
             "tokenizer": data["tokenizer"].to_dict(), "corpus": data["description"], "rng": rng, "history": history})
         last_ckpt = next_step
 
+    def last_good():
+        if last_ckpt is not None:
+            return f"the last good checkpoint (step {last_ckpt}) is kept in {args['out']}"
+        return "no checkpoint was written" + ("" if args["out"] else " (no --out)")
+
     def run_eval(step, iters):
         val_loss, stats = evaluate(model, data["val"], args, iters, device)
         history["val_step"].append(step)
@@ -781,14 +791,16 @@ def train(overrides, on_step=None, quiet=False):
             x, y = get_batch(data["train"], args["batch_size"], args["block_size"], data_gen, device)  # [B, T]
             logits, loss = model(x, y)  # [B, T, V], scalar
             if not torch.isfinite(loss):
-                where = (f"the last good checkpoint (step {last_ckpt}) is kept in {args['out']}" if last_ckpt is not None
-                         else "no checkpoint was written" + ("" if args["out"] else " (no --out)"))
-                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopping ({where}). "
+                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopping ({last_good()}). "
                                     f"Try a lower --lr (now {args['lr']:g}) or a smaller --l1.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if args["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args["grad_clip"])
+            # The gradient can overflow while the loss is still finite; one such step would write
+            # NaN into every weight and into the next checkpoint. So we stop before the update.
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args["grad_clip"] or math.inf)
+            if not torch.isfinite(grad_norm):
+                raise NonFiniteLoss(f"gradient norm is {grad_norm.item()} at step {step} (loss {loss.item():.4f}); "
+                                    f"stopping before the update ({last_good()}). Try a lower --lr (now {args['lr']:g}).")
             optimizer.step()
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -923,7 +935,7 @@ VARIANTS = {
 }
 
 
-BENCH_ROUNDS, BENCH_STEPS = 5, 10  # interleaved step-time benchmark after training (see bench_steps)
+BENCH_ROUNDS, BENCH_STEPS = 10, 10  # interleaved step-time benchmark after training (see bench_steps)
 
 
 def bench_steps(models, args, rounds=BENCH_ROUNDS, steps=BENCH_STEPS):
@@ -951,7 +963,7 @@ def bench_steps(models, args, rounds=BENCH_ROUNDS, steps=BENCH_STEPS):
                 _, loss = m(x, torch.roll(x, -1, dims=1))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(m.parameters(), args["grad_clip"])
+                torch.nn.utils.clip_grad_norm_(m.parameters(), args["grad_clip"] or math.inf)
                 opt.step()
                 if r > 0:
                     times.append(1000 * (time.perf_counter() - t0))
@@ -989,6 +1001,8 @@ def compare(overrides):
     write_compare_notes(rows, results, conditions, figures)
     log("")
     log(format_table(rows))
+    for ok, text in check_targets(rows):
+        log(f"{'met' if ok else 'NOT MET'}: {text}")
     log(f"\nwrote {os.path.relpath(NOTES_MD, REPO_ROOT)} and {', '.join(os.path.relpath(f, REPO_ROOT) for f in figures)}")
     return {"rows": rows, "results": results, "bench_ms": bench, "conditions": conditions}
 
@@ -1055,9 +1069,33 @@ def format_table(rows):
         ffn = r["ffn"] + (f" ({r['act']})" if r["ffn"] == "dense" else "")
         bench = "-" if r["bench_ms"] is None else f"{r['bench_ms']:.1f}"
         ratio = "-" if r["bench_ratio"] is None else f"{r['bench_ratio']:.2f}x"
+        flops = f"{r['flops'] / 1e6:.2f} M" + ("" if round(r["flops_ratio"], 2) == 1 else f" ({r['flops_ratio']:.2f}x fewer)")
         lines.append(f"| {r['name']} | {ffn} | {r['attn']} | {r['params']:,} | {r['val_loss']:.4f} | {delta} | {dens} "
-                     f"| {attn} | {r['train_ms']:.1f} | {bench} | {ratio} | {r['flops'] / 1e6:.2f} M ({r['flops_ratio']:.2f}x fewer) |")
+                     f"| {attn} | {r['train_ms']:.1f} | {bench} | {ratio} | {flops} |")
     return "\n".join(lines)
+
+
+def check_targets(rows):
+    """The issue's must-show targets, checked on the measured rows: list of (ok, sentence)."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    if "spark" in by and "dense" in by:
+        r = by["spark"]
+        dev = r["ffn_density"] / r["ffn_target"] - 1.0
+        out.append((r["delta"] <= 0.02, f"Spark (FFN + attention) val loss within 2 % of dense GeGLU: {100 * r['delta']:+.2f} %"))
+        out.append((abs(dev) <= 0.25, f"Spark achieved FFN density within +-25 % of its target: "
+                                      f"{100 * r['ffn_density']:.2f} % vs {100 * r['ffn_target']:.2f} % ({100 * dev:+.1f} %)"))
+    if "relu_l1" in by and "dense_relu" in by:
+        r = by["relu_l1"]
+        zeros = 1.0 - r["ffn_density"]
+        out.append((zeros >= 0.95, f"relu_l1 exact zeros >= 95 %: {100 * zeros:.2f} % (the paper: 99.5 % at 1.5B)"))
+        out.append((r["delta"] <= 0.05, f"relu_l1 val loss within 5 % of dense ReLU: {100 * r['delta']:+.2f} %"))
+    if "stat_topk" in by and by["stat_topk"]["bench_ratio"] is not None:
+        line = f"stat_topk step time within 10 % of dense: {by['stat_topk']['bench_ratio']:.3f}x (bench)"
+        if "topk" in by and by["topk"]["bench_ratio"] is not None:
+            line += f"; exact top-k beside it: {by['topk']['bench_ratio']:.3f}x"
+        out.append((by["stat_topk"]["bench_ratio"] <= 1.10, line))
+    return out
 
 
 def plot_compare(results):
@@ -1066,6 +1104,7 @@ def plot_compare(results):
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     os.makedirs(FIGURES_DIR, exist_ok=True)
     paths = []
@@ -1093,7 +1132,7 @@ def plot_compare(results):
     # --- achieved FFN density per layer, sparse variants --------------------------------------
     sparse = {n: r for n, r in results.items() if r["ffn_density"] and r["config"]["ffn"] != "dense" or n == "dense_relu"}
     if sparse:
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = plt.subplots(figsize=(9, 4))
         width = 0.8 / len(sparse)
         for i, (name, r) in enumerate(sparse.items()):
             layers = np.arange(len(r["ffn_density"]))
@@ -1103,13 +1142,17 @@ def plot_compare(results):
         for t in targets:  # k = round(density * f) differs slightly between f = 512 and f = 768
             ax.axhline(t, color="k", ls="--", lw=1)
         if targets:
-            ax.text(ax.get_xlim()[1], targets[-1], " target k/f: " + " / ".join(f"{t:g} %" for t in targets),
-                    va="bottom", ha="right", fontsize=8)
-        ax.set_yscale("log")
+            ax.text(ax.get_xlim()[0], targets[-1], " target k/f: " + " / ".join(f"{t:g} %" for t in targets),
+                    va="bottom", ha="left", fontsize=8)
+        ax.set_yscale("log")  # relu_l1's ~2 % and dense ReLU's ~30 % on one readable axis
+        lo = min(100 * min(v for v in r["ffn_density"] if v > 0) for r in sparse.values())
+        ax.set_yticks([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100) if lo / 2.5 <= t])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(title="achieved FFN density per layer (final validation batches)", xlabel="layer",
                ylabel="nonzero FFN activations (%)", xticks=np.arange(len(r["ffn_density"])) + 0.4 - width / 2)
         ax.set_xticklabels([str(i) for i in range(len(r["ffn_density"]))])
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         paths.append(os.path.join(FIGURES_DIR, "train_tiny_density.png"))
         fig.savefig(paths[-1], dpi=110)
@@ -1118,7 +1161,7 @@ def plot_compare(results):
     # --- lazy neurons: active fraction over training, dense ReLU (and relu_l1 for contrast) -------
     relu = {n: r for n, r in results.items() if n in ("dense_relu", "relu_l1")}
     if relu:
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = plt.subplots(figsize=(9.5, 4))
         for name, r in relu.items():
             h = r["history"]
             dens = np.array(h["ffn_density"])  # [points, L]
@@ -1128,7 +1171,7 @@ def plot_compare(results):
             ax.plot(h["stats_step"], 100 * dens.mean(axis=1), style, color="k", lw=2, label=f"{name} mean")
         ax.set(title="active FFN neurons per token over training (fraction of h != 0)", xlabel="step",
                ylabel="active (%)", ylim=(0, None))
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         paths.append(os.path.join(FIGURES_DIR, "train_tiny_lazy.png"))
         fig.savefig(paths[-1], dpi=110)
@@ -1167,6 +1210,10 @@ def write_compare_notes(rows, results, cond, figures):
         f"- Total wall time: {cond['wall_s'] / 60:.1f} min.",
         "",
         format_table(rows),
+        "",
+        "Targets of the issue, checked on these numbers:",
+        "",
+    ] + [f"- {'met' if ok else '**not met**'}: {text}" for ok, text in check_targets(rows)] + [
         "",
         "Achieved FFN density per layer (%):",
         "",

@@ -273,20 +273,28 @@ def test_bad_checkpoints_give_clear_errors(tiny_env, tmp_path):
             tt.main(["--resume", "--out", out, "--data", tiny_env])
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_env, tmp_path):
-    """A NaN injected into a weight before step 3 makes that step's loss NaN: training stops with
-    a message naming step 3, and the checkpoint on disk is the good one written after step 2."""
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_non_finite_stops_and_keeps_last_good_checkpoint(tiny_env, tmp_path, where):
+    """A NaN injected into a weight before step 3 makes that step's loss NaN; an inf injected into a
+    gradient at step 3 leaves the loss finite but would poison every weight in the update. Either way
+    training stops with a message naming step 3, before any update, and the checkpoint on disk is
+    the good one written after step 2 (its next step is 3)."""
     out = tmp_path / "nan"
 
     def poison(step, model):
-        if step == 3:
+        if step != 3:
+            return
+        if where == "loss":
             with torch.no_grad():
                 model.wte.weight[0, 0] = float("nan")
+        else:
+            model.wte.weight.register_hook(lambda g: g * float("inf"))
 
     args = tt.build_parser().parse_args(["--data", tiny_env, "--max-steps", "10", "--ckpt-interval", "1",
                                          "--out", str(out)] + TINY)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    with pytest.raises(tt.NonFiniteLoss, match=r"loss is nan at step 3.*last good checkpoint \(step 3\)"):
+    message = r"loss is nan at step 3" if where == "loss" else r"gradient norm is (inf|nan) at step 3"
+    with pytest.raises(tt.NonFiniteLoss, match=message + r".*last good checkpoint \(step 3\)"):
         tt.train(overrides, on_step=poison, quiet=True)
     state = tt.load_checkpoint(str(out))
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())
