@@ -69,6 +69,23 @@ def test_spark_ffn_decode_matches_reference(dtype, tol, d, f, r, k, lead):
     assert_close(f"spark_ffn_decode_cpu {dtype} d{d} f{f} r{r} k{k} {lead}", got, ref, **tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
+def test_ffn_decode_large_gather_path(monkeypatch, dtype, tol):
+    """Our test shapes gather less than 2 MB, where _gather_dot copies the rows; force the
+    sampled_addmm path (the one the Gemma-sized benchmark takes) and check it too."""
+    monkeypatch.setattr(kc, "_SMALL_GATHER_BYTES", 0)
+    rng = np.random.default_rng(13)
+    d, f, r, k = 40, 301, 17, 60
+    K1, K2, V = _spark_weights(d, f, r, rng)
+    x = rng.standard_normal((1, d))
+    got = kc.spark_ffn_decode_cpu(_t(x, dtype), *kc.prepare_spark_ffn_cpu(_t(K1, dtype), _t(K2, dtype), _t(V, dtype)), k, r)
+    assert_close(f"spark_ffn_decode_cpu via sampled_addmm {dtype}", got, spark.spark_ffn_np(x, K1, K2, V, k, r), **tol)
+    Wg, Wu, Wd = _relu_weights(d, f, rng, 0.5)
+    x[:, 0] = 1.0
+    got = kc.relu_ffn_decode_cpu(_t(x, dtype), *kc.prepare_relu_ffn_cpu(_t(Wg, dtype), _t(Wu, dtype), _t(Wd, dtype)))
+    assert_close(f"relu_ffn_decode_cpu via sampled_addmm {dtype}", got, spark.relu_l1_ffn_np(x, Wg, Wu, Wd)[0], **tol)
+
+
 def test_spark_ffn_decode_all_neurons_k_equals_f():
     """k == f: statistical_topk returns p unchanged (no shift, negatives kept), every neuron used."""
     rng = np.random.default_rng(1)
