@@ -345,8 +345,9 @@ class _StatTopkFn(torch.autograd.Function):
 #    A few tokens at once (a batch of M sequences): the predictor is one [M, r] x [r, f] product
 #    (K1 still read once), each token keeps its own survivors, and we gather the *union* of the
 #    survivors: a token's non-survivors among them get a = gelu(0) * u = 0, so the result is
-#    exactly the per-token one. The union grows with M (Polar Sparsity, REFERENCE.md §8), and so
-#    does the cost: FFN sparsity pays for small batches only.
+#    exactly the per-token one. The union grows with M (Polar Sparsity, REFERENCE.md §8): at 4
+#    tokens it is 3.6x one token's, and with MKL's slow [4, r] x [r, f] product for the predictor
+#    this path is slower than dense (0.7x, notes/kernels_cpu.md). It is correct, not fast.
 # ------------------------------------------------------------------------------------------
 
 
@@ -1152,6 +1153,11 @@ def _plot(sweeps, path):
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+
+    ax.yaxis.set_major_locator(FixedLocator([0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4]))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("density: fraction of FFN neurons (or cached tokens) read in full")
     ax.set_ylabel("speedup of the sparse path over dense")
     ax.set_title("Sparse decode on the CPU: speedup vs density (below 1 the sparse path stops paying)", fontsize=9)
