@@ -58,7 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from topk import check_k, normal_icdf
+from topk import check_k, normal_icdf, statistical_topk_grad
 
 # ------------------------------------------------------------------------------------------
 # 0. Small helpers: argument checks and the row-table view of a KV cache
@@ -306,14 +306,7 @@ class _StatTopkFn(torch.autograd.Function):
         q = _q(ctx.k, D)
         z = x.reshape(-1, D).to(mean.dtype)  # [R, D]
         gz = g.reshape(-1, D).to(mean.dtype)  # [R, D]
-        m = z > mean + q * std  # [R, D] survivors
-        gm = torch.where(m, gz, torch.zeros((), dtype=gz.dtype))  # [R, D]
-        if ctx.soft:
-            s = gm.sum(dim=-1, keepdim=True)  # [R, 1]
-            safe = torch.where(std > 0, std, torch.ones((), dtype=std.dtype))  # sigma = 0 -> s = 0 anyway
-            gx = gm - s * (1.0 / D + q * (z - mean) / (D * safe))  # [R, D]
-        else:
-            gx = gm
+        gx = statistical_topk_grad(gz, z, mean, std, q, ctx.soft)  # [R, D], derivation in topk.py
         return gx.reshape(x.shape).to(x.dtype), None, None, None
 
 
@@ -853,15 +846,7 @@ def generate_cpu(model, idx, max_new_tokens, temperature=1.0, top_k=None, *, ret
     all_logits = []
     for step in range(max_new_tokens):
         all_logits.append(logits)
-        # --- sampling: the same lines as spark.GPT.generate ------------------------------
-        if temperature == 0:
-            nxt = logits.argmax(dim=-1, keepdim=True)  # [B, 1]
-        else:
-            lg = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(lg, top_k, dim=-1).values[:, -1:]  # [B, 1]
-                lg = lg.masked_fill(lg < kth, -math.inf)
-            nxt = torch.multinomial(torch.softmax(lg, dim=-1), 1)  # [B, 1]
+        nxt = spark.sample_next(logits, temperature, top_k)  # [B, 1] the same sampling as GPT.generate
         idx = torch.cat([idx, nxt], dim=1)  # [B, T + step + 1]
         if step == max_new_tokens - 1:
             break
