@@ -251,11 +251,12 @@ def statistical_threshold(x, k):
     return mean + std * normal_icdf(1.0 - k / D)
 
 
-def statistical_topk_grad(g, z, mean, std, q, soft=True):
+def statistical_topk_grad(g, z, mean, std, q, soft=True, out=None):
     """Gradient of statistical top-k with respect to its input, theta included.   -> [..., D]
 
     g [..., D] upstream gradient; z [..., D] the input (statistics dtype); mean, std [..., 1] its
-    row statistics; q = Q(1 - k/D). Derivation, for one row of length D:
+    row statistics; q = Q(1 - k/D); out [..., D] (optional) the forward's output max(z - theta, 0),
+    whose positive entries are exactly the survivors (see below). Derivation, for one row of length D:
 
         theta = mu + q sigma,   mu = (1/D) sum_j z_j,   sigma^2 = (1/D) sum_j (z_j - mu)^2
         d mu / d z_j = 1/D,     d sigma / d z_j = (z_j - mu) / (D sigma)
@@ -270,17 +271,23 @@ def statistical_topk_grad(g, z, mean, std, q, soft=True):
     passes per call, which is what makes a statistical top-k FFN train at nearly dense speed.
     kernels_cpu.py's blocked CPU version reuses this function.
     """
-    m = z > mean + q * std  # [..., D] survivors
-    gm = g * m  # [..., D]  g_j m_j
+    if out is not None:
+        # g_j m_j with m_j = [out_j > 0]: ReLU's backward kernel does exactly this in one pass over
+        # float tensors. The obvious `g * (z > theta)` builds a bool mask and multiplies a float by
+        # it: ~10x slower here (0.14 + 0.27 ms vs 0.04 ms at [768, 512] on the 2-core CPU).
+        gm = torch.ops.aten.threshold_backward(g, out, 0.0)  # [..., D]
+    else:
+        gm = g * (z > mean + q * std)  # [..., D]  g_j m_j, m = survivors
     if not soft:
         return gm
     D = z.shape[-1]
     S = gm.sum(dim=-1, keepdim=True)  # [..., 1]
-    safe_std = torch.where(std > 0, std, torch.ones((), dtype=std.dtype, device=std.device))  # [..., 1]
+    safe_std = torch.where(std > 0, std, 1.0)  # [..., 1]
     # dL/dz = g m - S (1/D + q (z - mu) / (D sigma))  =  g m - a z + (a mu - S/D),  a = S q / (D sigma)
-    # (per-row scalars first, so the [..., D] work is two passes: one add, one fused multiply-add)
+    # (per-row scalars first, so the [..., D] work is two in-place passes on gm: a fused
+    # multiply-add and an add)
     a = S * (q / D) / safe_std  # [..., 1]
-    return (gm + (a * mean - S / D)).addcmul_(z, a, value=-1.0)
+    return gm.addcmul_(z, a, value=-1.0).add_(a * mean - S / D)
 
 
 class _StatisticalTopk(torch.autograd.Function):
@@ -298,14 +305,15 @@ class _StatisticalTopk(torch.autograd.Function):
             # NaN rows: theta is NaN and `z > theta` is False, so we route NaN through explicitly.
             fill_t = torch.full((), fill, dtype=z.dtype, device=z.device)
             out = torch.where(z > theta, kept, torch.where(torch.isnan(theta), theta, fill_t))  # [..., D]
-        ctx.save_for_backward(z, mean, std)
+        # the soft output with fill 0 marks the survivors itself (out > 0); the backward uses it
+        ctx.save_for_backward(z, mean, std, out if soft and fill == 0.0 else None)
         ctx.q, ctx.soft = q, soft
         return out
 
     @staticmethod
     def backward(ctx, g):
-        z, mean, std = ctx.saved_tensors
-        return statistical_topk_grad(g, z, mean, std, ctx.q, ctx.soft), None, None, None
+        z, mean, std, out = ctx.saved_tensors
+        return statistical_topk_grad(g, z, mean, std, ctx.q, ctx.soft, out), None, None, None
 
 
 def statistical_topk(x, k, fill=0.0, soft=True):

@@ -1245,8 +1245,9 @@ def write_compare_notes(rows, results, cond, figures):
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Train a tiny (Spark) Transformer on a laptop CPU; --compare trains every variant.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train a tiny (Spark) Transformer on a laptop CPU; --compare trains every variant.")
+    # (no ArgumentDefaultsHelpFormatter: every flag's default is None, so that "given" can be told
+    # from "default" for --resume; each help text names the real default itself)
 
     def add(flag, typ, help_, **kw):
         name = flag.lstrip("-").replace("-", "_")
@@ -1292,7 +1293,7 @@ def build_parser():
                    help="FFN variant (default: spark)")
     p.add_argument("--act", default=None, choices=["gelu", "relu"], help="activation of the dense FFN (default: gelu)")
     p.add_argument("--attn", default=None, choices=["dense", "spark"], help="attention variant (default: spark)")
-    p.add_argument("--bias", default=None, action=argparse.BooleanOptionalAction, help="biases in linear layers")
+    p.add_argument("--bias", default=None, action=argparse.BooleanOptionalAction, help="biases in LayerNorms and attention projections (default: off, spark.GPTConfig's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="(default: cpu)")
     p.add_argument("--out", default=None, help="checkpoint directory (ckpt.pt is written there)")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run saved in --out")

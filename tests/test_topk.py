@@ -387,3 +387,24 @@ def test_analytic_gradient_equals_autograd_of_plain_ops(soft):
     (plain * g).sum().backward()
     assert_close(f"analytic grad soft={soft}", x1.grad, torch.nan_to_num(x2.grad), 1e-12, 1e-10)
     assert torch.all(x1.grad[3] == 0)
+
+
+def test_gradient_from_output_mask_equals_gradient_from_threshold():
+    """statistical_topk_grad has two ways to find the survivors: from the forward's output
+    (out > 0, the fast path statistical_topk uses) and from z > theta (used without `out`, e.g.
+    by kernels_cpu.py). Both must give the same gradient, constant and NaN rows included."""
+    D, k = 300, 30
+    q = topk.normal_icdf(1.0 - k / D)
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
+        z = torch.randn(6, D, dtype=dtype) * 2.0 + 0.5
+        z[2] = -1.25  # constant row: no survivors, zero gradient
+        z[4, 7] = math.nan  # NaN row: NaN gradient in both
+        g = torch.randn(6, D, dtype=dtype)
+        mean, std, c = topk._row_mean_std(z)
+        out = c.sub_(std * q).clamp_min_(0.0)
+        a = topk.statistical_topk_grad(g, z, mean, std, q, True, out)
+        b = topk.statistical_topk_grad(g, z, mean, std, q, True)
+        ok = torch.ones(6, dtype=torch.bool)
+        ok[4] = False
+        assert_close(f"grad {dtype}", a[ok], b[ok], tol, tol)
+        assert torch.all(a[2] == 0) and torch.isnan(a[4]).all() and torch.isnan(b[4]).all()
