@@ -397,13 +397,15 @@ def _survivors_np(P, theta):
 
 
 @torch.no_grad()
-def spark_ffn_decode_cpu(x, K1, K2t, V, k, r):
+def spark_ffn_decode_cpu(x, K1, K2t, V, k, r, *, fused=None):
     """Spark FFN for decoding; must match spark.spark_ffn_np(x, K1, K2, V, k, r).
 
     x [d] or [M, d] (any leading shape), K1 [r, f], K2t [f, d-r], V [f, d] from
     prepare_spark_ffn_cpu (K2t is K2 transposed) -> y, x's shape. k: target survivors per token
     (statistical top-k), r: predictor slice. k == f thresholds nothing (as topk.py: the input
-    is returned unchanged), so every neuron is used with a = gelu(p) * u.
+    is returned unchanged), so every neuron is used with a = gelu(p) * u (dense, eager).
+    fused: None = the fused C loop of section 3b for one float32 token when it is built, else
+    eager PyTorch; True = the fused loop or an error; False = eager PyTorch.
     """
     _check_tensors("spark_ffn_decode_cpu", x=x, K1=K1, K2t=K2t, V=V)
     if x.dim() == 0:
@@ -429,6 +431,19 @@ def spark_ffn_decode_cpu(x, K1, K2t, V, k, r):
         # statistical_topk with k == D returns p unchanged: every neuron, no shift (topk.py)
         A = F.gelu(P, approximate="tanh") * (X[:, r:] @ K2t.t())  # [M, f]
         return (A @ V).reshape(x.shape)  # [..., d]
+    lib = _use_fused(fused, "spark_ffn_decode_cpu", M, x, K1, K2t, V)
+    if lib is not None:
+        # threshold, survivors, K2 dot products, gelu and the V rows in one call (section 3b)
+        X = X.contiguous()
+        x2 = X[0, r:]  # [d-r] contiguous (a row slice)
+        y, idx, z = X.new_empty(d), torch.empty(f, dtype=torch.int64), X.new_empty(f)  # scratch: idx, z
+        acc = X.new_empty(torch.get_num_threads(), d)  # [threads, d] one partial sum per thread
+        m = lib.spark_ffn_tail(P.data_ptr(), f, _q(k, f), x2.data_ptr(), d - r, K2t.data_ptr(), V.data_ptr(), d,
+                               y.data_ptr(), idx.data_ptr(), z.data_ptr(), acc.data_ptr(), acc.shape[0])
+        if m < 0:
+            raise ValueError("spark_ffn_decode_cpu: the predictor scores p = x[:r] K1 contain NaN or inf "
+                             "(their threshold is NaN); check x and K1")
+        return y.reshape(x.shape)  # [..., d]
     # theta = mean(p) + std(p) Q(1 - k/f); survivors p > theta (host arrays: small, see above)
     Pn = P.numpy()  # [M, f] shares memory with P
     theta = _threshold_rows_np(Pn, k)  # [M, 1] float64
@@ -533,12 +548,13 @@ def prepare_relu_ffn_cpu(Wg, Wu, Wd):
 
 
 @torch.no_grad()
-def relu_ffn_decode_cpu(x, Wg, Wut, Wd):
+def relu_ffn_decode_cpu(x, Wg, Wut, Wd, *, fused=None):
     """ReLU-gated FFN for decoding; must match y of spark.relu_l1_ffn_np(x, Wg, Wu, Wd).
 
     x [d] or [M, d] (any leading shape), Wg [d, f], Wut [f, d] (Wu transposed), Wd [f, d] from
     prepare_relu_ffn_cpu -> y, x's shape. Several tokens gather the union of their nonzero
-    neurons (a token's zero neurons in it contribute relu(g) = 0).
+    neurons (a token's zero neurons in it contribute relu(g) = 0). fused: as in
+    spark_ffn_decode_cpu (None = the fused C loop for one float32 token when it is built).
     """
     _check_tensors("relu_ffn_decode_cpu", x=x, Wg=Wg, Wut=Wut, Wd=Wd)
     if x.dim() == 0:
@@ -551,6 +567,18 @@ def relu_ffn_decode_cpu(x, Wg, Wut, Wd):
     if X.shape[0] == 0:
         return x.new_zeros(x.shape)
     G = X @ Wg  # [M, f] the dense gate: all of Wg
+    lib = _use_fused(fused, "relu_ffn_decode_cpu", X.shape[0], x, Wg, Wut, Wd)
+    if lib is not None:
+        # survivors g > 0, their Wu dot products and Wd rows in one call (section 3b)
+        X = X.contiguous()
+        f = Wg.shape[1]
+        y, idx, gs = X.new_empty(d), torch.empty(f, dtype=torch.int64), X.new_empty(f)  # scratch: idx, gs
+        acc = X.new_empty(torch.get_num_threads(), d)  # [threads, d]
+        m = lib.relu_ffn_tail(G.data_ptr(), f, X.data_ptr(), d, Wut.data_ptr(), Wd.data_ptr(), y.data_ptr(),
+                              idx.data_ptr(), gs.data_ptr(), acc.data_ptr(), acc.shape[0])
+        if m < 0:
+            raise ValueError("relu_ffn_decode_cpu: the gate x Wg contains NaN; check x and Wg")
+        return y.reshape(x.shape)  # [..., d]
     Gn = G.numpy()
     # Neurons with g > 0 (relu(g) != 0). We select with ~(g <= 0), which also catches NaN, and
     # check the few selected values for NaN instead of scanning all f (a NaN gate is bad input).
@@ -568,6 +596,216 @@ def relu_ffn_decode_cpu(x, Wg, Wut, Wd):
     U = _gather_dot(Wut, idx_t, X[0])[None] if X.shape[0] == 1 else X @ Wut.index_select(0, idx_t).t()  # [M, m]
     Hm = torch.from_numpy(np.maximum(gsel, 0.0) * U.numpy())  # [M, m] h = relu(g) * u
     return _gather_rows_matmul(Hm, idx_t, Wd).reshape(x.shape)  # [..., d]
+
+
+# ------------------------------------------------------------------------------------------
+# 3b. The fused loop: the two FFN decoders' tails in one C function (optional, Linux + a C compiler)
+#
+#    The eager paths above reach ~75-80 % of their byte limit. What they lose (measured in
+#    notes/kernels_cpu.md): ~10 small ops after the big GEMV, each paying 10-60 us of cold caches
+#    and a thread wake-up, and the K2 rows streaming at ~8 GB/s through sampled_addmm, which does
+#    not prefetch the next row. No PyTorch op computes "gather a row, dot it, scale another row,
+#    accumulate" for one neuron at a time, so here is that loop, ~60 lines of C:
+#
+#        # after the dense part (Spark: p = x[:r] K1;  ReLU: g = x Wg), one call does
+#        survivors j (Spark: p_j > theta, theta from mean and std in float64;  ReLU: g_j > 0)
+#        split the survivors between the threads; each thread t, for its survivors j:
+#            prefetch the rows of the survivor PF places ahead      # hides the row-start latency
+#            u  = dot(W1[j], x1)                                     # Spark: K2t, x[r:];  ReLU: Wut, x
+#            a  = act(s_j) * u                                       # Spark: gelu(p_j - theta);  ReLU: g_j
+#            acc_t += a * W2[j]                                      # Spark: V;  ReLU: Wd
+#        y = sum over threads of acc_t
+#
+#    It runs on torch's own OpenMP threads: the torch wheel ships libgomp.so.1 and the loader
+#    reuses an already loaded library of the same soname, so our `#pragma omp parallel` starts no
+#    second thread pool to fight torch's for the 2 cores (a pthread of our own did: slower than one
+#    thread). The source is compiled once per machine with the system C compiler (`cc`, or $CC)
+#    into ~/.cache/spark (or $SPARK_CACHE) and loaded with ctypes; float32 and one token only.
+#    Without a compiler, on another OS, or with SPARK_NO_FUSED=1, the eager path runs instead,
+#    with the same results to rounding (tested). `fused_status()` says which one you have.
+# ------------------------------------------------------------------------------------------
+
+_FUSED_C = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+/* Prefetch the rows of the survivor PF places ahead, into L2 (locality hint 2: prefetcht1).
+   Measured on the benchmark's Spark FFN tail (1108 survivors, 15.9 MB of rows, 2 threads):
+   no prefetch 1.40 ms; PF 2-16 into L2 0.99-1.05 ms (~16 GB/s); the same with the
+   non-temporal hint (0) 1.36-1.46 ms and into L1 (3) 1.44-1.61 ms. */
+#define PF 4
+
+static inline float dot_f32(const float *a, const float *b, long n) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (long i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy_f32(float a, const float *x, float *y, long n) { /* y += a x */
+#pragma omp simd
+    for (long i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static inline void prefetch_row(const float *row, long n) { /* one hint per 64-byte cache line */
+    const char *p = (const char *)row;
+    for (long b = 0; b < n * (long)sizeof(float); b += 64) __builtin_prefetch(p + b, 0, 2);
+}
+
+static inline float gelu_tanh(float z) {
+    return 0.5f * z * (1.0f + tanhf(0.7978845608028654f * (z + 0.044715f * z * z * z)));
+}
+
+/* y [d] = sum_j act(s_j) * dot(W1[idx_j], x1) * W2[idx_j] over the m survivors.
+   W1 [f, w1], W2 [f, d] row-major; acc [acc_rows, d] scratch, one row per thread (at most
+   acc_rows threads); act = gelu (Spark) or identity. */
+static void gather_fused(const int64_t *idx, const float *s, long m, const float *x1, long w1,
+                         const float *W1, const float *W2, long d, float *y, float *acc, int acc_rows, int gelu) {
+    int nt = omp_get_max_threads(); /* torch.get_num_threads(): the same OpenMP runtime */
+    if (nt > acc_rows) nt = acc_rows;
+    if (nt > m) nt = (int)m;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), T = omp_get_num_threads();
+        long lo = m * t / T, hi = m * (t + 1) / T; /* this thread's survivors */
+        float *mine = acc + (long)t * d;
+        memset(mine, 0, sizeof(float) * d);
+        for (long j = lo; j < hi; j++) {
+            if (j + PF < hi) {
+                prefetch_row(W1 + idx[j + PF] * w1, w1);
+                prefetch_row(W2 + idx[j + PF] * d, d);
+            }
+            float u = dot_f32(W1 + idx[j] * w1, x1, w1);
+            axpy_f32((gelu ? gelu_tanh(s[j]) : s[j]) * u, W2 + idx[j] * d, mine, d);
+        }
+#pragma omp barrier
+#pragma omp for
+        for (long i = 0; i < d; i++) { /* y = sum of the threads' partial sums */
+            float v = 0.0f;
+            for (int k = 0; k < T; k++) v += acc[(long)k * d + i];
+            y[i] = v;
+        }
+    }
+}
+
+/* Spark FFN after the predictor: p [f] = x[:r] K1. theta as topk.statistical_threshold_np
+   (float64, centred on p[0], population std), survivors p_j > theta, a_j = gelu(p_j - theta) u_j.
+   Returns m, or -1 if theta is NaN (NaN or inf in p). idx [f], z [f], acc [acc_rows, d]: scratch. */
+long spark_ffn_tail(const float *p, long f, double q, const float *x2, long w2, const float *K2t,
+                    const float *V, long d, float *y, int64_t *idx, float *z, float *acc, int acc_rows) {
+    double z0 = p[0], s = 0.0, ss = 0.0;
+    for (long i = 0; i < f; i++) s += (double)p[i] - z0;
+    double mc = s / f; /* mean of p - p[0] */
+    for (long i = 0; i < f; i++) { double c = (double)p[i] - z0 - mc; ss += c * c; }
+    double theta = z0 + mc + sqrt(ss / f) * q;
+    if (isnan(theta)) return -1;
+    long m = 0;
+    for (long i = 0; i < f; i++)
+        if ((double)p[i] > theta) { idx[m] = i; z[m] = (float)((double)p[i] - theta); m++; }
+    if (m == 0) { memset(y, 0, sizeof(float) * d); return 0; }
+    gather_fused(idx, z, m, x2, w2, K2t, V, d, y, acc, acc_rows, 1);
+    return m;
+}
+
+/* ReLU-gated FFN after the gate: g [f] = x Wg. Survivors g_j > 0, h_j = g_j (x . Wut[j]).
+   Returns m, or -1 if g contains NaN. idx [f], gs [f], acc [acc_rows, d]: scratch. */
+long relu_ffn_tail(const float *g, long f, const float *x, long d, const float *Wut, const float *Wd,
+                   float *y, int64_t *idx, float *gs, float *acc, int acc_rows) {
+    long m = 0;
+    for (long i = 0; i < f; i++) {
+        float v = g[i];
+        if (v != v) return -1;
+        if (v > 0.0f) { idx[m] = i; gs[m] = v; m++; }
+    }
+    if (m == 0) { memset(y, 0, sizeof(float) * d); return 0; }
+    gather_fused(idx, gs, m, x, d, Wut, Wd, d, y, acc, acc_rows, 0);
+    return m;
+}
+"""
+
+_FUSED = {"lib": None, "status": None}  # filled on first use by _fused_lib()
+
+
+def _fused_lib():
+    """The compiled fused loop (a ctypes library), or None; builds it on first use.
+
+    The .so is named by a hash of the source, the compiler command and the CPU model (it is built
+    with -march=native), written to a temporary name and renamed, so concurrent builds and a
+    shared home directory on different machines are both safe. The reason for a None is kept in
+    fused_status().
+    """
+    if _FUSED["status"] is not None:
+        return _FUSED["lib"]
+    import ctypes
+    import hashlib
+    import shutil
+    import tempfile
+
+    def give_up(why):
+        _FUSED["status"] = f"eager PyTorch (fused loop unavailable: {why})"
+        return None
+
+    if os.environ.get("SPARK_NO_FUSED"):
+        return give_up("SPARK_NO_FUSED is set")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return give_up(f"only built on Linux x86_64/aarch64, this is {platform.system()} {platform.machine()}")
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        return give_up(f"no C compiler {cc!r} on PATH")
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+    key = hashlib.sha256("\n".join([_FUSED_C, cc, " ".join(flags), _machine()["cpu"]]).encode()).hexdigest()[:16]
+    cache = os.environ.get("SPARK_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "spark"))
+    path = os.path.join(cache, f"kernels_cpu_fused_{key}.so")
+    if not os.path.exists(path):
+        try:
+            os.makedirs(cache, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                src, so = os.path.join(tmp, "fused.c"), os.path.join(tmp, "fused.so")
+                with open(src, "w") as fh:
+                    fh.write(_FUSED_C)
+                res = subprocess.run([cc, *flags, src, "-o", so, "-lm"], capture_output=True, text=True, timeout=120)
+                if res.returncode != 0:
+                    return give_up(f"{cc} failed: {res.stderr.strip()[-300:]}")
+                os.replace(so, path)  # atomic: another process sees the old state or the whole file
+        except (OSError, subprocess.SubprocessError) as e:
+            return give_up(f"build failed: {e}")
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        return give_up(f"cannot load {path}: {e}")
+    P, L = ctypes.c_void_p, ctypes.c_long
+    lib.spark_ffn_tail.argtypes = [P, L, ctypes.c_double, P, L, P, P, L, P, P, P, P, ctypes.c_int]
+    lib.spark_ffn_tail.restype = L
+    lib.relu_ffn_tail.argtypes = [P, L, P, L, P, P, P, P, P, P, ctypes.c_int]
+    lib.relu_ffn_tail.restype = L
+    _FUSED.update(lib=lib, status=f"fused C loop ({path})")
+    return lib
+
+
+def fused_status():
+    """Which path the FFN decoders take for one float32 token: the fused C loop (and where its
+    library is) or eager PyTorch (and why)."""
+    _fused_lib()
+    return _FUSED["status"]
+
+
+def _use_fused(fused, where, M, *tensors):
+    """Which path a call takes: fused=None -> the fused loop when it is built and the call is one
+    it handles (M = 1 token, float32), else eager; True -> the fused loop or a clear error;
+    False -> eager. Returns the library or None (eager)."""
+    if fused is None or fused is False:
+        return _fused_lib() if fused is None and M == 1 and all(t.dtype == torch.float32 for t in tensors) else None
+    if fused is not True:
+        raise ValueError(f"{where}: fused must be None (automatic), True or False, got {fused!r}")
+    if M != 1 or any(t.dtype != torch.float32 for t in tensors):
+        raise ValueError(f"{where}: fused=True but the fused loop handles one float32 token only; "
+                         f"got {M} tokens of {tensors[0].dtype}")
+    lib = _fused_lib()
+    if lib is None:
+        raise ValueError(f"{where}: fused=True but {fused_status()}")
+    return lib
 
 
 # ------------------------------------------------------------------------------------------
@@ -968,7 +1206,9 @@ def bench_spark_ffn(d=2304, f_gated=9216, r=1024, density=0.08, M=1, reps=40, ge
     m = statistics.mean(int(np.flatnonzero(_survivors_np(P, _threshold_rows_np(P, k)).any(axis=0)).shape[0])
                         for P in ((x[:, :r] @ K1).numpy() for x in xs))
     fns = {"dense": lambda x: gated_ffn_decode_cpu(x, Wg, Wu, Wd, "gelu"),
-           "sparse": lambda x: spark_ffn_decode_cpu(x, K1, K2t, V, k, r)}
+           "eager": lambda x: spark_ffn_decode_cpu(x, K1, K2t, V, k, r, fused=False)}
+    if M == 1 and _fused_lib() is not None:
+        fns["fused"] = lambda x: spark_ffn_decode_cpu(x, K1, K2t, V, k, r, fused=True)
     if M > 1:
         # For a few tokens MKL's [M, d] x [d, f] product runs at ~9 GB/s here, while the same
         # product on transposed weights, W^T [f, d] x x^T, streams at ~13 GB/s: the dense side
@@ -979,8 +1219,9 @@ def bench_spark_ffn(d=2304, f_gated=9216, r=1024, density=0.08, M=1, reps=40, ge
     t_dense = min(t["dense"], t.get("dense_t", math.inf))
     bytes_dense = 3 * d * f_gated * 4
     bytes_sparse = (r * f + m * (d - r) + m * d) * 4
-    return _record(f"spark_ffn_decode/d{d}_f{f}_r{r}_k{k}/M{M}", t_dense, t["sparse"], bytes_dense, bytes_sparse,
-                   baseline=f"dense GeGLU, gated f {f_gated} (equal params)", density=m / f, k=k, gathered=m, M=M)
+    return [_record(f"spark_ffn_decode/d{d}_f{f}_r{r}_k{k}/M{M}/{path}", t_dense, t[path], bytes_dense, bytes_sparse,
+                    baseline=f"dense GeGLU, gated f {f_gated} (equal params)", density=m / f, k=k, gathered=m, M=M,
+                    path=path) for path in ("eager", "fused") if path in t]  # one record per path
 
 
 def bench_relu_ffn(d=2048, f=5632, density=0.01, M=1, reps=40, gen=None):
@@ -1002,12 +1243,16 @@ def bench_relu_ffn(d=2048, f=5632, density=0.01, M=1, reps=40, gen=None):
         x[:, 0] = 1.0
         xs.append(x)
     m = statistics.mean(int(((x @ Wg) > 0).any(dim=0).sum()) for x in xs)
-    t = _time_interleaved({"dense": lambda x: gated_ffn_decode_cpu(x, Wg, Wu, Wd, "relu"),
-                           "sparse": lambda x: relu_ffn_decode_cpu(x, Wg_p, Wut, Wd_p)}, xs, reps)
+    fns = {"dense": lambda x: gated_ffn_decode_cpu(x, Wg, Wu, Wd, "relu"),
+           "eager": lambda x: relu_ffn_decode_cpu(x, Wg_p, Wut, Wd_p, fused=False)}
+    if M == 1 and _fused_lib() is not None:
+        fns["fused"] = lambda x: relu_ffn_decode_cpu(x, Wg_p, Wut, Wd_p, fused=True)
+    t = _time_interleaved(fns, xs, reps)
     bytes_dense = 3 * d * f * 4
     bytes_sparse = (d * f + 2 * m * d) * 4
-    return _record(f"relu_ffn_decode/d{d}_f{f}/nonzero{density:.2%}/M{M}", t["dense"], t["sparse"], bytes_dense,
-                   bytes_sparse, baseline="dense ReLU-gated FFN", density=m / f, gathered=m, M=M)
+    return [_record(f"relu_ffn_decode/d{d}_f{f}/nonzero{density:.2%}/M{M}/{path}", t["dense"], t[path], bytes_dense,
+                    bytes_sparse, baseline="dense ReLU-gated FFN", density=m / f, gathered=m, M=M, path=path)
+            for path in ("eager", "fused") if path in t]  # one record per path
 
 
 def bench_spark_attention(n=8192, H=8, hd=256, k_top=256, r=128, reps=40, gen=None):
@@ -1099,12 +1344,12 @@ def bench_read_bandwidth(reps=10):
 
 
 def _print_table(recs):
-    hdr = (f"{'kernel':<56} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'limit':>6} {'of limit':>8} "
+    hdr = (f"{'kernel':<62} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'limit':>6} {'of limit':>8} "
            f"{'dense GB/s':>10} {'sparse GB/s':>11} {'others':>6}")
     print(hdr)
     print("-" * len(hdr))
     for r in recs:
-        print(f"{r['name']:<56} {r['baseline_ms']:>9.2f} {r['ms']:>9.2f} {r['speedup']:>7.2f}x {r['limit']:>5.2f}x "
+        print(f"{r['name']:<62} {r['baseline_ms']:>9.2f} {r['ms']:>9.2f} {r['speedup']:>7.2f}x {r['limit']:>5.2f}x "
               f"{r['fraction_of_limit']:>8.0%} {r.get('baseline_GBps', float('nan')):>10.1f} {r['GBps']:>11.1f} "
               f"{r.get('others_cores', float('nan')):>6.2f}")
 
@@ -1166,14 +1411,15 @@ def main(argv=None):
     mach = _machine()
     print(f"machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} ({mach['threads']} threads), "
           f"float32, load average {_loadavg():.2f}")
+    print(f"FFN decoders (one float32 token): {fused_status()}")
     bw = bench_read_bandwidth()
     print(f"read bandwidth (sum over 256 MB): {bw:.1f} GB/s")
     print("'others': cores used by other processes + stolen by the hypervisor while a row was measured "
           "(of 2; above ~0.05 that row was taken under load)\n")
-    recs = [_measured(bench_spark_ffn, reps=reps, gen=gen),
-            _measured(bench_spark_ffn, M=4, reps=reps, gen=gen),
-            _measured(bench_relu_ffn, density=0.01, reps=reps, gen=gen),
-            _measured(bench_relu_ffn, density=0.005, reps=reps, gen=gen)]
+    recs = [*_measured(bench_spark_ffn, reps=reps, gen=gen),
+            *_measured(bench_spark_ffn, M=4, reps=reps, gen=gen),
+            *_measured(bench_relu_ffn, density=0.01, reps=reps, gen=gen),
+            *_measured(bench_relu_ffn, density=0.005, reps=reps, gen=gen)]
     for n in (1024, 4096, 8192):
         recs.append(_measured(bench_spark_attention, n=n, reps=reps, gen=gen))
     recs.extend(_measured(bench_statistical_topk, reps=3 if args.quick else 7, gen=gen))
@@ -1182,11 +1428,12 @@ def main(argv=None):
     _print_table(recs)
     if not args.no_plot and not args.quick:
         sweep_reps = max(5, reps // 3)
+        path = "fused" if _fused_lib() is not None else "eager"  # the FFNs' default path; [-1] is its record
         sweeps = {
-            "Spark FFN": [_measured(bench_spark_ffn, density=p, reps=sweep_reps, gen=gen)
-                          for p in (0.01, 0.03, 0.08, 0.2, 0.4, 0.7)],
-            "ReLU FFN": [_measured(bench_relu_ffn, density=p, reps=sweep_reps, gen=gen)
-                         for p in (0.005, 0.01, 0.03, 0.1, 0.3, 0.6)],
+            f"Spark FFN ({path})": [_measured(bench_spark_ffn, density=p, reps=sweep_reps, gen=gen)[-1]
+                                    for p in (0.01, 0.03, 0.08, 0.2, 0.4, 0.7)],
+            f"ReLU FFN ({path})": [_measured(bench_relu_ffn, density=p, reps=sweep_reps, gen=gen)[-1]
+                                   for p in (0.005, 0.01, 0.03, 0.1, 0.3, 0.6)],
             "Spark attention n=8192": [_measured(bench_spark_attention, k_top=kt, reps=sweep_reps, gen=gen)
                                        for kt in (64, 256, 1024, 2048, 4096, 6144)],
         }

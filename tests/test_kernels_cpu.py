@@ -58,15 +58,18 @@ def _spark_weights(d, f, r, rng):
     (64, 301, 1, 24, (2,)),  # r = 1
     (64, 301, 63, 24, (2,)),  # r = d - 1
 ])
-def test_spark_ffn_decode_matches_reference(dtype, tol, d, f, r, k, lead):
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "auto"])
+def test_spark_ffn_decode_matches_reference(dtype, tol, d, f, r, k, lead, fused):
+    """fused=False: the eager PyTorch path; None: the fused C loop where it applies (one float32
+    token, when it is built), eager otherwise. The fused loop also has tests of its own below."""
     rng = np.random.default_rng(0)
     K1, K2, V = _spark_weights(d, f, r, rng)
     x = rng.standard_normal(lead + (d,))
     ref = spark.spark_ffn_np(x, K1, K2, V, k, r)  # float64
     prepared = kc.prepare_spark_ffn_cpu(_t(K1, dtype), _t(K2, dtype), _t(V, dtype))
-    got = kc.spark_ffn_decode_cpu(_t(x, dtype), *prepared, k, r)
+    got = kc.spark_ffn_decode_cpu(_t(x, dtype), *prepared, k, r, fused=fused)
     assert got.dtype == dtype and got.shape == x.shape
-    assert_close(f"spark_ffn_decode_cpu {dtype} d{d} f{f} r{r} k{k} {lead}", got, ref, **tol)
+    assert_close(f"spark_ffn_decode_cpu {dtype} d{d} f{f} r{r} k{k} {lead} fused={fused}", got, ref, **tol)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
@@ -175,15 +178,17 @@ def _relu_weights(d, f, rng, shift=0.0):
     (33, 71, 2.3, (4,)),  # union over 4 tokens
     (64, 257, 1.0, (2, 2)),
 ])
-def test_relu_ffn_decode_matches_reference(dtype, tol, d, f, shift, lead):
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "auto"])
+def test_relu_ffn_decode_matches_reference(dtype, tol, d, f, shift, lead, fused):
     rng = np.random.default_rng(5)
     Wg, Wu, Wd = _relu_weights(d, f, rng, shift)
     x = rng.standard_normal(lead + (d,))
     x[..., 0] = 1.0
     ref, _ = spark.relu_l1_ffn_np(x, Wg, Wu, Wd)
-    got = kc.relu_ffn_decode_cpu(_t(x, dtype), *kc.prepare_relu_ffn_cpu(_t(Wg, dtype), _t(Wu, dtype), _t(Wd, dtype)))
+    got = kc.relu_ffn_decode_cpu(_t(x, dtype), *kc.prepare_relu_ffn_cpu(_t(Wg, dtype), _t(Wu, dtype), _t(Wd, dtype)),
+                                 fused=fused)
     assert got.shape == x.shape
-    assert_close(f"relu_ffn_decode_cpu {dtype} {lead} shift {shift}", got, ref, **tol)
+    assert_close(f"relu_ffn_decode_cpu {dtype} {lead} shift {shift} fused={fused}", got, ref, **tol)
 
 
 @pytest.mark.parametrize("case", ["no survivor", "every neuron"])
@@ -216,6 +221,116 @@ def test_relu_ffn_decode_bad_inputs():
         kc.relu_ffn_decode_cpu(torch.randn(8).half(), *(t.half() for t in P))
     with pytest.raises(ValueError, match="NaN"):
         kc.relu_ffn_decode_cpu(torch.full((8,), math.nan), *P)
+
+
+# ------------------------------------------------------------------------------------------
+# The fused C loop (section 3b) vs the references. It is built with the system C compiler on
+# Linux; where it cannot be (no compiler, SPARK_NO_FUSED=1, macOS) these tests skip and say why.
+# Tolerance: F32, as the eager float32 path (float32 dot products and row sums in another
+# order; the threshold in float64 as the reference).
+# ------------------------------------------------------------------------------------------
+
+needs_fused = pytest.mark.skipif(kc._fused_lib() is None, reason=f"fused loop not built: {kc.fused_status()}")
+
+
+@needs_fused
+@pytest.mark.parametrize("d,f,r,k,lead", [
+    (37, 53, 11, 7, ()),  # odd sizes, one token as a vector
+    (37, 53, 11, 7, (1,)),  # as a [1, d] row
+    (64, 301, 32, 1, (1,)),  # k = 1
+    (64, 301, 32, 300, (1,)),  # k = f - 1: nearly every neuron
+    (64, 301, 1, 24, ()),  # r = 1
+    (64, 301, 63, 24, ()),  # r = d - 1
+    (2304, 1382, 1024, 110, ()),  # Gemma-2 2B's d and r (f cut to 1/10): rows of 5 and 9 KB
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_spark_ffn_matches_reference(d, f, r, k, lead, threads):
+    rng = np.random.default_rng(20)
+    K1, K2, V = _spark_weights(d, f, r, rng)
+    x = rng.standard_normal(lead + (d,))
+    prepared = kc.prepare_spark_ffn_cpu(*(_t(a, torch.float32) for a in (K1, K2, V)))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the loop splits the survivors between torch's threads
+    try:
+        got = kc.spark_ffn_decode_cpu(_t(x, torch.float32), *prepared, k, r, fused=True)
+    finally:
+        torch.set_num_threads(old)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert_close(f"fused spark_ffn d{d} f{f} r{r} k{k} threads {threads}", got,
+                 spark.spark_ffn_np(x, K1, K2, V, k, r), **F32)
+
+
+@needs_fused
+def test_fused_spark_ffn_zero_survivors_and_strided_input():
+    rng = np.random.default_rng(21)
+    d, f, r = 16, 40, 8
+    _, K2, V = _spark_weights(d, f, r, rng)
+    K1 = np.zeros((r, f))  # constant scores: std = 0, nobody survives, y = 0 exactly
+    prepared = kc.prepare_spark_ffn_cpu(*(_t(a, torch.float32) for a in (K1, K2, V)))
+    got = kc.spark_ffn_decode_cpu(torch.randn(d), *prepared, 5, r, fused=True)
+    assert not got.any()
+    K1, K2, V = _spark_weights(d, f, r, rng)
+    prepared = kc.prepare_spark_ffn_cpu(*(_t(a, torch.float32) for a in (K1, K2, V)))
+    xs = torch.randn(d, 3)[:, 1]  # a non-contiguous token
+    assert_close("fused spark_ffn, strided x", kc.spark_ffn_decode_cpu(xs, *prepared, 5, r, fused=True),
+                 spark.spark_ffn_np(xs.double().numpy(), K1, K2, V, 5, r), **F32)
+
+
+@needs_fused
+@pytest.mark.parametrize("d,f,shift", [(33, 71, 0.0), (33, 71, 2.3), (2048, 563, 2.3), (24, 50, "all"), (24, 50, "none")])
+def test_fused_relu_ffn_matches_reference(d, f, shift):
+    rng = np.random.default_rng(22)
+    Wg, Wu, Wd = _relu_weights(d, f, rng, 0.0 if isinstance(shift, str) else shift)
+    if isinstance(shift, str):  # every neuron on, or none: the gate is x[0] * (+-1)
+        Wg[1:] = 0.0
+        Wg[0] = 1.0 if shift == "all" else -1.0
+    x = rng.standard_normal(d)
+    x[0] = 1.0
+    prepared = kc.prepare_relu_ffn_cpu(*(_t(a, torch.float32) for a in (Wg, Wu, Wd)))
+    got = kc.relu_ffn_decode_cpu(_t(x, torch.float32), *prepared, fused=True)
+    ref, _ = spark.relu_l1_ffn_np(x, Wg, Wu, Wd)
+    assert_close(f"fused relu_ffn d{d} f{f} shift {shift}", got, ref, **F32)
+    if shift == "none":
+        assert not got.any()
+
+
+@needs_fused
+def test_fused_bad_inputs():
+    d, f, r = 16, 40, 8
+    sp = kc.prepare_spark_ffn_cpu(torch.randn(r, f), torch.randn(d - r, f), torch.randn(f, d))
+    rl = kc.prepare_relu_ffn_cpu(torch.randn(d, f), torch.randn(d, f), torch.randn(f, d))
+    x = torch.randn(d)
+    for bad in (math.nan, math.inf):
+        xb = x.clone()
+        xb[0] = bad
+        with pytest.raises(ValueError, match="NaN"):
+            kc.spark_ffn_decode_cpu(xb, *sp, 5, r, fused=True)
+    xb = x.clone()
+    xb[0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        kc.relu_ffn_decode_cpu(xb, *rl, fused=True)
+    with pytest.raises(ValueError, match="one float32 token"):  # two tokens
+        kc.spark_ffn_decode_cpu(torch.randn(2, d), *sp, 5, r, fused=True)
+    with pytest.raises(ValueError, match="one float32 token"):  # float64
+        kc.relu_ffn_decode_cpu(x.double(), *(t.double() for t in rl), fused=True)
+    with pytest.raises(ValueError, match="fused must be"):
+        kc.relu_ffn_decode_cpu(x, *rl, fused="yes")
+
+
+def test_fused_unavailable_falls_back_or_says_why(monkeypatch):
+    """Without the library, fused=None quietly takes the eager path (same result) and fused=True
+    raises naming the reason."""
+    monkeypatch.setitem(kc._FUSED, "lib", None)
+    monkeypatch.setitem(kc._FUSED, "status", "eager PyTorch (fused loop unavailable: test)")
+    d, f, r = 16, 40, 8
+    rng = np.random.default_rng(23)
+    K1, K2, V = _spark_weights(d, f, r, rng)
+    sp = kc.prepare_spark_ffn_cpu(*(_t(a, torch.float32) for a in (K1, K2, V)))
+    x = rng.standard_normal(d)
+    assert_close("eager fallback", kc.spark_ffn_decode_cpu(_t(x, torch.float32), *sp, 5, r),
+                 spark.spark_ffn_np(x, K1, K2, V, 5, r), **F32)
+    with pytest.raises(ValueError, match="unavailable: test"):
+        kc.spark_ffn_decode_cpu(_t(x, torch.float32), *sp, 5, r, fused=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -481,9 +596,11 @@ def test_generate_cpu_bad_inputs():
 
 def test_benchmark_records_have_the_shared_format():
     gen = torch.Generator().manual_seed(0)
-    recs = [kc.bench_spark_ffn(d=64, f_gated=96, r=32, reps=1, gen=gen),
-            kc.bench_relu_ffn(d=64, f=96, density=0.1, reps=1, gen=gen),
-            kc.bench_spark_attention(n=40, H=2, hd=16, k_top=8, r=8, reps=1, gen=gen)]
+    ffn = kc.bench_spark_ffn(d=64, f_gated=96, r=32, reps=1, gen=gen) + kc.bench_relu_ffn(d=64, f=96, density=0.1,
+                                                                                       reps=1, gen=gen)
+    # one record per path: eager always, fused when the loop is built
+    assert [r["path"] for r in ffn] == ["eager", "fused"] * 2 if kc._fused_lib() is not None else ["eager"] * 2
+    recs = ffn + [kc.bench_spark_attention(n=40, H=2, hd=16, k_top=8, r=8, reps=1, gen=gen)]
     recs += kc.bench_statistical_topk(R=8, D=256, reps=1, gen=gen)
     for r in recs:
         assert {"name", "baseline_ms", "ms", "speedup", "limit"} <= set(r)
