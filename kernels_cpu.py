@@ -2,7 +2,8 @@
 
 The Spark Transformer (You et al. 2025, arXiv 2506.06644) reports decoding up to 1.79x faster on
 a 16-core CPU with kernels that are not public. This file turns the sparsity of spark.py into
-wall time on a laptop-class CPU with nothing but PyTorch eager operations, and measures it.
+wall time on a laptop-class CPU with PyTorch eager operations, plus one optional fused loop in
+C for the two FFN decoders (section 3b: what eager ops cannot express), and measures it.
 Each fast path names the NumPy reference it must match (spark.py, topk.py) and keeps its
 argument names; tests/test_kernels_cpu.py checks every one of them against its reference.
 
@@ -14,7 +15,8 @@ What a reader learns here
   re-lay the matrices once (`prepare_*`, like loading a checkpoint) so every gather reads rows.
 - On 2 shared cores the fixed costs matter as much as the bytes: each eager op costs 5-50 us,
   a big intermediate allocation costs page faults, an op that wakes the second thread costs a
-  barrier. We count them and keep the op count small.
+  barrier. We count them and keep the op count small; where ~10 small ops remain per token
+  (the FFN decoders' gather loop), one C call on torch's own threads replaces them.
 
 The kernels, small to large
 1. statistical_topk_cpu       fast statistical top-k over rows (training / prefill shapes),
@@ -23,6 +25,8 @@ The kernels, small to large
                               matches spark.spark_ffn_np; weights from prepare_spark_ffn_cpu
 3. relu_ffn_decode_cpu        ReLU-gated FFN of an L1-sparse model (Sakana, arXiv 2603.23198),
                               matches the y of spark.relu_l1_ffn_np; weights from prepare_relu_ffn_cpu
+3b. the fused loop            both FFN decoders' per-neuron work in one C function (fused=,
+                              fused_status()); the eager path stays, for reading and as fallback
 4. spark_attention_decode_cpu one query per head against a KV cache split at r,
                               matches spark.spark_attention_np with T = 1; cache from prepare_spark_kv_cpu
 5. generate_cpu               decode a spark.GPT with these kernels, same tokens as GPT.generate
