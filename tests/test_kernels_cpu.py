@@ -443,17 +443,19 @@ def test_gated_ffn_decode_cpu_matches_reference(act):
     ((0, 50), 5),  # no rows at all
 ])
 @pytest.mark.parametrize("fill,soft", [(0.0, True), (0.0, False), (-1.5, True), (-math.inf, False)])
-def test_statistical_topk_cpu_matches_reference(shape, k, fill, soft):
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "auto"])
+def test_statistical_topk_cpu_matches_reference(shape, k, fill, soft, fused):
+    """fused=None takes section 3b's C row loop for float32, soft, fill 0 (when it is built)."""
     rng = np.random.default_rng(9)
     x = 0.3 + 2.0 * rng.standard_normal(shape)
     ref = topk.statistical_topk_np(x, k, fill, soft)  # float64
-    got64 = kc.statistical_topk_cpu(_t(x, torch.float64), k, fill, soft)
+    got64 = kc.statistical_topk_cpu(_t(x, torch.float64), k, fill, soft, fused=fused)
     assert_close(f"statistical_topk_cpu float64 {shape} k{k}", got64, ref, **F64)
     # float32 against the float64 reference: theta is within ~1e-6 std of the reference's (one-pass
     # variance from float32 sums, see kernels_cpu.py); an entry that close to theta may land on the
     # other side and then differs by |x - theta| ~ 1e-6 std = 2e-6 here (std 2), plus float32
     # rounding of x - theta (~1e-6 for |x| ~ 8). 1e-5 absolute leaves a margin of 3-5x.
-    got32 = kc.statistical_topk_cpu(_t(x, torch.float32), k, fill, soft)
+    got32 = kc.statistical_topk_cpu(_t(x, torch.float32), k, fill, soft, fused=fused)
     assert got32.dtype == torch.float32
     assert_close(f"statistical_topk_cpu float32 {shape} k{k}", got32, ref, atol=1e-5, rtol=1e-6)
 
@@ -535,6 +537,41 @@ def test_statistical_topk_cpu_bad_inputs():
         kc.statistical_topk_cpu(np.ones((3, 5)), 2)
     with pytest.raises(ValueError, match="scalar"):
         kc.statistical_topk_cpu(torch.tensor(1.0), 1)
+
+
+@needs_fused
+def test_statistical_topk_cpu_fused_modes_and_special_rows():
+    """The C row loop: allocating, out=, in place; constant row (no survivor) and NaN row (all
+    NaN) as the reference defines them; float32 tolerance as in the reference test above."""
+    rng = np.random.default_rng(24)
+    x = 0.3 + 2.0 * rng.standard_normal((37, 2000))
+    x[4] = -0.75
+    x[9, 3] = math.nan
+    ok = np.ones(37, dtype=bool)
+    ok[9] = False
+    ref = topk.statistical_topk_np(np.where(np.isnan(x), 0.0, x), 150)  # (the reference refuses NaN)
+    for mode in ("allocating", "out=", "in place"):
+        xt = _t(x, torch.float32)
+        out = {"allocating": None, "out=": torch.empty_like(xt), "in place": xt}[mode]
+        got = kc.statistical_topk_cpu(xt, 150, out=out, fused=True)
+        assert out is None or got is out
+        assert (got[4] == 0).all() and torch.isnan(got[9]).all()
+        assert_close(f"fused statistical top-k, {mode}", got[torch.from_numpy(ok)], ref[ok], atol=1e-5, rtol=1e-6)
+
+
+@needs_fused
+def test_statistical_topk_cpu_fused_gradient_and_bad_inputs():
+    x = (torch.randn(6, 300) * 1.5 + 0.2).requires_grad_(True)
+    g = torch.randn(6, 300)
+    (ours,) = torch.autograd.grad(kc.statistical_topk_cpu(x, 30, fused=True), x, g)
+    (ref,) = torch.autograd.grad(topk.statistical_topk(x, 30), x, g)
+    assert_close("fused statistical top-k gradient (float32)", ours, ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="soft=True"):
+        kc.statistical_topk_cpu(torch.randn(3, 50).double(), 5, fused=True)
+    with pytest.raises(ValueError, match="soft=True"):
+        kc.statistical_topk_cpu(torch.randn(3, 50), 5, -1.0, fused=True)
+    with pytest.raises(ValueError, match="fused must be"):
+        kc.statistical_topk_cpu(torch.randn(3, 50), 5, fused=1)
 
 
 # ------------------------------------------------------------------------------------------
