@@ -427,7 +427,8 @@ def spark_ffn_decode_cpu(x, K1, K2t, V, k, r, *, fused=None):
     x [d] or [M, d] (any leading shape), K1 [r, f], K2t [f, d-r], V [f, d] from
     prepare_spark_ffn_cpu (K2t is K2 transposed) -> y, x's shape. k: target survivors per token
     (statistical top-k), r: predictor slice. k == f thresholds nothing (as topk.py: the input
-    is returned unchanged), so every neuron is used with a = gelu(p) * u (dense, eager).
+    is returned unchanged), so every neuron is used with a = gelu(p) * u (dense, eager, whatever
+    fused says once fused= is valid for the call).
     fused: None = the fused C loop of section 3b for one float32 token when it is built, else
     eager PyTorch; True = the fused loop or an error; False = eager PyTorch.
     """
@@ -451,11 +452,11 @@ def spark_ffn_decode_cpu(x, K1, K2t, V, k, r, *, fused=None):
         return x.new_zeros(x.shape)
     # p = x[:r] K1: the dense predictor, the one full read of a matrix (r f values)
     P = X[:, :r] @ K1  # [M, f]
+    lib = _use_fused(fused, "spark_ffn_decode_cpu", M, x, K1, K2t, V)  # (checks fused= for every k)
     if k == f:
         # statistical_topk with k == D returns p unchanged: every neuron, no shift (topk.py)
         A = F.gelu(P, approximate="tanh") * (X[:, r:] @ K2t.t())  # [M, f]
         return (A @ V).reshape(x.shape)  # [..., d]
-    lib = _use_fused(fused, "spark_ffn_decode_cpu", M, x, K1, K2t, V)
     if lib is not None:
         # threshold, survivors, K2 dot products, gelu and the V rows in one call (section 3b)
         X = X.contiguous()
@@ -849,17 +850,27 @@ def fused_status():
     return _FUSED["status"]
 
 
-def _use_fused(fused, where, M, *tensors):
+def _use_fused(fused, where, M, x, *weights):
     """Which path a call takes: fused=None -> the fused loop when it is built and the call is one
-    it handles (M = 1 token, float32), else eager; True -> the fused loop or a clear error;
-    False -> eager. Returns the library or None (eager)."""
-    if fused is None or fused is False:
-        return _fused_lib() if fused is None and M == 1 and all(t.dtype == torch.float32 for t in tensors) else None
-    if fused is not True:
+    it handles (M = 1 token, float32, contiguous weights as prepare_* makes them), else eager;
+    True -> the fused loop or a clear error; False -> eager. Returns the library or None.
+    The C code indexes each weight as a packed row-major array from data_ptr(), so a strided
+    view (K2.t() passed as K2t, an expanded tensor) must never reach it: it would read the wrong
+    numbers, or past the end of the storage."""
+    if fused is not None and fused is not True and fused is not False:
         raise ValueError(f"{where}: fused must be None (automatic), True or False, got {fused!r}")
-    if M != 1 or any(t.dtype != torch.float32 for t in tensors):
+    if fused is False:
+        return None
+    fits = M == 1 and all(t.dtype == torch.float32 for t in (x, *weights))
+    packed = all(t.is_contiguous() for t in weights)
+    if fused is None:
+        return _fused_lib() if fits and packed else None
+    if not fits:
         raise ValueError(f"{where}: fused=True but the fused loop handles one float32 token only; "
-                         f"got {M} tokens of {tensors[0].dtype}")
+                         f"got {M} tokens of {x.dtype}")
+    if not packed:
+        raise ValueError(f"{where}: fused=True needs contiguous weights (use the prepare_* function); got strides "
+                         f"{[tuple(t.stride()) for t in weights]} for shapes {[_shape(t) for t in weights]}")
     lib = _fused_lib()
     if lib is None:
         raise ValueError(f"{where}: fused=True but {fused_status()}")

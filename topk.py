@@ -255,8 +255,8 @@ def statistical_topk_grad(g, z, mean, std, q, soft=True, out=None):
     """Gradient of statistical top-k with respect to its input, theta included.   -> [..., D]
 
     g [..., D] upstream gradient; z [..., D] the input (statistics dtype); mean, std [..., 1] its
-    row statistics; q = Q(1 - k/D); out [..., D] (optional) the forward's output max(z - theta, 0),
-    whose positive entries are exactly the survivors (see below). Derivation, for one row of length D:
+    row statistics; q = Q(1 - k/D); out [..., D] (optional, soft only; ignored when soft=False)
+    the forward's output max(z - theta, 0), whose positive entries are exactly the survivors. Derivation, for one row of length D:
 
         theta = mu + q sigma,   mu = (1/D) sum_j z_j,   sigma^2 = (1/D) sum_j (z_j - mu)^2
         d mu / d z_j = 1/D,     d sigma / d z_j = (z_j - mu) / (D sigma)
@@ -271,8 +271,8 @@ def statistical_topk_grad(g, z, mean, std, q, soft=True, out=None):
     passes per call, which is what makes a statistical top-k FFN train at nearly dense speed.
     kernels_cpu.py's blocked CPU version reuses this function.
     """
-    if out is not None:
-        # g_j m_j with m_j = [out_j > 0]: ReLU's backward kernel does exactly this in one pass over
+    if out is not None and soft:
+        # g_j m_j with m_j = [out_j > 0] (soft output only: a hard output z m can be <= 0 on a survivor): ReLU's backward kernel does exactly this in one pass over
         # float tensors. The obvious `g * (z > theta)` builds a bool mask and multiplies a float by
         # it: ~10x slower here (0.14 + 0.27 ms vs 0.04 ms at [768, 512] on the 2-core CPU).
         gm = torch.ops.aten.threshold_backward(g, out, 0.0)  # [..., D]
@@ -322,6 +322,9 @@ def statistical_topk(x, k, fill=0.0, soft=True):
     With fill = 0 and soft = True this is Gemma 3n's operator relu(x - (mean + std * Q(p))),
     p = 1 - k/D. A row containing NaN becomes all NaN (its theta is NaN); other rows are unaffected.
     Gradient: statistical_topk_grad (1 on survivors, minus the terms through mean and std).
+    With fill = 0 and soft = True the backward reads the output itself (its positive entries are
+    the survivors), so modifying the result in place before backward (y.relu_(), y.mul_(2))
+    raises autograd's "modified by an inplace operation" error; use out-of-place ops on it.
     """
     _check_torch(x)
     D = x.shape[-1]

@@ -233,6 +233,46 @@ def test_relu_ffn_decode_bad_inputs():
 needs_fused = pytest.mark.skipif(kc._fused_lib() is None, reason=f"fused loop not built: {kc.fused_status()}")
 
 
+def test_fused_library_builds_in_ci():
+    """The fused tests skip where the library cannot be built; so that a broken build cannot turn
+    them all into silent skips, CI (CI=true on Linux, which has a C compiler) and anyone who sets
+    SPARK_REQUIRE_FUSED=1 require it to build."""
+    import os
+    import platform
+
+    required = os.environ.get("SPARK_REQUIRE_FUSED") == "1" or (
+        os.environ.get("CI") == "true" and platform.system() == "Linux" and not os.environ.get("SPARK_NO_FUSED"))
+    if not required:
+        pytest.skip("neither CI=true on Linux nor SPARK_REQUIRE_FUSED=1")
+    assert kc._fused_lib() is not None, kc.fused_status()
+
+
+@needs_fused
+def test_fused_refuses_strided_weights():
+    """The C loop reads each weight as a packed row-major array: a transposed view (K2.t() passed
+    as K2t) or an expanded tensor must take the eager path (fused=None, same result as the
+    reference) or raise (fused=True), never be read as if it were packed."""
+    rng = np.random.default_rng(25)
+    d, f, r, k = 24, 60, 8, 9
+    K1, K2, V = (_t(a, torch.float32) for a in _spark_weights(d, f, r, rng))
+    x = _t(rng.standard_normal(d), torch.float32)
+    K2t_view = K2.t()  # [f, d-r] but strided
+    V_exp = V[:1].expand(f, d)  # [f, d] with 1 row of storage
+    for K2t_, V_ in ((K2t_view, V), (K2t_view.contiguous(), V_exp)):
+        ref = spark.spark_ffn_np(x.double().numpy(), K1.double().numpy(), K2t_.t().double().numpy(),
+                                 V_.double().numpy(), k, r)
+        assert_close("strided weights take the eager path", kc.spark_ffn_decode_cpu(x, K1, K2t_, V_, k, r), ref, **F32)
+        with pytest.raises(ValueError, match="contiguous"):
+            kc.spark_ffn_decode_cpu(x, K1, K2t_, V_, k, r, fused=True)
+    Wg, Wu, Wd = (_t(a, torch.float32) for a in _relu_weights(d, f, rng, 0.5))
+    xr = x.clone()
+    xr[0] = 1.0
+    ref, _ = spark.relu_l1_ffn_np(xr.double().numpy(), Wg.double().numpy(), Wu.double().numpy(), Wd.double().numpy())
+    assert_close("relu, Wu.t() as Wut", kc.relu_ffn_decode_cpu(xr, Wg, Wu.t(), Wd), ref, **F32)
+    with pytest.raises(ValueError, match="contiguous"):
+        kc.relu_ffn_decode_cpu(xr, Wg, Wu.t(), Wd, fused=True)
+
+
 @needs_fused
 @pytest.mark.parametrize("d,f,r,k,lead", [
     (37, 53, 11, 7, ()),  # odd sizes, one token as a vector
@@ -315,6 +355,8 @@ def test_fused_bad_inputs():
         kc.relu_ffn_decode_cpu(x.double(), *(t.double() for t in rl), fused=True)
     with pytest.raises(ValueError, match="fused must be"):
         kc.relu_ffn_decode_cpu(x, *rl, fused="yes")
+    with pytest.raises(ValueError, match="one float32 token"):  # checked for k == f too (a dense path)
+        kc.spark_ffn_decode_cpu(torch.randn(2, d), *sp, f, r, fused=True)
 
 
 def test_fused_unavailable_falls_back_or_says_why(monkeypatch):
@@ -636,7 +678,7 @@ def test_benchmark_records_have_the_shared_format():
     ffn = kc.bench_spark_ffn(d=64, f_gated=96, r=32, reps=1, gen=gen) + kc.bench_relu_ffn(d=64, f=96, density=0.1,
                                                                                        reps=1, gen=gen)
     # one record per path: eager always, fused when the loop is built
-    assert [r["path"] for r in ffn] == ["eager", "fused"] * 2 if kc._fused_lib() is not None else ["eager"] * 2
+    assert [r["path"] for r in ffn] == (["eager", "fused"] * 2 if kc._fused_lib() is not None else ["eager"] * 2)
     recs = ffn + [kc.bench_spark_attention(n=40, H=2, hd=16, k_top=8, r=8, reps=1, gen=gen)]
     recs += kc.bench_statistical_topk(R=8, D=256, reps=1, gen=gen)
     for r in recs:

@@ -408,3 +408,23 @@ def test_gradient_from_output_mask_equals_gradient_from_threshold():
         ok[4] = False
         assert_close(f"grad {dtype}", a[ok], b[ok], tol, tol)
         assert torch.all(a[2] == 0) and torch.isnan(a[4]).all() and torch.isnan(b[4]).all()
+
+
+def test_out_is_ignored_for_the_hard_gradient_and_in_place_edits_are_caught():
+    """soft=False outputs z m, which can be <= 0 on a survivor (theta < 0): statistical_topk_grad
+    must not take survivors from it. And since the soft backward reads its output, editing the
+    output in place before backward must raise, not give a wrong gradient."""
+    D, k = 200, 150  # a large k: theta < 0, so negative survivors exist
+    q = topk.normal_icdf(1.0 - k / D)
+    z = torch.randn(3, D, dtype=torch.float64)
+    g = torch.randn(3, D, dtype=torch.float64)
+    mean, std, _ = topk._row_mean_std(z)
+    hard_out = torch.where(z > mean + q * std, z, torch.zeros((), dtype=z.dtype))
+    assert (hard_out < 0).any()
+    assert torch.equal(topk.statistical_topk_grad(g, z, mean, std, q, False, hard_out),
+                       topk.statistical_topk_grad(g, z, mean, std, q, False))
+    x = torch.randn(4, 50, requires_grad=True)
+    y = statistical_topk(x, 10)
+    y.mul_(2.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
