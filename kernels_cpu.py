@@ -235,8 +235,7 @@ def statistical_topk_cpu(x, k, fill=0.0, soft=True, *, out=None, fused=None):
                              f"and dtype {x.dtype}, got {got}")
         if out.data_ptr() == x.data_ptr() and not x.is_contiguous():
             raise ValueError("statistical_topk_cpu: out=x (in place) needs a contiguous x")
-    if fused is not None and not isinstance(fused, bool):
-        raise ValueError(f"statistical_topk_cpu: fused must be None (automatic), True or False, got {fused!r}")
+    _check_fused("statistical_topk_cpu", fused)
     if fused and not (x.dtype == torch.float32 and soft and fill == 0.0):
         raise ValueError("statistical_topk_cpu: fused=True but the C loop handles float32 rows with soft=True, "
                          f"fill=0 only; got {x.dtype}, soft={soft}, fill={fill}")
@@ -651,8 +650,9 @@ def relu_ffn_decode_cpu(x, Wg, Wut, Wd, *, fused=None):
 #
 #    The same library holds stat_topk_rows, section 1's statistical top-k for float32 rows in
 #    the soft fill-0 case, one row at a time (read once from DRAM, second pass from L2): at
-#    [2048, 16384] 10.8 ms into a buffer and 5.5 ms in place, vs 18.8 / 14.6 ms for the eager
-#    blocks (whose ~160 small ops cost as much as the DRAM traffic).
+#    [2048, 16384] 12.2 ms into a buffer and 7.0 ms in place, vs 23.1 / 15.9 ms for the eager
+#    blocks (whose ~160 small ops cost as much as the DRAM traffic; benchmark run in
+#    notes/kernels_cpu.md).
 # ------------------------------------------------------------------------------------------
 
 _FUSED_C = r"""
@@ -850,6 +850,12 @@ def fused_status():
     return _FUSED["status"]
 
 
+def _check_fused(where, fused):
+    """The `fused` argument of every kernel: None (automatic), True or False, nothing else."""
+    if fused is not None and fused is not True and fused is not False:
+        raise ValueError(f"{where}: fused must be None (automatic), True or False, got {fused!r}")
+
+
 def _use_fused(fused, where, M, x, *weights):
     """Which path a call takes: fused=None -> the fused loop when it is built and the call is one
     it handles (M = 1 token, float32, contiguous weights as prepare_* makes them), else eager;
@@ -857,8 +863,7 @@ def _use_fused(fused, where, M, x, *weights):
     The C code indexes each weight as a packed row-major array from data_ptr(), so a strided
     view (K2.t() passed as K2t, an expanded tensor) must never reach it: it would read the wrong
     numbers, or past the end of the storage."""
-    if fused is not None and fused is not True and fused is not False:
-        raise ValueError(f"{where}: fused must be None (automatic), True or False, got {fused!r}")
+    _check_fused(where, fused)
     if fused is False:
         return None
     fits = M == 1 and all(t.dtype == torch.float32 for t in (x, *weights))

@@ -332,6 +332,19 @@ def test_cuda_matches_cpu_without_host_sync(dtype):
     assert (achieved_k(yh, fill=-math.inf) > 0).all()
 
 
+@pytest.mark.gpu
+def test_cuda_backward_matches_cpu():
+    """The analytic backward (survivors from the output via threshold_backward) on CUDA."""
+    x = torch.randn(64, 4096, dtype=torch.float64)
+    g = torch.randn(64, 4096, dtype=torch.float64)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        xd = x.to(dev).requires_grad_(True)
+        (gx,) = torch.autograd.grad(statistical_topk(xd, 300), xd, g.to(dev))
+        grads.append(gx.cpu())
+    assert_close("cuda backward", grads[1], grads[0], 1e-10, 1e-9)  # float64: reduction order only
+
+
 # ------------------------------------------------------------------------------------------
 # The demonstration runs and writes its JSON records
 # ------------------------------------------------------------------------------------------
