@@ -5,19 +5,18 @@ a plain NumPy reference (forward only, loops where loops are clearer), the same 
 PyTorch function (vectorised, differentiable, the training path), and a module holding the
 weights under the same names. At the end a small GPT (nanoGPT's layout) whose FFN and attention
 can be any of them, a KV-cache `generate`, and `count_costs`, the FLOPs and bytes arithmetic
-behind the papers' speed-up claims (`python spark.py` prints the table; `--bench` also times
-one training step of every variant on the CPU).
+behind the papers' speed-up claims (`python spark.py` prints the table).
 
-Papers
+Papers (formulas, settings and numbers digested in notes/papers.md, cited by section heading)
 - Spark Transformer (You et al. 2025, arXiv 2506.06644): statistical top-k, the predictor-split
-  FFN (`spark_ffn`) and the predictor-split sparse attention (`spark_attention`).
-  Digest in ../shared/REFERENCE.md §2-5.
+  FFN (`spark_ffn`; notes/papers.md, "Spark FFN") and the predictor-split sparse attention
+  (`spark_attention`; "Spark attention").
 - The Lazy Neuron Phenomenon (Li et al., ICLR 2023, arXiv 2210.06313): the Top-k Transformer,
-  exact top-k on the FFN activations (`topk_ffn`, method "exact"). REFERENCE.md §1.
+  exact top-k on the FFN activations (`topk_ffn`, method "exact"; "Exact top-k (Lazy Neuron)").
 - Gemma 3n's MLP (statistical top-k on the gate of a GeGLU, Hugging Face `Gemma3nTextMLP`):
-  `topk_ffn`, method "statistical". REFERENCE.md §2.
+  `topk_ffn`, method "statistical" ("Statistical top-k (Spark)").
 - Sparser, Faster, Lighter Transformer LMs (Sakana AI, arXiv 2603.23198): ReLU-gated FFN
-  trained with an L1 penalty on its activations (`relu_l1_ffn`). REFERENCE.md §6.
+  trained with an L1 penalty on its activations (`relu_l1_ffn`; "L1-induced sparsity (Sakana)").
 - Gated FFNs, GeGLU (Shazeer 2020, arXiv 2002.05202); grouped-query attention (Ainslie et al.
   2023, arXiv 2305.13245); Gemma 2 shapes (arXiv 2408.00118); nanoGPT (karpathy) for the GPT.
 
@@ -27,8 +26,7 @@ topk.py; this file only uses them.
 Dimension letters (every shape comment below uses them)
     B    batch size                      T    tokens in this call (queries)
     S    keys visible to the call (S = T without a cache, S = cached + T with one)
-    M    tokens flattened (any leading shape ...)
-    d    model width (d_model)           f    FFN width (gated width; Spark uses 1.5x, see §3)
+    d    model width (d_model)           f    FFN width (Spark uses 1.5x the gated width)
     k    FFN entries kept per token      r    predictor slice: first r of d (FFN) or of hd (attention)
     H    query heads                     Hkv  key/value heads (grouped-query: H % Hkv == 0)
     G    query heads per KV head, H // Hkv
@@ -36,13 +34,13 @@ Dimension letters (every shape comment below uses them)
     n    cached tokens a decoded token attends to (cost accounting)
     V    vocabulary size                 L    layers
 
-Conventions: row vectors (y = x @ W, W is [in, out]), as in REFERENCE.md. GELU is the tanh
-approximation (Gemma's). Learned absolute position embeddings and pre-LayerNorm blocks (nanoGPT),
-not Gemma's RoPE and RMSNorm: nothing in the sparse layers depends on that choice, and absolute
-positions keep the KV cache trivial.
+Conventions: row vectors (y = x @ W, W is [in, out]). GELU is the tanh approximation (Gemma's).
+Learned absolute position embeddings and pre-LayerNorm blocks (nanoGPT), not Gemma's RoPE and
+RMSNorm: nothing in the sparse layers depends on that choice, and absolute positions keep the
+KV cache trivial.
 
-Where the sources are silent we choose, say so at the line, and test the property
-(list in notes/spark.md):
+Where the sources are silent we choose, say so at the line, and test the property (the list:
+notes/papers.md, "Our choices where the papers are silent"; notes/spark.md):
 - Spark attention scales: softmax over q[:r].K1 / sqrt(r); gate softplus(q[r:].K2 / sqrt(hd - r)).
 - Spark attention selects with an *exact* top-k over keys: a cap of kt tokens per query and
   head; a query that sees fewer than kt tokens attends to all of them.
@@ -61,12 +59,11 @@ import torch.nn.functional as F
 
 from topk import check_k, exact_topk, exact_topk_np, statistical_topk, statistical_topk_np
 
-FFN_KINDS = ("dense", "topk", "stat_topk", "spark", "relu_l1")
+FFN_KINDS = ("dense", "relu", "topk", "stat_topk", "spark", "relu_l1")  # "dense" = GeGLU, "relu" = ReLU-gated
 ATTN_KINDS = ("dense", "spark")
-ACTS = ("gelu", "relu")
 
 # ------------------------------------------------------------------------------------------
-# 0. Small helpers: activations, argument checks
+# 0. Activations and argument checks
 # ------------------------------------------------------------------------------------------
 
 
@@ -79,6 +76,7 @@ def gelu_np(z):
 
 
 def relu_np(z):
+    """ReLU: max(z, 0).   [...] -> [...]"""
     return np.maximum(z, 0.0)
 
 
@@ -93,22 +91,6 @@ def softmax_np(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _act_np(name):
-    if name == "gelu":
-        return gelu_np
-    if name == "relu":
-        return relu_np
-    raise ValueError(f"act must be one of {ACTS}, got {name!r}")
-
-
-def _act(name):
-    if name == "gelu":
-        return lambda z: F.gelu(z, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    raise ValueError(f"act must be one of {ACTS}, got {name!r}")
-
-
 def _check_int(name, value, lo, hi=None):
     """ValueError/TypeError unless value is an int in [lo, hi] (hi None: no upper bound)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -118,13 +100,27 @@ def _check_int(name, value, lo, hi=None):
         raise ValueError(f"{name} must be in {rng}, got {value}")
 
 
-def _check_ffn_weights(x, d, Wg, Wu, Wd):
+def _check_choice(name, value, choices):
+    """ValueError unless value is one of choices (act, method, ffn, attn)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_ffn_weights(x, Wg, Wu, Wd):
     """Shapes of a gated FFN: x [..., d], Wg and Wu [d, f], Wd [f, d]."""
-    if x.shape[-1] != d or Wg.ndim != 2 or Wg.shape != Wu.shape or Wd.shape != (Wg.shape[1], d):
+    if Wg.ndim != 2 or Wg.shape[0] != x.shape[-1] or Wg.shape != Wu.shape or Wd.shape != Wg.shape[::-1]:
         raise ValueError(
             f"gated FFN shapes: expected x [..., d], Wg and Wu [d, f], Wd [f, d]; got x {tuple(x.shape)}, "
             f"Wg {tuple(Wg.shape)}, Wu {tuple(Wu.shape)}, Wd {tuple(Wd.shape)}"
         )
+
+
+def _check_spark_ffn(x, K1, K2, V, r):
+    """Shapes of a Spark FFN: x [..., d], K1 [r, f], K2 [d - r, f], V [f, d], 1 <= r <= d - 1."""
+    d, f = x.shape[-1], V.shape[0]
+    if not 1 <= r <= d - 1 or tuple(K1.shape) != (r, f) or tuple(K2.shape) != (d - r, f) or tuple(V.shape) != (f, d):
+        raise ValueError(f"spark FFN shapes: expected 1 <= r <= d-1, K1 [r, f], K2 [d-r, f], V [f, d] with d={d}, "
+                         f"r={r}; got K1 {tuple(K1.shape)}, K2 {tuple(K2.shape)}, V {tuple(V.shape)}")
 
 
 def _check_attn_shapes(q, k, v):
@@ -147,66 +143,69 @@ def _check_attn_shapes(q, k, v):
 
 
 def gated_ffn_np(x, Wg, Wu, Wd, act):
-    """Dense gated FFN (GeGLU for act="gelu", ReLU-gated for "relu"; Shazeer 2020).
+    """Dense gated FFN: GeGLU for act="gelu", ReLU-gated for "relu" (Shazeer 2020).
 
-    y = (act(x Wg) * (x Wu)) Wd        x [..., d], Wg Wu [d, f], Wd [f, d] -> y [..., d]
+    x [..., d], Wg Wu [d, f], Wd [f, d] -> y [..., d]
     """
-    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    _check_choice("act", act, ("gelu", "relu"))
     g = x @ Wg  # [..., f] gate pre-activation
     u = x @ Wu  # [..., f] up projection
-    a = _act_np(act)(g) * u  # [..., f]
+    # a = act(g) * u
+    a = (gelu_np(g) if act == "gelu" else relu_np(g)) * u  # [..., f]
+    # y = a Wd
     return a @ Wd  # [..., d]
 
 
 def topk_ffn_np(x, Wg, Wu, Wd, k, method):
     """Gated FFN with top-k on the gate pre-activation (Top-k Transformer; Gemma 3n).
 
-    g = x Wg;  a = gelu(topk(g, k)) * (x Wu);  y = a Wd          x [..., d] -> y [..., d]
     method "exact":       topk keeps the k largest g of each token, the others 0 (gelu(0) = 0).
     method "statistical": topk = max(g - theta, 0), theta = mean(g) + std(g) Q(1 - k/f)
-                          (Spark §statistical top-k; exactly Gemma 3n's `_gaussian_topk`).
+                          (Spark's statistical top-k; exactly Gemma 3n's `_gaussian_topk`).
+    x [..., d] -> y [..., d]
     """
-    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    _check_choice("method", method, ("exact", "statistical"))
     g = x @ Wg  # [..., f]
-    if method == "exact":
-        t = exact_topk_np(g, k)  # [..., f], k survivors keep their value
-    elif method == "statistical":
-        t = statistical_topk_np(g, k)  # [..., f], about k survivors, shifted down by theta
-    else:
-        raise ValueError(f"method must be 'exact' or 'statistical', got {method!r}")
-    a = gelu_np(t) * (x @ Wu)  # [..., f], zero wherever t is zero
+    u = x @ Wu  # [..., f]
+    # t = topk(g, k)
+    t = exact_topk_np(g, k) if method == "exact" else statistical_topk_np(g, k)  # [..., f] about k nonzeros
+    # a = gelu(t) * u
+    a = gelu_np(t) * u  # [..., f], zero wherever t is zero
     return a @ Wd  # [..., d]
 
 
 def spark_ffn_np(x, K1, K2, V, k, r):
-    """Spark FFN: the first r input dims predict which of the f neurons fire (REFERENCE.md §3).
+    """Spark FFN: the first r input dims predict which of the f neurons fire (notes/papers.md, "Spark FFN").
 
-    p = x[:r] K1                         K1 [r, f]       the predictor (dense, cheap: r < d)
-    u = x[r:] K2                         K2 [d - r, f]   needed only for the survivors of p
-    a = gelu(statistical_topk(p, k)) * u
-    y = a V                              V  [f, d]       needed only for the survivors
-    Two matrices of d x f instead of three, so at equal parameters f is 1.5x the gated width.
+    K1 [r, f] is the predictor (dense, cheap: r < d); K2 [d - r, f] and V [f, d] are needed
+    only for the survivors. Two matrices of d x f instead of three, so at equal parameters f is
+    1.5x the gated width.   x [..., d] -> y [..., d]
     """
-    d = x.shape[-1]
-    f = V.shape[0]
-    if not 1 <= r <= d - 1 or K1.shape != (r, f) or K2.shape != (d - r, f) or V.shape != (f, d):
-        raise ValueError(f"spark FFN shapes: expected 1 <= r <= d-1, K1 [r, f], K2 [d-r, f], V [f, d] with d={d}, "
-                         f"r={r}; got K1 {K1.shape}, K2 {K2.shape}, V {V.shape}")
+    _check_spark_ffn(x, K1, K2, V, r)
+    # p = x[:r] K1
     p = x[..., :r] @ K1  # [..., f]  predictor scores
+    # u = x[r:] K2
     u = x[..., r:] @ K2  # [..., f]  the rest of the "gate * up" product
-    a = gelu_np(statistical_topk_np(p, k)) * u  # [..., f], about k nonzeros
+    # t = statistical_topk(p, k) = max(p - theta, 0)
+    t = statistical_topk_np(p, k)  # [..., f], about k nonzeros
+    # a = gelu(t) * u
+    a = gelu_np(t) * u  # [..., f]
+    # y = a V
     return a @ V  # [..., d]
 
 
 def relu_l1_ffn_np(x, Wg, Wu, Wd):
-    """ReLU-gated FFN and its L1 term (Sakana, arXiv 2603.23198; REFERENCE.md §6).
+    """ReLU-gated FFN and its L1 term (Sakana; notes/papers.md, "L1-induced sparsity (Sakana)").
 
-    h = relu(x Wg) * (x Wu);  y = h Wd;  l1 = mean over tokens of sum over f of |h|
     x [..., d] -> (y [..., d], l1 scalar). The training loss adds lambda * (l1 averaged over layers).
     """
-    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    # h = relu(x Wg) * (x Wu)
     h = relu_np(x @ Wg) * (x @ Wu)  # [..., f]
-    l1 = np.abs(h).sum(axis=-1).mean()  # sum over f, mean over every token
+    # l1 = mean over tokens of sum over f of |h|
+    l1 = np.abs(h).sum(axis=-1).mean()
     return h @ Wd, l1  # [..., d], scalar
 
 
@@ -236,7 +235,7 @@ def attention_np(q, k, v, causal=True):
 
 
 def spark_attention_np(q, k, v, k_top, r, causal=True):
-    """Spark attention (Spark §sparse attention; REFERENCE.md §4).   -> [B, H, T, hd]
+    """Spark attention (notes/papers.md, "Spark attention").   -> [B, H, T, hd]
 
     The key vector is split by dimension: K1 = first r dims (the predictor), K2 = the rest.
     For one query q over its visible keys j:
@@ -272,29 +271,34 @@ def spark_attention_np(q, k, v, k_top, r, causal=True):
 # ------------------------------------------------------------------------------------------
 # 3. The same layers in PyTorch (the training path). Each must match its *_np reference;
 #    tests/test_spark.py compares them in float64. `return_act=True` also returns the
-#    activation that multiplies the down projection, so modules can count its nonzeros.
+#    sparse activation (the top-k output, or the product a / h), so modules can count its nonzeros.
 # ------------------------------------------------------------------------------------------
 
 
 def gated_ffn(x, Wg, Wu, Wd, act, *, return_act=False):
     """Torch version of gated_ffn_np.   x [..., d] -> y [..., d]"""
-    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
-    a = _act(act)(x @ Wg)  # [..., f]
-    y = (a * (x @ Wu)) @ Wd  # [..., d]
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    _check_choice("act", act, ("gelu", "relu"))
+    g = x @ Wg  # [..., f]
+    u = x @ Wu  # [..., f]
+    # a = act(g) * u
+    a = (F.gelu(g, approximate="tanh") if act == "gelu" else F.relu(g)) * u  # [..., f]
+    # y = a Wd
+    y = a @ Wd  # [..., d]
     return (y, a) if return_act else y
 
 
 def topk_ffn(x, Wg, Wu, Wd, k, method, *, return_act=False):
     """Torch version of topk_ffn_np.   x [..., d] -> y [..., d]"""
-    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    _check_choice("method", method, ("exact", "statistical"))
     g = x @ Wg  # [..., f]
-    if method == "exact":
-        t = exact_topk(g, k)  # [..., f]   torch.topk + scatter: O(f log k) per token
-    elif method == "statistical":
-        t = statistical_topk(g, k)  # [..., f]   mean, std, one threshold: linear time
-    else:
-        raise ValueError(f"method must be 'exact' or 'statistical', got {method!r}")
-    y = (F.gelu(t, approximate="tanh") * (x @ Wu)) @ Wd  # [..., d]
+    u = x @ Wu  # [..., f]
+    # t = topk(g, k): torch.topk + scatter (O(f log k) per token), or mean, std, one threshold (linear)
+    t = exact_topk(g, k) if method == "exact" else statistical_topk(g, k)  # [..., f]
+    # a = gelu(t) * u
+    a = F.gelu(t, approximate="tanh") * u  # [..., f]
+    y = a @ Wd  # [..., d]
     return (y, t) if return_act else y
 
 
@@ -304,23 +308,36 @@ def spark_ffn(x, K1, K2, V, k, r, *, return_act=False):
     In training we compute u = x[r:] K2 for all f neurons and multiply by the sparse gate; only
     a decode kernel (kernels_cpu.py) skips the columns of K2 and rows of V that the gate zeroes.
     """
-    d = x.shape[-1]
-    f = V.shape[0]
-    if not 1 <= r <= d - 1 or K1.shape != (r, f) or K2.shape != (d - r, f) or V.shape != (f, d):
-        raise ValueError(f"spark FFN shapes: expected 1 <= r <= d-1, K1 [r, f], K2 [d-r, f], V [f, d] with d={d}, "
-                         f"r={r}; got K1 {tuple(K1.shape)}, K2 {tuple(K2.shape)}, V {tuple(V.shape)}")
-    t = statistical_topk(x[..., :r] @ K1, k)  # [..., f]  p = x[:r] K1, then max(p - theta, 0)
-    y = (F.gelu(t, approximate="tanh") * (x[..., r:] @ K2)) @ V  # [..., d]
+    _check_spark_ffn(x, K1, K2, V, r)
+    # p = x[:r] K1
+    p = x[..., :r] @ K1  # [..., f]
+    # u = x[r:] K2
+    u = x[..., r:] @ K2  # [..., f]
+    # t = statistical_topk(p, k) = max(p - theta, 0)
+    t = statistical_topk(p, k)  # [..., f]
+    # a = gelu(t) * u
+    a = F.gelu(t, approximate="tanh") * u  # [..., f]
+    # y = a V
+    y = a @ V  # [..., d]
     return (y, t) if return_act else y
 
 
 def relu_l1_ffn(x, Wg, Wu, Wd, *, return_act=False):
     """Torch version of relu_l1_ffn_np.   x [..., d] -> (y [..., d], l1 scalar tensor with gradient)"""
-    _check_ffn_weights(x, x.shape[-1], Wg, Wu, Wd)
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    # h = relu(x Wg) * (x Wu)
     h = F.relu(x @ Wg) * (x @ Wu)  # [..., f]
-    l1 = h.abs().sum(dim=-1).mean()  # sum over f, mean over tokens
+    # l1 = mean over tokens of sum over f of |h|
+    l1 = h.abs().sum(dim=-1).mean()
     y = h @ Wd  # [..., d]
     return (y, l1, h) if return_act else (y, l1)
+
+
+def _visible(T, S, device):
+    """visible[i, j] = (key j is not in the future of query i) = j <= S - T + i.   -> [T, S] bool"""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= S - T + i
 
 
 def attention(q, k, v, causal=True, *, dropout_p=0.0):
@@ -338,13 +355,6 @@ def attention(q, k, v, causal=True, *, dropout_p=0.0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     visible = _visible(T, S, q.device)  # [T, S] bool
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=gqa)
-
-
-def _visible(T, S, device):
-    """visible[i, j] = (key j is not in the future of query i) = j <= S - T + i.   -> [T, S] bool"""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    return j <= S - T + i
 
 
 def spark_attention(q, k, v, k_top, r, causal=True, *, dropout_p=0.0, return_kept=False):
@@ -415,13 +425,13 @@ def _param(*shape, std=0.02):
 
 
 class GatedFFN(nn.Module):
-    """Dense gated FFN (gated_ffn). Parameters Wg, Wu [d, f], Wd [f, d]. 3 d f parameters."""
+    """Dense gated FFN (gated_ffn), act "gelu" (GeGLU) or "relu". Wg, Wu [d, f], Wd [f, d]: 3 d f parameters."""
 
     def __init__(self, d, f, act="gelu"):
         super().__init__()
         _check_int("d", d, 1)
         _check_int("f", f, 1)
-        _act(act)  # raises on an unknown name
+        _check_choice("act", act, ("gelu", "relu"))
         self.act = act
         self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
         self.last_density = None
@@ -440,8 +450,7 @@ class TopkFFN(nn.Module):
         _check_int("d", d, 1)
         _check_int("f", f, 1)
         check_k(k, f)
-        if method not in ("exact", "statistical"):
-            raise ValueError(f"method must be 'exact' or 'statistical', got {method!r}")
+        _check_choice("method", method, ("exact", "statistical"))
         self.k, self.method = k, method
         self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
         self.last_density = None
@@ -488,8 +497,7 @@ class ReluL1FFN(nn.Module):
         self.last_l1 = None
 
     def forward(self, x):  # [..., d] -> [..., d]
-        y, l1, h = relu_l1_ffn(x, self.Wg, self.Wu, self.Wd, return_act=True)
-        self.last_l1 = l1
+        y, self.last_l1, h = relu_l1_ffn(x, self.Wg, self.Wu, self.Wd, return_act=True)
         self.last_density = torch.count_nonzero(h.detach()) / h.numel()
         return y
 
@@ -564,7 +572,7 @@ class SparkAttention(Attention):
 
 
 # ------------------------------------------------------------------------------------------
-# 5. The configuration and the GPT
+# 5. The configuration, the GPT, and the decode loop
 # ------------------------------------------------------------------------------------------
 
 
@@ -572,38 +580,36 @@ class SparkAttention(Attention):
 class GPTConfig:
     """Everything that defines a model; plain values only, so asdict() round-trips.
 
-    Defaults: the tiny laptop model (nanoGPT's laptop run: 4 layers, 4 heads, d 128, context 64),
-    dense FFN and attention. train_tiny.py sets vocab_size from its tokenizer.
+    Defaults: the tiny model `python train_tiny.py` trains (nanoGPT's laptop sizes: 4 layers,
+    4 heads, d 128, context 64), Spark FFN and Spark attention. train_tiny.py sets vocab_size
+    from its tokenizer (84 is the character set of its Shakespeare corpus). Why density 0.2,
+    kt 32 and l1 5e-3 rather than the papers' values: notes/papers.md, "Our choices where the
+    papers are silent".
     """
 
-    vocab_size: int = 256  # V: token ids 0 .. V-1 (256 = bytes)
+    vocab_size: int = 84  # V: token ids 0 .. V-1
     block_size: int = 64  # longest context in tokens (learned position embeddings)
     n_layer: int = 4  # L: Transformer blocks
     n_head: int = 4  # H: query heads
     n_kv_head: int = 2  # Hkv: key/value heads; H % Hkv == 0 (2 of 4, as Gemma-2 2B's 4 of 8)
     d_model: int = 128  # d: residual stream width
     d_ff: int = 512  # f: GATED FFN width (4 d, Gemma-2's ratio); ffn="spark" uses round(1.5 * d_ff)
-    ffn: str = "dense"  # "dense" | "topk" (exact, Lazy Neuron) | "stat_topk" (Gemma 3n) | "spark" | "relu_l1"
-    act: str = "gelu"  # activation of ffn="dense": "gelu" (GeGLU) or "relu" (ReLU-gated)
-    ffn_density: float = 0.08  # k / f for topk, stat_topk and spark, in (0, 1] (Spark: 8 %)
+    ffn: str = "spark"  # one of FFN_KINDS
+    ffn_density: float = 0.2  # k / f for topk, stat_topk and spark, in (0, 1] (Spark: 8 %)
     ffn_r: int | None = None  # r: predictor dims of the Spark FFN, in [1, d-1]; None -> d // 2
-    attn: str = "dense"  # "dense" | "spark"
-    attn_k: int = 16  # kt: tokens each query attends to at most (Spark: 256 of 8192; here 16 of 64)
+    attn: str = "spark"  # one of ATTN_KINDS
+    attn_k: int = 32  # kt: tokens each query attends to at most (Spark: 256 of 8192; here 32 of 64)
     attn_r: int | None = None  # r: predictor dims of Spark attention, in [1, hd-1]; None -> hd // 2
     head_dim: int | None = None  # hd; None -> d_model // n_head (Gemma-2 2B needs 256 != 2304 / 8)
-    l1: float = 3e-4  # lambda of ffn="relu_l1" (Sakana: 2e-5 at 1.5B, 3e-4 in some configs)
+    l1: float = 5e-3  # lambda of ffn="relu_l1" (Sakana: 2e-5 at 1.5B)
     dropout: float = 0.0  # dropout on attention weights and residual branches
     bias: bool = False  # biases in LayerNorms and attention projections (FFNs never have them)
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "attn_k"):
             _check_int(name, getattr(self, name), 1)
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn must be one of {FFN_KINDS}, got {self.ffn!r}")
-        if self.attn not in ATTN_KINDS:
-            raise ValueError(f"attn must be one of {ATTN_KINDS}, got {self.attn!r}")
-        if self.act not in ACTS:
-            raise ValueError(f"act must be one of {ACTS}, got {self.act!r}")
+        _check_choice("ffn", self.ffn, FFN_KINDS)
+        _check_choice("attn", self.attn, ATTN_KINDS)
         if isinstance(self.ffn_density, bool) or not isinstance(self.ffn_density, (int, float)) \
                 or not 0.0 < self.ffn_density <= 1.0:  # NaN fails the comparison too
             raise ValueError(f"ffn_density must be a number in (0, 1], got {self.ffn_density!r}")
@@ -657,12 +663,10 @@ class GPTConfig:
 
 def make_ffn(c):
     """The FFN module of a config (all variants have 3 d f parameters, Spark up to rounding)."""
-    if c.ffn == "dense":
-        return GatedFFN(c.d_model, c.d_ff, c.act)
-    if c.ffn == "topk":
-        return TopkFFN(c.d_model, c.d_ff, c.ffn_k, "exact")
-    if c.ffn == "stat_topk":
-        return TopkFFN(c.d_model, c.d_ff, c.ffn_k, "statistical")
+    if c.ffn in ("dense", "relu"):
+        return GatedFFN(c.d_model, c.d_ff, "gelu" if c.ffn == "dense" else "relu")
+    if c.ffn in ("topk", "stat_topk"):
+        return TopkFFN(c.d_model, c.d_ff, c.ffn_k, "exact" if c.ffn == "topk" else "statistical")
     if c.ffn == "spark":
         return SparkFFN(c.d_model, c.ffn_width, c.ffn_k, c.ffn_r_)
     return ReluL1FFN(c.d_model, c.d_ff)
@@ -691,8 +695,7 @@ def sample_next(logits, temperature, top_k):
     """Draw the next token from logits [B, V] -> [B, 1] (int64).
 
     temperature 0 = greedy (argmax); otherwise softmax(logits / temperature), restricted to the
-    top_k most likely tokens when top_k is given (nanoGPT's sampling). Shared by GPT.generate
-    and kernels_cpu.generate_cpu, so the two decoders draw the same tokens from the same logits.
+    top_k most likely tokens when top_k is given (nanoGPT's sampling).
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # [B, 1]
@@ -701,6 +704,57 @@ def sample_next(logits, temperature, top_k):
         kth = torch.topk(lg, top_k, dim=-1).values[:, -1:]  # [B, 1] the top_k-th largest logit
         lg = lg.masked_fill(lg < kth, -math.inf)
     return torch.multinomial(torch.softmax(lg, dim=-1), 1)  # [B, 1]
+
+
+def _check_idx(idx, V):
+    """Token ids: an int64/int32 tensor [B, T], B and T >= 1, every id in [0, V)."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2:
+        raise TypeError(f"idx must be an int64 or int32 tensor [B, T], got "
+                        f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
+    if idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"idx must hold at least one token in at least one row, got shape {tuple(idx.shape)}")
+    if idx.min() < 0 or idx.max() >= V:
+        raise ValueError(f"idx must hold token ids in [0, {V}), got min {int(idx.min())}, max {int(idx.max())}")
+
+
+def check_generate_args(config, idx, max_new_tokens, temperature, top_k):
+    """The arguments of a decoder (GPT.generate, kernels_cpu.generate_cpu); errors name the argument."""
+    _check_idx(idx, config.vocab_size)
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None:
+        _check_int("top_k", top_k, 1, config.vocab_size)
+
+
+def decode_loop(prefill, step, idx, max_new_tokens, temperature, top_k, block_size, return_logits=False):
+    """Append max_new_tokens sampled tokens to idx [B, T] -> [B, T + max_new_tokens].
+
+    prefill(window [B, T'], T' <= block_size) -> logits [B, V] of the last position; it (re)builds
+    the caches from scratch. step(tok [B, 1], n) -> logits [B, V] runs one new token at position n
+    against the n cached tokens. While the cache has room we step; when it is full we do what
+    nanoGPT does, condition on the last block_size tokens, which with absolute positions means
+    prefilling them again. return_logits: also the logits each new token was drawn from, [B, new, V].
+    """
+    logits = prefill(idx[:, -block_size:])  # [B, V]
+    n = min(idx.shape[1], block_size)  # tokens in the cache
+    drawn_from = []
+    for i in range(max_new_tokens):
+        drawn_from.append(logits)
+        nxt = sample_next(logits, temperature, top_k)  # [B, 1]
+        idx = torch.cat([idx, nxt], dim=1)  # [B, T + i + 1]
+        if i == max_new_tokens - 1:
+            break
+        if n < block_size:
+            logits = step(nxt, n)  # one token against the cache
+            n += 1
+        else:
+            logits = prefill(idx[:, -block_size:])  # the window slid: rebuild
+    if not return_logits:
+        return idx
+    if not drawn_from:
+        return idx, logits.new_zeros(idx.shape[0], 0, logits.shape[-1])
+    return idx, torch.stack(drawn_from, dim=1)  # [B, new, V]
 
 
 class GPT(nn.Module):
@@ -733,22 +787,9 @@ class GPT(nn.Module):
             nn.init.normal_(blk.attn.o_proj.weight, std=out_std)
             nn.init.normal_(blk.ffn.V if c.ffn == "spark" else blk.ffn.Wd, std=out_std)
 
-    def num_params(self, non_embedding=False):
-        """Parameter count (the tied embedding once); non_embedding drops wte and wpe."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.wte.weight.numel() + self.wpe.weight.numel()
-        return n
-
-    def _check_idx(self, idx):
-        if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32) or idx.dim() != 2:
-            raise TypeError(f"idx must be an int64 tensor [B, T], got "
-                            f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
-        if idx.shape[1] == 0:
-            raise ValueError("idx has no tokens (T = 0)")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"idx must hold token ids in [0, {self.config.vocab_size}), "
-                             f"got min {int(idx.min())}, max {int(idx.max())}")
+    def num_params(self):
+        """Parameter count (the tied embedding once)."""
+        return sum(p.numel() for p in self.parameters())
 
     def _run(self, idx, caches=None):
         """idx [B, T] -> logits [B, T, V]. With caches (one dict per layer) positions continue
@@ -764,7 +805,7 @@ class GPT(nn.Module):
         return self.ln_f(x) @ self.wte.weight.T  # [B, T, V]  (tied output head)
 
     def forward(self, idx, targets=None):
-        self._check_idx(idx)
+        _check_idx(idx, self.config.vocab_size)
         logits = self._run(idx)  # [B, T, V]
         if targets is None:
             return logits, None
@@ -780,41 +821,24 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, *, return_logits=False):
-        """Append max_new_tokens sampled tokens to idx [B, T] -> [B, T + max_new_tokens].
+        """Append max_new_tokens sampled tokens to idx [B, T] -> [B, T + max_new_tokens] (decode_loop).
 
         Each new token runs one query through every layer against the KV cache (for Spark
         attention: the decode path, K2 and V of kt tokens only). temperature 0 = greedy.
-        When the sequence outgrows block_size we do what nanoGPT does, condition on the last
-        block_size tokens, which with absolute positions means rebuilding the cache from them.
-        return_logits: also return the (untempered) logits each new token was drawn from, [B, new, V].
         Call model.eval() first if the model has dropout.
         """
-        self._check_idx(idx)
-        _check_int("max_new_tokens", max_new_tokens, 0)
-        if not isinstance(temperature, (int, float)) or not 0.0 <= temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if top_k is not None:
-            _check_int("top_k", top_k, 1, self.config.vocab_size)
-        bs = self.config.block_size
-        caches = [{} for _ in self.blocks]
-        logits = self._run(idx[:, -bs:], caches)[:, -1]  # [B, V] prefill
-        all_logits = []
-        for step in range(max_new_tokens):
-            all_logits.append(logits)
-            nxt = sample_next(logits, temperature, top_k)  # [B, 1]
-            idx = torch.cat([idx, nxt], dim=1)  # [B, T + step + 1]
-            if step == max_new_tokens - 1:
-                break
-            if caches[0]["k"].shape[2] < bs:
-                logits = self._run(nxt, caches)[:, -1]  # one token against the cache
-            else:
-                caches = [{} for _ in self.blocks]
-                logits = self._run(idx[:, -bs:], caches)[:, -1]  # window slid: rebuild
-        if return_logits:
-            V = self.config.vocab_size
-            out_logits = torch.stack(all_logits, dim=1) if all_logits else logits.new_zeros(idx.shape[0], 0, V)
-            return idx, out_logits
-        return idx
+        check_generate_args(self.config, idx, max_new_tokens, temperature, top_k)
+        caches = []
+
+        def prefill(window):  # [B, T'] -> [B, V], fresh caches
+            caches[:] = [{} for _ in self.blocks]
+            return self._run(window, caches)[:, -1]
+
+        def step(tok, n):  # [B, 1] at position n -> [B, V]
+            return self._run(tok, caches)[:, -1]
+
+        return decode_loop(prefill, step, idx, max_new_tokens, temperature, top_k, self.config.block_size,
+                           return_logits)
 
     def stats(self):
         """Per layer, the achieved densities of the last forward (host floats; syncs here, not in forward).
@@ -822,20 +846,19 @@ class GPT(nn.Module):
         ffn_density: fraction of FFN activations that are nonzero (what a sparse kernel would use).
         attn_density: fraction of visible (query, key) pairs that got weight (1.0 for dense).
         """
-        def f(v):
+        def host(v):
             return None if v is None else float(v)
 
-        return {
-            "ffn_density": [f(blk.ffn.last_density) for blk in self.blocks],
-            "attn_density": [f(blk.attn.last_density) for blk in self.blocks],
-        }
+        return {"ffn_density": [host(blk.ffn.last_density) for blk in self.blocks],
+                "attn_density": [host(blk.attn.last_density) for blk in self.blocks]}
 
 
 # ------------------------------------------------------------------------------------------
 # 6. Cost accounting: per-token FLOPs and bytes read when decoding one token
-#    (REFERENCE.md §3-5). Counted: matmuls (a multiply-add = 2 FLOPs) and the weights and
-#    KV entries a decode step must read. Not counted: norms, activations, softmax, the top-k
-#    itself (all O(f) or O(n) elementwise, small beside the matmuls) and the embedding lookup.
+#    (notes/papers.md, "Spark FFN", "Spark attention", "Spark's headline results"). Counted:
+#    matmuls (a multiply-add = 2 FLOPs) and the weights and KV entries a decode step must read.
+#    Not counted: norms, activations, softmax, the top-k itself (all O(f) or O(n) elementwise,
+#    small beside the matmuls) and the embedding lookup.
 # ------------------------------------------------------------------------------------------
 
 
@@ -854,7 +877,8 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
     Returns a dict of per-token numbers: FLOPs (ffn, attention projections, attention mixing,
     per layer and for the whole model with and without the LM head) and bytes read (weights,
     KV cache). bytes_per_el: 2 for bf16 (ratios do not depend on it).
-    What a sparse variant is credited with (the decode kernels of REFERENCE.md §3-4):
+    What a sparse variant is credited with (the decode kernels of notes/papers.md, "Spark FFN" and
+    "Spark attention"):
       topk / stat_topk: gate dense (d f), then up and down for k neurons only (2 k d)
       spark FFN:        predictor dense (r f), then K2 and V for k neurons only (k (d-r) + k d)
       relu_l1:          like topk at the density you measured (relu_l1_density); None -> dense
@@ -869,7 +893,7 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
     d, f, hd, H, Hkv, L, n = c.d_model, c.ffn_width, c.hd, c.n_head, c.n_kv_head, c.n_layer, n_ctx
     G = H // Hkv
     # --- FFN: weight elements read per token (= multiply-adds) -------------------------------
-    if c.ffn == "dense":
+    if c.ffn in ("dense", "relu"):
         ffn_w = 3 * d * f  # Wg, Wu, Wd
     elif c.ffn in ("topk", "stat_topk"):
         ffn_w = d * f + 2 * c.ffn_k * d  # all of Wg; k columns of Wu, k rows of Wd
@@ -920,14 +944,15 @@ def gemma2_2b_config(**over):
     """Gemma-2 2B shapes (arXiv 2408.00118): d 2304, 26 layers, 8 heads / 4 KV heads of 256,
     gated f 9216, vocabulary 256000, context 8192; Spark settings of the paper."""
     kw = dict(vocab_size=256000, block_size=8192, n_layer=26, n_head=8, n_kv_head=4, head_dim=256, d_model=2304,
-              d_ff=9216, ffn_density=0.08, ffn_r=1024, attn_k=256, attn_r=128)
+              d_ff=9216, ffn="dense", ffn_density=0.08, ffn_r=1024, attn="dense", attn_k=256, attn_r=128)
     kw.update(over)
     return GPTConfig(**kw)
 
 
-def cost_table(dense, n_ctxs):
-    """Rows comparing `dense` (ffn/attn "dense") with the same config made Spark (FFN and attention)."""
-    spark = dataclasses.replace(dense, ffn="spark", attn="spark")
+def cost_table(c, n_ctxs):
+    """Rows comparing config c made dense (GeGLU, softmax attention) with c made Spark (FFN and attention)."""
+    dense = dataclasses.replace(c, ffn="dense", attn="dense")
+    spark = dataclasses.replace(c, ffn="spark", attn="spark")
     rows = []
     for n in n_ctxs:
         a, b = count_costs(dense, n), count_costs(spark, n)
@@ -949,9 +974,9 @@ def _si(x):
     return f"{x:.3g}"
 
 
-def print_cost_table(name, dense, n_ctxs):
-    spark, rows = cost_table(dense, n_ctxs)
-    c = dense
+def print_cost_table(name, c, n_ctxs):
+    spark, rows = cost_table(c, n_ctxs)
+    dense = dataclasses.replace(c, ffn="dense", attn="dense")
     print(f"== {name}: d {c.d_model}, {c.n_layer} layers, {c.n_head} heads / {c.n_kv_head} KV heads of {c.hd}, "
           f"vocab {c.vocab_size} ==")
     print(f"dense: gated FFN f {c.d_ff}, full attention | Spark: FFN f {spark.ffn_width}, r {spark.ffn_r_}, "
@@ -978,78 +1003,20 @@ def print_cost_table(name, dense, n_ctxs):
     # cost per token is the sum over positions divided by N (the ideal sparse count; our torch
     # training path computes every pair and masks, see spark_attention).
     N = c.block_size
-    tot = {key: [0, 0] for key in ("total_flops", "layers_flops")}
-    for n in range(1, N + 1):
-        a, b = count_costs(dense, n), count_costs(spark, n)
-        for key in tot:
-            tot[key][0] += a[key]
-            tot[key][1] += b[key]
+    ratio = {key: sum(count_costs(dense, n)[key] for n in range(1, N + 1)) /
+             sum(count_costs(spark, n)[key] for n in range(1, N + 1)) for key in ("total_flops", "layers_flops")}
     print(f"mean over the {N} positions of one {N}-token sequence (training / prefill): FLOPs "
-          f"{tot['total_flops'][0] / tot['total_flops'][1]:.2f}x fewer, "
-          f"{tot['layers_flops'][0] / tot['layers_flops'][1]:.2f}x without the LM head")
-    print()
-
-
-# ------------------------------------------------------------------------------------------
-# 7. Benchmark (python spark.py --bench): one training step of the tiny default model per
-#    variant, the steps interleaved so that a load change on a shared machine hits all alike.
-#    Not a test: nothing asserts a speed.
-# ------------------------------------------------------------------------------------------
-
-BENCH_VARIANTS = [("dense", "dense"), ("stat_topk", "dense"), ("topk", "dense"), ("spark", "dense"),
-                  ("relu_l1", "dense"), ("dense", "spark"), ("spark", "spark")]
-
-
-def bench_training(steps=15, batch=12, warmup=3):
-    """Median time of forward + backward + AdamW on [batch, block_size] random tokens, per variant."""
-    import statistics
-    import time
-
-    torch.manual_seed(0)
-    base = GPTConfig()
-    runs = []
-    for ffn, attn in BENCH_VARIANTS:
-        m = GPT(dataclasses.replace(base, ffn=ffn, attn=attn))
-        runs.append((ffn, attn, m, torch.optim.AdamW(m.parameters(), lr=1e-3), []))
-    idx = torch.randint(0, base.vocab_size, (batch, base.block_size))
-    tgt = torch.randint(0, base.vocab_size, (batch, base.block_size))
-
-    def step(m, opt):
-        _, loss = m(idx, tgt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    for i in range(warmup + steps):
-        for _, _, m, opt, times in runs:
-            t0 = time.perf_counter()
-            step(m, opt)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    print(f"one training step, tiny default config, batch {batch} x {base.block_size} tokens, float32, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {steps} interleaved steps")
-    dense = statistics.median(runs[0][4])
-    for ffn, attn, _, _, times in runs:
-        med = statistics.median(times)
-        print(f"  ffn={ffn:<9} attn={attn:<5} {med * 1e3:7.1f} ms  (min {min(times) * 1e3:6.1f})  {med / dense:5.2f}x dense")
+          f"{ratio['total_flops']:.2f}x fewer, {ratio['layers_flops']:.2f}x without the LM head\n")
 
 
 def main(argv=None):
     import argparse
 
-    ap = argparse.ArgumentParser(description="Dense vs Spark costs (always); training-step timings (--bench).")
-    ap.add_argument("--bench", action="store_true", help="also time one training step of each variant on the CPU")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for --bench (default: torch's)")
-    args = ap.parse_args(argv)
-    print("Dense vs Spark, cost per decoded token (count_costs in spark.py; REFERENCE.md §3-5)\n")
+    argparse.ArgumentParser(description="Dense vs Spark costs per decoded token (count_costs).").parse_args(argv)
+    print('Dense vs Spark, cost per decoded token (count_costs in spark.py; notes/papers.md, "Spark FFN")\n')
     print_cost_table("Gemma-2 2B shapes", gemma2_2b_config(), [256, 1024, 2048, 4096, 8192])
-    print_cost_table("tiny default config", GPTConfig(), [8, 16, 32, 64])
-    print("Paper: 2.5x fewer FLOPs (8 % FFN, <= 256 tokens); REFERENCE.md §3: FFN weight-byte limit 3.52x.")
-    if args.bench:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        print()
-        bench_training()
+    print_cost_table("the tiny default (the model python train_tiny.py trains)", GPTConfig(), [8, 16, 32, 64])
+    print("Paper: 2.5x fewer FLOPs (8 % FFN, <= 256 tokens); FFN weight-byte limit at Gemma-2 2B shapes: 3.52x.")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
 """topk.py: exact top-k and statistical top-k, the two sparsifying operators of this project.
 
-Papers
+Papers (facts and settings digested in notes/papers.md)
 - Exact top-k: "The Lazy Neuron Phenomenon" (Li et al., ICLR 2023, arXiv 2210.06313). Its
-  Top-k Transformer keeps the k largest FFN activations of each token and zeroes the rest.
-- Statistical top-k: "Spark Transformer" (You et al., arXiv 2506.06644). Instead of sorting,
-  it estimates the k-th largest value of a row from the row's mean and standard deviation, as
-  if the row were Gaussian, and keeps what lies above that threshold:
+  Top-k Transformer keeps the k largest FFN activations of each token and zeroes the rest
+  (notes/papers.md, "Exact top-k (Lazy Neuron)").
+- Statistical top-k: "Spark Transformer" (You et al., arXiv 2506.06644, statistical top-k).
+  Instead of sorting, it estimates the k-th largest value of a row from the row's mean and
+  standard deviation, as if the row were Gaussian, and keeps what lies above that threshold:
 
       theta(z) = mean(z) + std(z) * Q(1 - k/D)          Q = standard normal quantile (inverse CDF)
       statistical_topk(z) = max(z - theta(z), 0)         (a *soft* threshold: survivors shift down)
 
   Two reductions and one elementwise pass: linear time, no sort. Gemma 3n ships this operator
-  (Hugging Face `Gemma3nTextMLP._gaussian_topk`, population std, target sparsity p = 1 - k/D).
+  (Hugging Face `Gemma3nTextMLP._gaussian_topk`, population std, target sparsity p = 1 - k/D;
+  notes/papers.md, "Statistical top-k (Spark)").
 
 What a reader learns here
 - the two operators written plainly in NumPy (the references), then the same in PyTorch
-  (differentiable, any device, float32/16/bf16, no host synchronisation);
+  (differentiable, any device, float32/16/bf16, no host synchronisation on a GPU);
 - where statistical top-k is exact (i.i.d. Gaussian rows) and where it drifts (skewed,
   heavy-tailed rows): `python topk.py` measures target k vs achieved k on several row
   distributions, the overlap with exact top-k, and the CPU time of both operators.
@@ -36,27 +38,28 @@ Choices where the sources are silent (also in notes/topk.md)
 - k == D: the input is returned unchanged (the same object, no copy): nothing is thresholded,
   as if theta = -inf.
 - An entry survives when it is strictly greater than theta (ties at theta are dropped).
-- NaN: the NumPy references raise ValueError (a reference should refuse bad data); the torch
-  versions never look at values on the host (that would synchronise a GPU), so NaN propagates:
-  statistical top-k turns a row containing NaN into all-NaN (its mean is NaN), and exact top-k
-  follows torch.topk, which ranks NaN above every number, so the NaN is kept in its row. Other
-  rows are never affected.
+- Non-finite input, one answer everywhere: a row holding NaN or +-inf has no mean or std, so
+  its theta is NaN and statistical top-k returns the whole row as NaN, in NumPy and torch
+  alike, with no exception and no warning. Exact top-k treats +-inf as ordinary values and
+  ranks NaN above every number (torch.topk's rule; NumPy sorts NaN last and we take the last
+  k), so NaN is kept. Other rows are never affected.
+- Overflow: a finite row gets NumPy's float64 answer in torch too, even where its float32
+  squares would overflow (values ~1e19 and up): _row_mean_std then scales the row first.
 - Empty last axis (D = 0): no valid k exists (1 <= k <= 0), so it is a ValueError naming k and
   D. Leading dimensions of size 0 are fine and give an empty result of the same shape.
 """
 
 import argparse
-import json
 import math
 import os
 import statistics
-import time
+import timeit
 
 import numpy as np
 import torch
 
 # ------------------------------------------------------------------------------------------
-# Shared helpers: argument checks and the normal quantile
+# 0. Argument checks and the normal quantile
 # ------------------------------------------------------------------------------------------
 
 
@@ -83,15 +86,12 @@ def normal_icdf(p):
 
 
 def _check_np(x, name="x"):
-    """The NumPy references take a floating array with at least one axis and no NaN."""
+    """The NumPy references take a floating array with at least one axis."""
     x = np.asarray(x)
     if x.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     if x.ndim == 0:
         raise ValueError(f"{name} must have at least one axis (rows are taken along the last), got a scalar")
-    if np.isnan(x).any():
-        rows = np.argwhere(np.isnan(x).reshape(-1, x.shape[-1]).any(axis=-1)).ravel()
-        raise ValueError(f"{name} contains NaN (in {len(rows)} row(s), first at flattened row {rows[0]})")
     return x
 
 
@@ -103,6 +103,14 @@ def _check_torch(x, name="x"):
         raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16/float64), got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name} must have at least one axis (rows are taken along the last), got a scalar")
+
+
+def _check_fill_soft(fill, soft=True):
+    """fill must be a real number (0.0, -inf, ...) and soft a bool; anything else is a TypeError."""
+    if isinstance(fill, bool) or not isinstance(fill, (int, float, np.integer, np.floating)):
+        raise TypeError(f"fill must be a real number (e.g. 0.0 or -inf), got {fill!r} of type {type(fill).__name__}")
+    if not isinstance(soft, (bool, np.bool_)):
+        raise TypeError(f"soft must be a bool, got {soft!r} of type {type(soft).__name__}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,10 +128,12 @@ def exact_topk_np(x, k, fill=0.0):
     x = _check_np(x)
     D = x.shape[-1]
     check_k(k, D)
+    _check_fill_soft(fill)
     if k == D:
         return x  # every entry is among the k largest
-    # argpartition puts the indices of the k largest first (in no particular order): O(D) per row.
-    idx = np.argpartition(-x, k - 1, axis=-1)[..., :k]  # [..., k]
+    # argpartition puts the k largest last, in no particular order: O(D) per row. NumPy orders
+    # NaN after every number, so NaN ranks highest, as in torch.topk.
+    idx = np.argpartition(x, D - k, axis=-1)[..., D - k :]  # [..., k]
     out = np.full_like(x, fill)  # [..., D]
     np.put_along_axis(out, idx, np.take_along_axis(x, idx, axis=-1), axis=-1)
     return out
@@ -138,21 +148,23 @@ def statistical_threshold_np(x, k):
     """theta = mean(x) + std(x) * Q(1 - k/D) over the last axis.   [..., D] -> [..., 1] float64
 
     If the D entries of a row were i.i.d. Gaussian, about k of them would exceed theta.
-    Population std (divide by D). k == D gives theta = -inf (everything survives).
+    Population std (divide by D). k == D gives theta = -inf (everything survives). A row holding
+    NaN or +-inf has no mean or std: its theta is NaN. One float64 array of x's shape is the only
+    copy (decode loops call this once per token), and no BLAS call.
     """
     x = _check_np(x)
     D = x.shape[-1]
     check_k(k, D)
     if k == D:
         return np.full(x.shape[:-1] + (1,), -np.inf)
-    z = x.astype(np.float64)
-    # Centre on the first entry so a constant row gives mean = z0 and std = 0 exactly (module docstring).
-    z0 = z[..., :1]  # [..., 1]
-    c = z - z0  # [..., D]
-    mean = z0 + c.mean(axis=-1, keepdims=True)  # [..., 1]
-    std = np.sqrt(((c - c.mean(axis=-1, keepdims=True)) ** 2).mean(axis=-1, keepdims=True))  # [..., 1] population std
+    with np.errstate(invalid="ignore"):  # inf - inf in a row holding +-inf: NaN is that row's answer
+        # Centre on the first entry so a constant row gives mean = z0 and std = 0 exactly (module docstring).
+        c = np.subtract(x, x[..., :1], dtype=np.float64)  # [..., D]  z - z0, upcast in the same pass
+        mean_c = c.mean(axis=-1, keepdims=True)  # [..., 1]
+        c -= mean_c  # [..., D]  z - mean
+        var = np.square(c, out=c).mean(axis=-1, keepdims=True)  # [..., 1]  population variance
     # theta = mean + std * Q(1 - k/D)          (Spark, statistical top-k; Gemma 3n: p = 1 - k/D)
-    return mean + std * normal_icdf(1.0 - k / D)
+    return x[..., :1] + mean_c + np.sqrt(var) * normal_icdf(1.0 - k / D)
 
 
 def statistical_topk_np(x, k, fill=0.0, soft=True):
@@ -166,12 +178,14 @@ def statistical_topk_np(x, k, fill=0.0, soft=True):
     x = _check_np(x)
     D = x.shape[-1]
     check_k(k, D)
+    _check_fill_soft(fill, soft)
     if k == D:
         return x
     theta = statistical_threshold_np(x, k)  # [..., 1] float64
     z = x.astype(np.float64)  # [..., D]
     kept = z - theta if soft else z  # [..., D]
     out = np.where(z > theta, kept, fill)  # [..., D]
+    out = np.where(np.isnan(theta), np.nan, out)  # a row holding NaN or +-inf: theta NaN, the whole row NaN
     return out.astype(x.dtype)
 
 
@@ -181,6 +195,7 @@ def achieved_k(y, fill=0.0):
     Works on NumPy arrays (returns an int64 array) and torch tensors (returns an int64 tensor on
     the same device, without synchronising). NaN counts as a survivor (NaN != fill).
     """
+    _check_fill_soft(fill)
     if isinstance(y, torch.Tensor):
         return (y != fill).sum(dim=-1)
     y = np.asarray(y)
@@ -192,7 +207,7 @@ def achieved_k(y, fill=0.0):
 # ------------------------------------------------------------------------------------------
 # 3. The same operators in PyTorch (must match the NumPy references above)
 #    Any leading shape, CPU or CUDA, float32/float16/bfloat16/float64, differentiable.
-#    No .item(), no data-dependent Python branches: nothing waits for the device.
+#    On a GPU nothing waits for the device: no .item(), no branch on values.
 # ------------------------------------------------------------------------------------------
 
 
@@ -205,29 +220,49 @@ def exact_topk(x, k, fill=0.0):
     _check_torch(x)
     D = x.shape[-1]
     check_k(k, D)
+    _check_fill_soft(fill)
     if k == D:
         return x
     idx = torch.topk(x, k, dim=-1, sorted=False).indices  # [..., k]
     # A boolean mask of the survivors, then one where(): differentiable and dtype-preserving.
     keep = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, idx, True)  # [..., D]
-    return torch.where(keep, x, torch.full((), fill, dtype=x.dtype, device=x.device))
+    return torch.where(keep, x, fill)
 
 
-def _row_mean_std(z):
+def _row_mean_std(z, scaled=False):
     """Mean, population std and the centred row, for each row of z (in the statistics dtype).
 
     z [..., D] -> mean [..., 1], std [..., 1], c = z - mean [..., D]
     Two plain passes (a mean, then the norm of the centred row) rather than torch.var_mean: on
-    the CPU var_mean's Welford reduction was ~16x slower at training shapes ([768, 512]), enough
-    to make a statistical top-k FFN train 20 % slower than a dense one.
+    the CPU var_mean's Welford reduction was ~16x slower at training shapes ([768, 512]).
     Centred on the first entry first, so that a constant row gives exactly std = 0 (module docstring).
+    Overflow: squares overflow float32 above ~1.8e19 (and lose digits below ~1e-19), so a row of
+    1e30s would get std = inf. scaled=True first divides each row by a power of two s with
+    s <= max|z| < 2 s. A power of two only moves exponents, so wherever the plain computation
+    fits the results are bit-identical. It costs two reductions and two passes, so on the CPU
+    we compute plainly and redo the batch scaled only when a std is out of range; on another
+    device that check would wait for the device, so there we always scale.
     """
+    scaled = scaled or z.device.type != "cpu"
+    if scaled:
+        zd = z.detach()  # s is piecewise constant: no gradient flows through it
+        big = torch.maximum(zd.amax(dim=-1, keepdim=True), -zd.amin(dim=-1, keepdim=True))  # [..., 1] max|z|
+        big = big.clamp_min(torch.finfo(z.dtype).tiny)  # an all-zero row: any power of two will do
+        # frexp writes big = m 2^e with m in [0.5, 1), so s = big / (2 m) is exactly 2^(e-1)
+        s = big / (2 * torch.frexp(big).mantissa)  # [..., 1]
+        z = z / s  # [..., D] exact
     z0 = z[..., :1]  # [..., 1]
     c = z - z0  # [..., D]
     mean_c = c.mean(dim=-1, keepdim=True)  # [..., 1]  exactly 0 for a constant row
     c.sub_(mean_c)  # [..., D]  z - mean
     # population std = ||z - mean|| / sqrt(D)
     std = torch.linalg.vector_norm(c, dim=-1, keepdim=True) / math.sqrt(z.shape[-1])  # [..., 1]
+    if scaled:
+        return (z0 + mean_c) * s, std * s, c * s
+    # On the CPU reading these waits for nothing. Below sqrt(tiny) squares underflow.
+    lo, hi = torch.aminmax(std.detach())
+    if not (math.sqrt(torch.finfo(z.dtype).tiny) <= float(lo) and float(hi) < math.inf):  # False for NaN too
+        return _row_mean_std(z, scaled=True)  # an overflow, an underflow, a constant or a NaN/inf row
     return z0 + mean_c, std, c
 
 
@@ -236,7 +271,7 @@ def statistical_threshold(x, k):
 
     The statistics are computed in float32 for float16/bfloat16 input (float64 stays float64),
     and theta is returned in that precision. Gradients flow through mean and std (theta is not
-    detached: whether the paper detaches it is not known, REFERENCE.md §2).
+    detached; the paper does not say whether it is: notes/papers.md, "Statistical top-k (Spark)").
     """
     _check_torch(x)
     D = x.shape[-1]
@@ -244,7 +279,7 @@ def statistical_threshold(x, k):
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     if k == D:
         return torch.full(x.shape[:-1] + (1,), -math.inf, dtype=stat_dtype, device=x.device)
-    if x.numel() == 0:  # leading dims of size 0 (a shape check, not a value check: no sync)
+    if x.numel() == 0:  # leading dims of size 0 (a shape check, not a value check)
         return torch.empty(x.shape[:-1] + (1,), dtype=stat_dtype, device=x.device)
     mean, std, _ = _row_mean_std(x.to(stat_dtype))  # [..., 1] each
     # theta = mean + std * Q(1 - k/D)
@@ -256,7 +291,8 @@ def statistical_topk_grad(g, z, mean, std, q, soft=True, out=None):
 
     g [..., D] upstream gradient; z [..., D] the input (statistics dtype); mean, std [..., 1] its
     row statistics; q = Q(1 - k/D); out [..., D] (optional, soft only; ignored when soft=False)
-    the forward's output max(z - theta, 0), whose positive entries are exactly the survivors. Derivation, for one row of length D:
+    the forward's output max(z - theta, 0), whose positive entries are exactly the survivors.
+    Derivation, for one row of length D:
 
         theta = mu + q sigma,   mu = (1/D) sum_j z_j,   sigma^2 = (1/D) sum_j (z_j - mu)^2
         d mu / d z_j = 1/D,     d sigma / d z_j = (z_j - mu) / (D sigma)
@@ -272,9 +308,10 @@ def statistical_topk_grad(g, z, mean, std, q, soft=True, out=None):
     kernels_cpu.py's blocked CPU version reuses this function.
     """
     if out is not None and soft:
-        # g_j m_j with m_j = [out_j > 0] (soft output only: a hard output z m can be <= 0 on a survivor): ReLU's backward kernel does exactly this in one pass over
-        # float tensors. The obvious `g * (z > theta)` builds a bool mask and multiplies a float by
-        # it: ~10x slower here (0.14 + 0.27 ms vs 0.04 ms at [768, 512] on the 2-core CPU).
+        # g_j m_j with m_j = [out_j > 0] (the soft output only: a hard output z m can be <= 0 on a
+        # survivor). ReLU's backward kernel does exactly this in one pass over float tensors. The
+        # obvious `g * (z > theta)` builds a bool mask and multiplies a float by it: ~10x slower
+        # (0.14 + 0.27 ms vs 0.04 ms at [768, 512] on a 2-core AMD EPYC VM, torch 2.13 CPU).
         gm = torch.ops.aten.threshold_backward(g, out, 0.0)  # [..., D]
     else:
         gm = g * (z > mean + q * std)  # [..., D]  g_j m_j, m = survivors
@@ -303,8 +340,7 @@ class _StatisticalTopk(torch.autograd.Function):
         else:
             kept = z - theta if soft else z  # [..., D]
             # NaN rows: theta is NaN and `z > theta` is False, so we route NaN through explicitly.
-            fill_t = torch.full((), fill, dtype=z.dtype, device=z.device)
-            out = torch.where(z > theta, kept, torch.where(torch.isnan(theta), theta, fill_t))  # [..., D]
+            out = torch.where(z > theta, kept, torch.where(torch.isnan(theta), theta, fill))  # [..., D]
         # the soft output with fill 0 marks the survivors itself (out > 0); the backward uses it
         ctx.save_for_backward(z, mean, std, out if soft and fill == 0.0 else None)
         ctx.q, ctx.soft = q, soft
@@ -320,15 +356,16 @@ def statistical_topk(x, k, fill=0.0, soft=True):
     """Torch version of statistical_topk_np.   [..., D] -> [..., D], dtype of x
 
     With fill = 0 and soft = True this is Gemma 3n's operator relu(x - (mean + std * Q(p))),
-    p = 1 - k/D. A row containing NaN becomes all NaN (its theta is NaN); other rows are unaffected.
-    Gradient: statistical_topk_grad (1 on survivors, minus the terms through mean and std).
-    With fill = 0 and soft = True the backward reads the output itself (its positive entries are
-    the survivors), so modifying the result in place before backward (y.relu_(), y.mul_(2))
-    raises autograd's "modified by an inplace operation" error; use out-of-place ops on it.
+    p = 1 - k/D. A row holding NaN or +-inf becomes all NaN (its theta is NaN); other rows are
+    unaffected. Gradient: statistical_topk_grad (1 on survivors, minus the terms through mean
+    and std). With fill = 0 and soft = True the backward reads the output itself (its positive
+    entries are the survivors), so modifying the result in place before backward (y.relu_(),
+    y.mul_(2)) raises autograd's "modified by an inplace operation" error.
     """
     _check_torch(x)
     D = x.shape[-1]
     check_k(k, D)
+    _check_fill_soft(fill, soft)
     if k == D:
         return x
     if x.numel() == 0:
@@ -339,102 +376,30 @@ def statistical_topk(x, k, fill=0.0, soft=True):
 
 # ------------------------------------------------------------------------------------------
 # 4. Demonstration: how close is statistical top-k to exact top-k, and what does it cost?
-#    python topk.py [--json PATH] [--rows N]
+#    python topk.py [--quick]
 # ------------------------------------------------------------------------------------------
-
-
-def _gelu_np(z):
-    """GELU, tanh approximation (as in Gemma): 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))."""
-    return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
 
 
 def demo_rows(kind, rows, D, rng):
     """Rows drawn from the distributions we test the Gaussian assumption against.   -> [rows, D]"""
+    from spark import gelu_np  # here, not at the top: spark.py imports this file
+
     if kind == "gaussian":  # the assumption holds: i.i.d. N(0.3, 2^2)
         return 0.3 + 2.0 * rng.standard_normal((rows, D))
     if kind == "gelu":  # GELU of Gaussians: skewed, piled up just below 0
-        return _gelu_np(rng.standard_normal((rows, D)))
+        return gelu_np(rng.standard_normal((rows, D)))
     if kind == "student_t3":  # heavy tails (3 degrees of freedom)
         return rng.standard_t(3, size=(rows, D))
     if kind == "bimodal":  # two modes: 90 % around 0, 10 % around +3
         hi = rng.random((rows, D)) < 0.10
         return np.where(hi, 3.0, 0.0) + 0.5 * rng.standard_normal((rows, D))
-    raise ValueError(f"unknown kind {kind!r}")
+    raise ValueError(f"kind must be gaussian, gelu, student_t3 or bimodal, got {kind!r}")
 
 
-def _median_ms(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="Statistical vs exact top-k: accuracy and CPU time.")
-    ap.add_argument("--json", metavar="PATH", help="also write the measured figures as a JSON list of records")
-    ap.add_argument("--rows", type=int, default=256, help="rows per distribution for the accuracy table")
-    ap.add_argument("--reps", type=int, default=7, help="timed repetitions (median is reported)")
-    ap.add_argument("--timing-rows", type=int, default=2048, help="rows M of the [M, 16384] timing input")
-    ap.add_argument("--no-plot", action="store_true", help="skip notes/figures/topk.png")
-    args = ap.parse_args(argv)
-
-    D, density = 16384, 0.08
-    k = round(density * D)  # 1311 of 16384
-    rng = np.random.default_rng(0)
-    kinds = ["gaussian", "gelu", "student_t3", "bimodal"]
-    records = []
-
-    # --- accuracy: target k vs achieved k, overlap of survivors with exact top-k --------------
-    print(f"Statistical vs exact top-k, D = {D}, k = {k} ({density:.0%}), {args.rows} rows per distribution")
-    print(f"{'rows drawn from':<12} {'target k':>8} {'achieved k: mean':>17} {'min':>6} {'max':>6} {'rel. err':>9} {'overlap':>8}")
-    sample_rows = {}
-    for kind in kinds:
-        x = demo_rows(kind, args.rows, D, rng)  # [rows, D] float64
-        y_stat = statistical_topk_np(x, k)  # [rows, D]
-        y_exact = exact_topk_np(x, k, fill=-np.inf)  # [rows, D], -inf so that survivors <= 0 still count
-        got = achieved_k(y_stat)  # [rows]
-        exact_mask = y_exact != -np.inf
-        # overlap = |stat survivors ∩ exact survivors| / k: the recall of the true top-k
-        overlap = ((y_stat != 0) & exact_mask).sum(-1) / k  # [rows]
-        mean_k = float(got.mean())
-        print(f"{kind:<12} {k:>8} {mean_k:>17.1f} {got.min():>6} {got.max():>6} {mean_k / k - 1:>+9.1%} {overlap.mean():>8.1%}")
-        records.append({"name": f"achieved_k/{kind}", "target_k": k, "achieved_k_mean": mean_k,
-                        "achieved_k_min": int(got.min()), "achieved_k_max": int(got.max()),
-                        "overlap_with_exact": float(overlap.mean())})
-        sample_rows[kind] = x[0]
-
-    # --- timing on the CPU: [2048, 16384] float32, eager torch -------------------------------
-    M = args.timing_rows
-    xt = torch.randn(M, D)  # [M, D] float32, 128 MiB
-    buf = torch.empty_like(xt)
-    threads = torch.get_num_threads()
-    t_copy = _median_ms(lambda: buf.copy_(xt), args.reps)
-    t_exact = _median_ms(lambda: exact_topk(xt, k), args.reps)
-    t_stat = _median_ms(lambda: statistical_topk(xt, k), args.reps)
-    nbytes = 2 * xt.numel() * xt.element_size()  # one read + one write: the least any top-k must move
-    gbs = nbytes / t_copy / 1e6
-    limit = t_exact / t_copy  # speedup if the fast side moved only its bytes at copy bandwidth
-    print(f"\nCPU time, x = [{M}, {D}] float32, torch {torch.__version__}, {threads} threads, median of {args.reps}")
-    print(f"{'operator':<36} {'ms':>8} {'vs exact':>9}")
-    print(f"{'exact_topk (torch.topk + scatter)':<36} {t_exact:>8.1f} {1.0:>8.2f}x")
-    print(f"{'statistical_topk (eager torch)':<36} {t_stat:>8.1f} {t_exact / t_stat:>8.2f}x")
-    print(f"{'copy (1 read + 1 write: the floor)':<36} {t_copy:>8.1f} {t_exact / t_copy:>8.2f}x   ({gbs:.1f} GB/s)")
-    print(f"statistical_topk reaches {t_copy / t_stat:.0%} of the memory-bandwidth floor; "
-          f"a fused single-pass kernel is the job of kernels_cpu.py.")
-    records.append({"name": f"statistical_topk_vs_exact/cpu/{M}x{D}/float32", "baseline_ms": t_exact, "ms": t_stat,
-                    "speedup": t_exact / t_stat, "limit": limit, "floor_ms": t_copy, "copy_GBps": gbs,
-                    "fraction_of_limit": (t_exact / t_stat) / limit, "threads": threads, "torch": torch.__version__})
-
-    if not args.no_plot:
-        _plot(sample_rows, k, os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes", "figures", "topk.png"))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(records, fh, indent=1)
-        print(f"wrote {args.json}")
+def _median_ms(fn, reps):
+    """Median wall time of fn() in milliseconds over reps calls, after one warm-up call."""
+    fn()
+    return 1e3 * statistics.median(timeit.repeat(fn, number=1, repeat=reps))
 
 
 def _plot(sample_rows, k, path):
@@ -446,11 +411,9 @@ def _plot(sample_rows, k, path):
 
     fig, axes = plt.subplots(1, len(sample_rows), figsize=(4 * len(sample_rows), 3.2))
     for ax, (kind, row) in zip(axes, sample_rows.items()):
-        D = row.shape[-1]
         theta = float(statistical_threshold_np(row, k)[0])
-        kth = float(np.sort(row)[D - k])  # the exact top-k keeps entries >= this value
-        lo, hi = np.percentile(row, [0.05, 99.95])
-        ax.hist(row, bins=120, range=(lo, hi), color="0.6")
+        kth = float(np.sort(row)[-k])  # the exact top-k keeps entries >= this value
+        ax.hist(row, bins=120, range=tuple(np.percentile(row, [0.05, 99.95])), color="0.6")
         ax.axvline(kth, color="C0", label=f"exact k-th value {kth:.2f}")
         ax.axvline(theta, color="C3", ls="--", label=f"statistical θ {theta:.2f}")
         ax.set_title(f"{kind}: {int((row > theta).sum())} above θ (k = {k})", fontsize=9)
@@ -460,6 +423,47 @@ def _plot(sample_rows, k, path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Statistical vs exact top-k: achieved k, overlap, CPU time.")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, one repetition, no figure")
+    args = ap.parse_args(argv)
+    rows, M, reps = (4, 8, 1) if args.quick else (256, 2048, 7)
+    D, density = 16384, 0.08
+    k = round(density * D)  # 1311 of 16384
+    rng = np.random.default_rng(0)
+
+    # --- accuracy: target k vs achieved k, overlap of survivors with exact top-k --------------
+    print(f"Statistical vs exact top-k, D = {D}, k = {k} ({density:.0%}), {rows} rows per distribution")
+    print(f"{'rows drawn from':<12} {'target k':>8} {'achieved k: mean':>17} {'min':>6} {'max':>6} {'rel. err':>9} {'overlap':>8}")
+    sample_rows = {}
+    for kind in ["gaussian", "gelu", "student_t3", "bimodal"]:
+        x = demo_rows(kind, rows, D, rng)  # [rows, D] float64
+        got = achieved_k(statistical_topk_np(x, k))  # [rows]
+        exact = exact_topk_np(x, k, fill=-np.inf) != -np.inf  # [rows, D], -inf so that survivors <= 0 count
+        # overlap = |stat survivors ∩ exact survivors| / k: the recall of the true top-k
+        overlap = ((x > statistical_threshold_np(x, k)) & exact).sum(-1) / k  # [rows]
+        print(f"{kind:<12} {k:>8} {got.mean():>17.1f} {got.min():>6} {got.max():>6} {got.mean() / k - 1:>+9.1%} {overlap.mean():>8.1%}")
+        sample_rows[kind] = x[0]
+
+    # --- timing on the CPU: [M, 16384] float32, eager torch -----------------------------------
+    xt = torch.randn(M, D)  # [M, D] float32, 128 MiB for M = 2048
+    buf = torch.empty_like(xt)
+    t_copy = _median_ms(lambda: buf.copy_(xt), reps)
+    t_exact = _median_ms(lambda: exact_topk(xt, k), reps)
+    t_stat = _median_ms(lambda: statistical_topk(xt, k), reps)
+    gbs = 2 * xt.numel() * xt.element_size() / t_copy / 1e6  # one read + one write per copy
+    print(f"\nCPU time, x = [{M}, {D}] float32, torch {torch.__version__}, {torch.get_num_threads()} threads "
+          f"({os.cpu_count()} cores), median of {reps}")
+    print(f"{'operator':<36} {'ms':>8} {'vs exact':>9}")
+    print(f"{'exact_topk (torch.topk + scatter)':<36} {t_exact:>8.1f} {1.0:>8.2f}x")
+    print(f"{'statistical_topk (eager torch)':<36} {t_stat:>8.1f} {t_exact / t_stat:>8.2f}x")
+    print(f"{'copy (1 read + 1 write: the floor)':<36} {t_copy:>8.1f} {t_exact / t_copy:>8.2f}x   ({gbs:.1f} GB/s)")
+    print(f"statistical_topk reaches {t_copy / t_stat:.0%} of the memory-bandwidth floor; "
+          f"the blocked CPU version is in kernels_cpu.py.")
+    if not args.quick:
+        _plot(sample_rows, k, os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes", "figures", "topk.png"))
 
 
 if __name__ == "__main__":

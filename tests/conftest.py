@@ -13,21 +13,15 @@ import os
 import random
 import sys
 
-# --- Triton interpreter: must be set before any `import triton` (kernels_gpu.py imports it) ---
-# We decide without importing torch.cuda first to keep this cheap; if the user already chose,
-# we respect it.
-if "TRITON_INTERPRET" not in os.environ:
-    try:
-        import torch
-
-        _has_cuda = torch.cuda.is_available()
-    except Exception:  # torch missing: the tests that need it will fail on import anyway
-        _has_cuda = False
-    if not _has_cuda:
-        os.environ["TRITON_INTERPRET"] = "1"
-
 import numpy as np
 import pytest
+import torch
+
+# --- Triton interpreter: must be set before any `import triton` (kernels_gpu.py imports it).
+# If the user already chose (TRITON_INTERPRET set either way), we respect it.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The project is flat: make the repository root importable (spark.py, topk.py, ...) no matter
 # where pytest is started from.
@@ -37,23 +31,20 @@ if ROOT not in sys.path:
 
 SEED = 1234
 
+# One torch thread for the tests: their tensors are small, and on a 2-core machine shared with
+# anything else two OpenMP threads spin-wait on each other (we saw a test file go from 1.5 s to
+# 54 s). Benchmarks (`python kernels_cpu.py`, ...) choose their own thread count.
+torch.set_num_threads(1)
+
 
 def _to_numpy(a):
     """Tensor (any device/dtype) or array-like -> float64 NumPy array (bool/int kept exact)."""
-    try:
-        import torch
-
-        if isinstance(a, torch.Tensor):
-            a = a.detach().cpu()
-            if a.dtype in (torch.bfloat16, torch.float16):
-                a = a.float()
-            a = a.numpy()
-    except ImportError:
-        pass
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu()
+        # NumPy has no bfloat16; float16 -> float32 is exact, and so is bfloat16 -> float32.
+        a = (a.float() if a.dtype in (torch.bfloat16, torch.float16) else a).numpy()
     a = np.asarray(a)
-    if a.dtype.kind in "fc":
-        return a.astype(np.float64)
-    return a
+    return a.astype(np.float64) if a.dtype.kind in "fc" else a
 
 
 def assert_close(name, got, ref, atol, rtol):
@@ -61,7 +52,9 @@ def assert_close(name, got, ref, atol, rtol):
 
     On failure the message names the quantity, the shapes, and the worst offenders:
     the max absolute error and the max relative error, each with its index and both values.
+    Integer and bool outputs (indices, counts, masks) are compared exactly.
     """
+    # Everything is compared in float64, so the only rounding in the comparison is the tested code's.
     g = _to_numpy(got)
     r = _to_numpy(ref)
     if g.shape != r.shape:
@@ -77,7 +70,9 @@ def assert_close(name, got, ref, atol, rtol):
                 f"first at {idx}: got {g[idx]}, expected {r[idx]}"
             )
         return
-    # NaN and inf must sit at the same places with the same sign.
+    # NaN and inf must sit at the same places with the same sign. They are compared as patterns
+    # first because inf - inf is NaN and NaN <= tol is False: a plain |got - ref| <= tol would
+    # call two equal infinities different and could not say where a NaN appeared.
     nan_g, nan_r = np.isnan(g), np.isnan(r)
     if (nan_g != nan_r).any():
         idx = tuple(int(i) for i in np.argwhere(nan_g != nan_r)[0])
@@ -86,6 +81,7 @@ def assert_close(name, got, ref, atol, rtol):
     if (inf_g != inf_r).any() or (g[inf_g] != r[inf_r]).any():
         idx = tuple(int(i) for i in np.argwhere((inf_g != inf_r) | (inf_g & (g != r)))[0])
         raise AssertionError(f"{name}: inf pattern differs, first at {idx}: got {g[idx]}, expected {r[idx]}")
+    # |got - ref| <= atol + rtol |ref| on the finite entries (the others matched above).
     finite = ~(nan_g | inf_g)
     err = np.abs(np.where(finite, g, 0.0) - np.where(finite, r, 0.0))
     tol = atol + rtol * np.abs(np.where(finite, r, 0.0))
@@ -103,44 +99,22 @@ def assert_close(name, got, ref, atol, rtol):
         )
 
 
-# One torch thread for the tests: their tensors are small, and on a 2-core machine shared with
-# anything else two OpenMP threads spin-wait on each other (we saw a test file go from 1.5 s to
-# 54 s). Benchmarks (`python kernels_cpu.py`, ...) choose their own thread count.
-try:
-    import torch as _torch
-
-    _torch.set_num_threads(1)
-except ImportError:
-    pass
-
-
 @pytest.fixture(autouse=True)
 def _fixed_seeds():
     """Every test starts from the same random state, so failures reproduce."""
     random.seed(SEED)
     np.random.seed(SEED)
-    try:
-        import torch
-
-        torch.manual_seed(SEED)
-    except ImportError:
-        pass
+    torch.manual_seed(SEED)
     yield
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where there is none (CI, laptops)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds on the 2-core CPU machine")
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
-    if has_cuda:
+    """Skip the `gpu` tests where there is no CUDA device (they run on the GPU machine)."""
+    if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs CUDA (gpu marker); none on this machine")
     for item in items:

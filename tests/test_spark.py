@@ -6,6 +6,7 @@ intermediate: we allow atol 1e-12 and rtol 1e-10 on outputs of size ~1, about 1e
 margin. A wrong mask, scale or selection moves outputs by far more than that (1e-3 and up).
 Statistical top-k compares each entry with a threshold computed in a different order; an entry
 that flips sits within ~1e-16 of theta and, the threshold being soft, contributes ~1e-16.
+(tests/conftest.py runs every test with one torch thread and fixed seeds.)
 """
 
 import contextlib
@@ -19,56 +20,29 @@ import torch
 
 from conftest import assert_close
 import spark
-from spark import (
-    GPT,
-    Attention,
-    GatedFFN,
-    GPTConfig,
-    ReluL1FFN,
-    SparkAttention,
-    SparkFFN,
-    TopkFFN,
-    attention,
-    attention_np,
-    count_costs,
-    count_params,
-    gated_ffn,
-    gated_ffn_np,
-    relu_l1_ffn,
-    relu_l1_ffn_np,
-    spark_attention,
-    spark_attention_np,
-    spark_ffn,
-    spark_ffn_np,
-    topk_ffn,
-    topk_ffn_np,
-)
+from spark import GPT, Attention, GatedFFN, GPTConfig, ReluL1FFN, SparkAttention, SparkFFN, TopkFFN
+from spark import attention, attention_np, count_costs, count_params, gated_ffn, gated_ffn_np, relu_l1_ffn
+from spark import relu_l1_ffn_np, spark_attention, spark_attention_np, spark_ffn, spark_ffn_np, topk_ffn, topk_ffn_np
 
 F64 = dict(atol=1e-12, rtol=1e-10)  # float64 vs float64 reference (module docstring)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Our tensors are tiny: one thread is as fast, and on a shared 2-core machine a second
-    OpenMP thread waiting for a busy core made this file 30x slower (1.5 s -> 54 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def np64(t):
+    """A tensor as a float64 NumPy array (for the references)."""
     return t.detach().numpy().astype(np.float64)
 
 
 def tiny(**over):
-    """A very small config for behaviour tests: 2 layers, d 32, hd 8, kt 5 (< most sequence lengths)."""
-    kw = dict(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, attn_k=5)
+    """A very small config for behaviour tests: 2 layers, d 32, hd 8, kt 5 (< most sequence lengths),
+    dense FFN and attention unless overridden, density 8 %."""
+    kw = dict(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48, ffn="dense",
+              ffn_density=0.08, attn="dense", attn_k=5, l1=3e-4)
     kw.update(over)
     return GPTConfig(**kw)
 
 
 def model64(**over):
+    """tiny(**over) in float64, eval mode, seeded weights."""
     torch.manual_seed(0)
     return GPT(tiny(**over)).double().eval()
 
@@ -85,6 +59,7 @@ FFN_SHAPES = [(13, 37, (5,)), (7, 9, (2, 3)), (16, 1, (4,)), (10, 21, (1,)), (6,
 
 
 def _ffn_weights(d, f):
+    """Wg, Wu [d, f] and Wd [f, d], scaled by 1/sqrt(fan-in) so that outputs are O(1)."""
     rng = np.random.default_rng(d * 100 + f)
     x = lambda *s: rng.standard_normal(s)  # noqa: E731
     return x(d, f) / math.sqrt(d), x(d, f) / math.sqrt(d), x(f, d) / math.sqrt(f)
@@ -93,6 +68,7 @@ def _ffn_weights(d, f):
 @pytest.mark.parametrize("d,f,lead", FFN_SHAPES)
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_gated_ffn_matches_numpy(d, f, lead, act):
+    """gated_ffn (GeGLU and ReLU-gated) equals gated_ffn_np in float64 at awkward shapes, zero tokens included."""
     Wg, Wu, Wd = _ffn_weights(d, f)
     x = np.random.standard_normal(lead + (d,))
     ref = gated_ffn_np(x, Wg, Wu, Wd, act)
@@ -103,6 +79,8 @@ def test_gated_ffn_matches_numpy(d, f, lead, act):
 @pytest.mark.parametrize("d,f,lead", FFN_SHAPES)
 @pytest.mark.parametrize("method", ["exact", "statistical"])
 def test_topk_ffn_matches_numpy(d, f, lead, method):
+    """topk_ffn equals topk_ffn_np (exact and statistical) for k = 1, a middle k and k = f, and
+    k < f really changes the output (the top-k is not silently skipped)."""
     Wg, Wu, Wd = _ffn_weights(d, f)
     x = np.random.standard_normal(lead + (d,))
     for k in sorted({1, max(1, f // 3), f}):  # k = 1, a middle k, k = f (no sparsity)
@@ -117,6 +95,7 @@ def test_topk_ffn_matches_numpy(d, f, lead, method):
 
 @pytest.mark.parametrize("d,f,lead", FFN_SHAPES)
 def test_spark_ffn_matches_numpy(d, f, lead):
+    """spark_ffn equals spark_ffn_np for r = 1, d/2, d - 1 and k = 1, a middle k, f."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal(lead + (d,))
     for r in sorted({1, d // 2, d - 1}):
@@ -129,6 +108,7 @@ def test_spark_ffn_matches_numpy(d, f, lead):
 
 @pytest.mark.parametrize("d,f,lead", [s for s in FFN_SHAPES if s[2][0] > 0])
 def test_relu_l1_ffn_matches_numpy(d, f, lead):
+    """relu_l1_ffn equals relu_l1_ffn_np, y and the L1 term, and the L1 term is its definition."""
     Wg, Wu, Wd = _ffn_weights(d, f)
     x = np.random.standard_normal(lead + (d,))
     y_ref, l1_ref = relu_l1_ffn_np(x, Wg, Wu, Wd)
@@ -141,11 +121,13 @@ def test_relu_l1_ffn_matches_numpy(d, f, lead):
 
 
 def test_ffn_modules_match_numpy_with_their_own_weights():
+    """Every FFN module, run on a batch, equals its NumPy reference fed the module's own parameters."""
     d, f, k, r = 11, 29, 5, 4
     x = torch.randn(3, 7, d, dtype=torch.float64)  # batch > 1
     xn = np64(x)
-    m = GatedFFN(d, f, "gelu").double()
-    assert_close("GatedFFN", m(x), gated_ffn_np(xn, np64(m.Wg), np64(m.Wu), np64(m.Wd), "gelu"), **F64)
+    for act in ("gelu", "relu"):
+        m = GatedFFN(d, f, act).double()
+        assert_close(f"GatedFFN {act}", m(x), gated_ffn_np(xn, np64(m.Wg), np64(m.Wu), np64(m.Wd), act), **F64)
     for method in ("exact", "statistical"):
         m = TopkFFN(d, f, k, method).double()
         assert_close(f"TopkFFN {method}", m(x), topk_ffn_np(xn, np64(m.Wg), np64(m.Wu), np64(m.Wd), k, method), **F64)
@@ -161,20 +143,20 @@ def test_ffn_modules_match_numpy_with_their_own_weights():
 # Attention functions and modules vs NumPy
 # ------------------------------------------------------------------------------------------
 
-# (B, H, Hkv, T, S, hd, k_top, r): below / above k_top, a KV cache (S > T), decode (T = 1) with
-# S > k_top (the gather path) and S <= k_top, multi-query (Hkv = 1), odd hd, r = 1 and r = hd - 1.
-ATTN_SHAPES = [
-    (2, 6, 3, 7, 7, 10, 3, 4),
-    (1, 4, 1, 5, 12, 9, 4, 1),
-    (2, 2, 2, 1, 9, 8, 3, 7),
-    (3, 4, 2, 1, 2, 6, 5, 3),
-    (1, 3, 3, 11, 11, 5, 20, 2),
-    (2, 2, 1, 6, 6, 4, 1, 2),
-    (2, 4, 2, 13, 17, 7, 6, 3),
-]
+# (B, H, Hkv, T, S, hd, k_top, r), one line per case:
+#   grouped-query (G = 2), no cache, k_top below T
+#   multi-query (Hkv = 1) with a KV cache (S > T), odd hd, r = 1
+#   decode (T = 1) with S > k_top: spark_attention's gather path; r = hd - 1
+#   decode with S <= k_top: every cached key kept
+#   k_top above every visible count: the top-k keeps all; odd hd
+#   k_top = 1: one key per query
+#   a cache and GQA at once, odd hd
+ATTN_SHAPES = [(2, 6, 3, 7, 7, 10, 3, 4), (1, 4, 1, 5, 12, 9, 4, 1), (2, 2, 2, 1, 9, 8, 3, 7), (3, 4, 2, 1, 2, 6, 5, 3),
+               (1, 3, 3, 11, 11, 5, 20, 2), (2, 2, 1, 6, 6, 4, 1, 2), (2, 4, 2, 13, 17, 7, 6, 3)]
 
 
 def _qkv(B, H, Hkv, T, S, hd, seed=0):
+    """Seeded float64 q [B, H, T, hd], k and v [B, Hkv, S, hd]."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, hd, dtype=torch.float64, generator=g)
     k = torch.randn(B, Hkv, S, hd, dtype=torch.float64, generator=g)
@@ -185,6 +167,7 @@ def _qkv(B, H, Hkv, T, S, hd, seed=0):
 @pytest.mark.parametrize("shape", ATTN_SHAPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_numpy(shape, causal):
+    """attention (SDPA) equals attention_np: causal or not, with a KV cache (S > T), decode, GQA."""
     B, H, Hkv, T, S, hd, _, _ = shape
     q, k, v = _qkv(B, H, Hkv, T, S, hd)
     assert_close(f"attention {shape} causal={causal}", attention(q, k, v, causal),
@@ -194,6 +177,7 @@ def test_attention_matches_numpy(shape, causal):
 @pytest.mark.parametrize("shape", ATTN_SHAPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_spark_attention_matches_numpy(shape, causal):
+    """spark_attention equals spark_attention_np on both of its paths (training and decode)."""
     B, H, Hkv, T, S, hd, k_top, r = shape
     q, k, v = _qkv(B, H, Hkv, T, S, hd)
     assert_close(f"spark_attention {shape} causal={causal}", spark_attention(q, k, v, k_top, r, causal),
@@ -201,8 +185,8 @@ def test_spark_attention_matches_numpy(shape, causal):
 
 
 def test_spark_attention_with_all_keys_kept_is_not_plain_attention():
-    # Guards against a reference that silently became dense softmax attention: the softplus gate
-    # and the split scale must change the output even when every key is kept.
+    """Even with every key kept, the softplus gate and the split scale change the output: a
+    reference that silently became dense softmax attention would fail here."""
     q, k, v = _qkv(1, 2, 2, 6, 6, 8)
     a = attention_np(np64(q), np64(k), np64(v))
     b = spark_attention_np(np64(q), np64(k), np64(v), k_top=6, r=4)
@@ -210,7 +194,8 @@ def test_spark_attention_with_all_keys_kept_is_not_plain_attention():
 
 
 def test_spark_attention_selects_top_visible_keys_per_query_head():
-    """The [choice]s of REFERENCE.md §4, read off the attention weights.
+    """Our choices for Spark attention (notes/papers.md, "Our choices where the papers are silent"),
+    read off the attention weights.
 
     With V = identity (hd = S) the output row of query i IS its weight vector w_i. We check:
     future keys get weight 0; a query with >= kt visible keys weighs exactly kt of them, one
@@ -247,6 +232,8 @@ def _module_attention_np(m, x, spark_kt=None):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_attention_modules_match_numpy(bias):
+    """Attention and SparkAttention modules equal projections + the NumPy references (biases
+    included), and SparkAttention loads dense Attention's state dict: the same parameters."""
     d, H, Hkv, hd = 11, 3, 1, 5  # odd d, head size that does not divide d (head_dim given)
     x = torch.randn(2, 9, d, dtype=torch.float64)
     m = Attention(d, H, Hkv, hd, bias=bias).double()
@@ -266,6 +253,7 @@ def test_attention_modules_match_numpy(bias):
 
 @pytest.mark.parametrize("fn", ["attention", "spark_attention"])
 def test_attention_functions_are_causal(fn):
+    """Changing (and inflating) q, k, v at positions >= t changes no output before t, and does change later ones."""
     B, H, Hkv, T, hd = 2, 4, 2, 12, 6
     q, k, v = _qkv(B, H, Hkv, T, T, hd)
     run = (lambda q, k, v: attention(q, k, v)) if fn == "attention" else (lambda q, k, v: spark_attention(q, k, v, 3, 2))
@@ -281,6 +269,7 @@ def test_attention_functions_are_causal(fn):
 
 @pytest.mark.parametrize("ffn,attn", ALL_VARIANTS)
 def test_gpt_is_causal(ffn, attn):
+    """For every FFN x attention variant, future tokens do not change earlier logits (float64)."""
     m = model64(ffn=ffn, attn=attn)
     idx = torch.randint(0, 50, (2, 20))
     base, _ = m(idx)
@@ -298,6 +287,8 @@ def test_gpt_is_causal(ffn, attn):
 
 @pytest.mark.parametrize("ffn,attn", ALL_VARIANTS)
 def test_generate_with_cache_equals_full_forward(ffn, attn):
+    """The KV-cache decode (Spark attention: the gather path) gives the logits of a full forward,
+    for every variant; the last decode step weighed exactly kt of its keys."""
     m = model64(ffn=ffn, attn=attn)
     prompt = torch.randint(0, 50, (3, 4))
     out, logits = m.generate(prompt, 14, temperature=1.0, return_logits=True)  # 4 + 14 <= block 24
@@ -306,11 +297,15 @@ def test_generate_with_cache_equals_full_forward(ffn, attn):
     if attn == "spark":
         # The last forward decoded one query against 17 cached keys: it weighed kt = 5 of them.
         assert m.stats()["attn_density"] == pytest.approx([5 / 17] * 2)
+    # A plain forward over the whole sequence, no cache: the reference for every decoded position.
     full, _ = m(out[:, :-1])  # [3, 17, V]: position t predicts token t + 1
     assert_close(f"{ffn}/{attn} cached vs full logits", logits, full[:, 3:], **F64)
 
 
 def test_generate_past_block_size_conditions_on_the_last_block():
+    """Past block_size the window slides (nanoGPT): every new token's logits equal a full forward
+    over the last block_size tokens, and temperature 0 takes their argmax."""
+    # block 9 with a 5-token prompt: 4 cached steps, then 8 tokens each drawn after a re-prefill
     m = model64(ffn="spark", attn="spark", block_size=9)
     prompt = torch.randint(0, 50, (2, 5))
     out, logits = m.generate(prompt, 12, temperature=0.0, return_logits=True)  # 17 tokens > block 9
@@ -319,9 +314,45 @@ def test_generate_past_block_size_conditions_on_the_last_block():
         full, _ = m(ctx)
         assert_close(f"step {j} logits", logits[:, j], full[:, -1], **F64)
         assert torch.equal(out[:, 5 + j], logits[:, j].argmax(-1))  # temperature 0 = greedy
+    assert torch.equal(m.generate(prompt, 12, temperature=0.0), out)  # return_logits changes nothing else
+
+
+def test_decode_loop_calls_prefill_and_step_as_documented():
+    """decode_loop with a fake model: prefill on the last block_size tokens, then step(tok, n) at
+    positions n = T', T' + 1, ... while the cache has room, then prefill on the slid window for
+    every further token; the logits returned are those the tokens were drawn from."""
+    V, bs = 7, 4
+    calls = []
+
+    def logits_for(value):  # greedy picks value % V
+        return torch.nn.functional.one_hot(torch.tensor([value % V]), V).double()
+
+    def prefill(window):
+        calls.append(("prefill", window.tolist()))
+        return logits_for(int(window.sum()))
+
+    def step(tok, n):
+        calls.append(("step", tok.tolist(), n))
+        return logits_for(n)
+
+    # The expected trace: the prompt [5, 1, 2] fits (T' = 3 < 4), prefill -> token (5+1+2) % 7 = 1.
+    # The cache holds 3 tokens, so step(1, n = 3) -> token 3. Now 4 tokens fill the cache, so
+    # each further token prefills the last 4: [1, 2, 1, 3] -> 0, [2, 1, 3, 0] -> 6. The last
+    # token drawn needs no forward after it.
+    idx = torch.tensor([[5, 1, 2]])
+    out, lg = spark.decode_loop(prefill, step, idx, 4, 0.0, None, bs, return_logits=True)
+    assert calls == [("prefill", [[5, 1, 2]]), ("step", [[1]], 3), ("prefill", [[1, 2, 1, 3]]),
+                     ("prefill", [[2, 1, 3, 0]])]
+    assert out.tolist() == [[5, 1, 2, 1, 3, 0, 6]] and lg.shape == (1, 4, V)
+    assert torch.equal(lg.argmax(-1), out[:, 3:])
+    # No new tokens: one prefill on the last block_size tokens, the prompt back, and [B, 0, V] logits.
+    calls.clear()
+    out, lg = spark.decode_loop(prefill, step, torch.tensor([[1, 2, 3, 4, 5, 6]]), 0, 1.0, None, bs, True)
+    assert calls == [("prefill", [[3, 4, 5, 6]])] and out.shape == (1, 6) and lg.shape == (1, 0, V)
 
 
 def test_generate_top_k_samples_only_among_top_k():
+    """top_k = 2: every sampled token is one of the two most likely under the logits it was drawn from."""
     m = model64()
     prompt = torch.randint(0, 50, (4, 3))
     out, logits = m.generate(prompt, 6, temperature=1.3, top_k=2, return_logits=True)
@@ -330,22 +361,33 @@ def test_generate_top_k_samples_only_among_top_k():
 
 
 def test_generate_zero_tokens_and_bad_arguments():
+    """max_new_tokens = 0 returns the prompt; every bad argument raises an error naming it."""
     m = model64()
     prompt = torch.randint(0, 50, (1, 3))
     assert torch.equal(m.generate(prompt, 0), prompt)
-    with pytest.raises(ValueError, match="temperature"):
-        m.generate(prompt, 2, temperature=-1.0)
-    with pytest.raises(ValueError, match="top_k"):
-        m.generate(prompt, 2, top_k=0)
-    with pytest.raises(ValueError, match="top_k"):
-        m.generate(prompt, 2, top_k=51)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        m.generate(prompt, -1)
-    with pytest.raises(TypeError, match="idx"):
-        m.generate(prompt.float(), 2)
+    # (override, error type, word the message must contain). A wrong type is a TypeError, a value
+    # out of range a ValueError; NaN, inf and bool temperatures are refused, not sampled with.
+    # idx: float ids, a 1-D tensor, no rows, no tokens, ids >= V, ids < 0.
+    cases = [
+        (dict(temperature=-1.0), ValueError, "temperature"), (dict(temperature=math.nan), ValueError, "temperature"),
+        (dict(temperature=math.inf), ValueError, "temperature"), (dict(temperature=True), ValueError, "temperature"),
+        (dict(top_k=0), ValueError, "top_k"), (dict(top_k=51), ValueError, "top_k"), (dict(top_k=2.0), TypeError, "top_k"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens"), (dict(max_new_tokens=2.0), TypeError, "max_new_tokens"),
+        (dict(idx=prompt.float()), TypeError, "idx"), (dict(idx=prompt[0]), TypeError, "idx"),
+        (dict(idx=prompt[:0]), ValueError, "idx"), (dict(idx=prompt[:, :0]), ValueError, "idx"),
+        (dict(idx=prompt + 50), ValueError, "idx"), (dict(idx=prompt * 0 - 1), ValueError, "idx"),
+    ]
+    for over, err, word in cases:  # the shared check, and GPT.generate that calls it
+        args = dict(idx=prompt, max_new_tokens=2, temperature=1.0, top_k=None) | over
+        with pytest.raises(err, match=word):
+            spark.check_generate_args(m.config, **args)
+        with pytest.raises(err, match=word):
+            m.generate(**args)
+    assert m.generate(prompt.int(), 2).shape == (1, 5)  # int32 ids are fine
 
 
 def test_forward_rejects_bad_idx():
+    """forward: too long, out-of-range ids, wrong rank and mismatched targets are errors naming the argument."""
     m = model64()
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 25, dtype=torch.long))
@@ -364,11 +406,14 @@ def test_forward_rejects_bad_idx():
 
 @pytest.mark.parametrize("ffn,attn", ALL_VARIANTS)
 def test_gradients_reach_every_parameter(ffn, attn):
+    """One backward reaches every parameter of every variant (the Spark predictor K1 included)."""
     torch.manual_seed(0)
     m = GPT(tiny(ffn=ffn, attn=attn, bias=True))
     idx = torch.randint(0, 50, (2, 16))
     _, loss = m(idx, torch.roll(idx, -1, 1))
     loss.backward()
+    # bias=True so the biases are checked too; an all-zero gradient counts as missing (a detached
+    # branch would give zeros, not None, once another path touches the parameter)
     missing = [n for n, p in m.named_parameters() if p.grad is None or not (p.grad != 0).any()]
     assert not missing, f"{ffn}/{attn}: no gradient reached {missing}"
     if ffn == "spark":  # the predictor in particular
@@ -376,6 +421,7 @@ def test_gradients_reach_every_parameter(ffn, attn):
 
 
 def test_relu_l1_loss_is_ce_plus_lambda_times_layer_mean():
+    """relu_l1 loss = cross-entropy + lambda * the layers' mean L1 term, recomputed in NumPy from each layer's input."""
     lam = 0.37  # large, so the L1 part is far above float64 noise
     m = model64(ffn="relu_l1", l1=lam)
     seen = []
@@ -391,11 +437,15 @@ def test_relu_l1_loss_is_ce_plus_lambda_times_layer_mean():
 
 
 def test_stats_report_densities():
+    """stats() reports the achieved FFN and attention densities of the last forward, per layer."""
     idx = torch.randint(0, 50, (2, 20))
     m = model64()  # dense GeGLU: GELU is nonzero almost everywhere; dense attention weighs all
     m(idx)
     st = m.stats()
     assert st["ffn_density"] == [1.0, 1.0] and st["attn_density"] == [1.0, 1.0]
+    m = model64(ffn="relu")  # dense ReLU-gated: about half the gates are below zero at initialisation
+    m(idx)
+    assert all(0.3 < x < 0.7 for x in m.stats()["ffn_density"]), m.stats()
     m = model64(ffn="topk", ffn_density=0.25)  # exact: k = round(0.25 * 48) = 12 per token
     m(idx)
     assert m.stats()["ffn_density"] == pytest.approx([12 / 48] * 2)
@@ -415,6 +465,8 @@ def test_stats_report_densities():
 
 @pytest.mark.parametrize("base", [GPTConfig(), tiny(), tiny(d_ff=37, d_model=30, n_head=3, n_kv_head=1)])
 def test_parameter_counts_equal_across_variants(base):
+    """Every variant has the dense model's parameter count (Spark within 1 %, exactly for even d_ff), and
+    everything outside the FFNs has the same names and shapes."""
     counts = {}
     shapes = {}
     for ffn, attn in ALL_VARIANTS:
@@ -434,43 +486,44 @@ def test_parameter_counts_equal_across_variants(base):
 @pytest.mark.parametrize("c", [GPTConfig(), tiny(bias=True), tiny(ffn="spark", head_dim=6, attn="spark"),
                                tiny(ffn="relu_l1", n_kv_head=1)])
 def test_count_params_matches_the_model(c):
+    """count_params (arithmetic, used for Gemma-2 2B) equals the built model's count."""
     assert count_params(c) == GPT(c).num_params()
 
 
-def test_config_round_trips_and_defaults():
-    c = GPTConfig(ffn="spark", attn="spark", ffn_r=10, head_dim=40)
-    assert GPTConfig(**dataclasses.asdict(c)) == c
+def test_default_config_is_the_documented_tiny_model_and_round_trips():
+    """GPTConfig() is the model `python train_tiny.py` trains (the values its docstring and
+    notes/papers.md state); derived sizes follow; asdict() round-trips."""
     d = GPTConfig()
-    assert d.ffn_r_ == d.d_model // 2 and d.attn_r_ == d.hd // 2 == 16
-    assert dataclasses.replace(d, ffn="spark").ffn_width == 768
-    assert dataclasses.replace(d, ffn="spark").ffn_k == round(0.08 * 768)
+    assert dataclasses.asdict(d) == dict(
+        vocab_size=84, block_size=64, n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=512, ffn="spark",
+        ffn_density=0.2, ffn_r=None, attn="spark", attn_k=32, attn_r=None, head_dim=None, l1=5e-3, dropout=0.0,
+        bias=False)
+    assert d.hd == 32 and d.ffn_r_ == 64 and d.attn_r_ == 16
+    assert d.ffn_width == 768 and d.ffn_k == round(0.2 * 768) == 154  # Spark: f = 1.5 x 512
+    assert dataclasses.replace(d, ffn="relu").ffn_width == 512
+    c = GPTConfig(ffn="relu", attn="dense", ffn_r=10, head_dim=40)
+    assert GPTConfig(**dataclasses.asdict(c)) == c
 
 
+# Unknown kinds ("gelu": the activation is part of the kind, "dense" = GeGLU or "relu"); a
+# density outside (0, 1], NaN included; r = 0, r = d (nothing left for K2), r = hd; a d_model
+# that 4 heads do not divide; 4 query heads in groups of 3; zero sizes; l1 < 0; dropout 1.
 @pytest.mark.parametrize("kw,word", [
-    (dict(ffn="moe"), "ffn"),
-    (dict(attn="sparse"), "attn"),
-    (dict(act="swish"), "act"),
-    (dict(ffn_density=0.0), "ffn_density"),
-    (dict(ffn_density=1.01), "ffn_density"),
-    (dict(ffn_density=-0.1), "ffn_density"),
-    (dict(ffn_density=float("nan")), "ffn_density"),
-    (dict(ffn_r=0), "ffn_r"),
-    (dict(ffn_r=32), "ffn_r"),  # r = d: nothing left for K2
-    (dict(attn_r=0), "attn_r"),
-    (dict(attn_r=8), "attn_r"),  # r = hd
-    (dict(d_model=30), "d_model"),  # 30 heads of 4 do not divide
-    (dict(n_kv_head=3), "n_kv_head"),  # 4 query heads in groups of 3
-    (dict(attn_k=0), "attn_k"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(l1=-1.0), "l1"),
-    (dict(dropout=1.0), "dropout"),
+    (dict(ffn="moe"), "ffn"), (dict(attn="sparse"), "attn"), (dict(ffn="gelu"), "ffn"),
+    (dict(ffn_density=0.0), "ffn_density"), (dict(ffn_density=1.01), "ffn_density"),
+    (dict(ffn_density=-0.1), "ffn_density"), (dict(ffn_density=float("nan")), "ffn_density"),
+    (dict(ffn_r=0), "ffn_r"), (dict(ffn_r=32), "ffn_r"), (dict(attn_r=0), "attn_r"), (dict(attn_r=8), "attn_r"),
+    (dict(d_model=30), "d_model"), (dict(n_kv_head=3), "n_kv_head"), (dict(attn_k=0), "attn_k"),
+    (dict(n_layer=0), "n_layer"), (dict(l1=-1.0), "l1"), (dict(dropout=1.0), "dropout"),
 ])
 def test_bad_config_raises_value_error(kw, word):
+    """Each bad config value is a ValueError naming the field."""
     with pytest.raises(ValueError, match=word):
         tiny(**kw)
 
 
 def test_bad_types_and_module_arguments():
+    """Wrong types and shapes in the config, the modules and the functions are errors naming what is wrong."""
     with pytest.raises(TypeError, match="n_head"):
         tiny(n_head=4.0)
     with pytest.raises(TypeError, match="config"):
@@ -481,6 +534,10 @@ def test_bad_types_and_module_arguments():
         SparkFFN(8, 10, 2, 8)  # r = d
     with pytest.raises(ValueError, match="method"):
         TopkFFN(8, 10, 2, "approximate")
+    with pytest.raises(ValueError, match="act"):
+        GatedFFN(8, 10, "swish")
+    with pytest.raises(ValueError, match="act"):
+        gated_ffn_np(np.ones((2, 8)), np.ones((8, 10)), np.ones((8, 10)), np.ones((10, 8)), "swish")
     with pytest.raises(ValueError, match="n_kv_head"):
         Attention(8, 4, 3, 2)
     with pytest.raises(ValueError, match="r"):
@@ -501,20 +558,25 @@ def test_bad_types_and_module_arguments():
 
 
 def test_count_costs_reproduces_the_reference_arithmetic():
+    """count_costs reproduces the Spark FFN's 3.52x byte limit and the attention KV formula of
+    notes/papers.md ("Spark FFN", "Spark attention") at Gemma-2 2B shapes."""
     g = spark.gemma2_2b_config()
     dense, sp = count_costs(g, 8192), count_costs(dataclasses.replace(g, ffn="spark", attn="spark"), 8192)
-    # REFERENCE.md §3: r f + k (d - r) + k d weights vs 3 d f_gated: 18.1 M vs 63.7 M, 3.52x
+    # r f + k (d - r) + k d weights vs 3 d f_gated: 18.1 M vs 63.7 M, 3.52x
     assert sp["ffn_flops"] == 2 * (1024 * 13824 + 1106 * (2304 - 1024) + 1106 * 2304)
     assert dense["ffn_flops"] == 2 * 3 * 2304 * 9216
     assert round(dense["ffn_flops"] / sp["ffn_flops"], 2) == 3.52
-    # REFERENCE.md §4, one head without GQA sharing: 2 n hd vs n r + k (hd - r) + k hd
+    # one head without GQA sharing: 2 n hd vs n r + k (hd - r) + k hd
     mha = dict(n_head=8, n_kv_head=8)
     kd = count_costs(spark.gemma2_2b_config(**mha), 8192)["kv_bytes"]
     ks = count_costs(spark.gemma2_2b_config(attn="spark", **mha), 8192)["kv_bytes"]
     assert kd / ks == pytest.approx((2 * 8192 * 256) / (8192 * 128 + 256 * 128 + 256 * 256))
-    # Spark attention over n <= kt tokens costs exactly what dense attention does
+    # Spark attention over n <= kt tokens costs exactly what dense attention does (kt = 32 here)
     t = spark.GPTConfig()
-    assert count_costs(dataclasses.replace(t, attn="spark"), 16)["attn_mix_flops"] == count_costs(t, 16)["attn_mix_flops"]
+    assert count_costs(t, 32)["attn_mix_flops"] == count_costs(dataclasses.replace(t, attn="dense"), 32)["attn_mix_flops"]
+    assert count_costs(t, 33)["attn_mix_flops"] < count_costs(dataclasses.replace(t, attn="dense"), 33)["attn_mix_flops"]
+    # the dense ReLU-gated FFN costs what the GeGLU does
+    assert count_costs(dataclasses.replace(g, ffn="relu"), 8192) == dense
     # parameters: Gemma-2 2B is 2.61 B; ours adds 8192 x 2304 learned positions (19 M)
     assert count_params(g) == pytest.approx(2.614e9 + 8192 * 2304, rel=2e-3)
     with pytest.raises(ValueError, match="n_ctx"):
@@ -522,9 +584,12 @@ def test_count_costs_reproduces_the_reference_arithmetic():
 
 
 def test_main_prints_the_cost_table():
+    """`python spark.py` prints the Gemma-2 2B table (3.52x FFN ratio) and the tiny default's (2.50x at 20 %)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         spark.main([])
     text = buf.getvalue()
-    assert "Gemma-2 2B" in text and "tiny default config" in text
-    assert "3.52x fewer" in text
+    assert "Gemma-2 2B" in text and "the tiny default (the model python train_tiny.py trains)" in text
+    assert "3.52x fewer" in text and "k 154 (20.1%)" in text and "2.50x fewer" in text
+    with pytest.raises(SystemExit):  # an unknown flag (the removed --bench, say) is an error, not ignored
+        spark.main(["--bench"])

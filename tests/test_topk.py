@@ -17,6 +17,7 @@ and accept either outcome inside a band of width `band` around it.
 import math
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -24,16 +25,8 @@ import torch
 
 from conftest import assert_close
 import topk
-from topk import (
-    achieved_k,
-    exact_topk,
-    exact_topk_np,
-    normal_icdf,
-    statistical_threshold,
-    statistical_threshold_np,
-    statistical_topk,
-    statistical_topk_np,
-)
+from topk import achieved_k, exact_topk, exact_topk_np, normal_icdf
+from topk import statistical_threshold, statistical_threshold_np, statistical_topk, statistical_topk_np
 
 TOL = {  # dtype -> (atol, rtol), see the module docstring
     torch.float64: (1e-10, 1e-10),
@@ -61,20 +54,22 @@ def make_x(lead, D, dtype, scale=1.0, shift=0.3):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D,k", SHAPES)
 def test_statistical_topk_soft_matches_reference(D, k, dtype):
+    """Soft statistical top-k and its threshold equal the NumPy reference in every dtype."""
     xt, xn = make_x((2, 3), D, dtype)
     atol, rtol = TOL[dtype]
     got = statistical_topk(xt, k)
     assert got.dtype == dtype and got.shape == xt.shape
     assert_close(f"statistical_topk D={D} k={k} {dtype}", got, statistical_topk_np(xn, k), atol, rtol)
-    # the threshold itself, in >= float32
-    th = statistical_threshold(xt, k)
+    th = statistical_threshold(xt, k)  # in >= float32: the float32 tolerance, or float64's
     assert th.shape == (2, 3, 1) and th.dtype == torch.promote_types(dtype, torch.float32)
-    assert_close(f"statistical_threshold D={D} k={k} {dtype}", th, statistical_threshold_np(xn, k), 2e-5 if dtype != torch.float64 else 1e-10, 2e-5 if dtype != torch.float64 else 1e-10)
+    tol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]
+    assert_close(f"statistical_threshold D={D} k={k} {dtype}", th, statistical_threshold_np(xn, k), *tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fill", [0.0, -math.inf])
 def test_statistical_topk_hard_matches_reference_away_from_theta(dtype, fill):
+    """soft=False: exactly the reference's values, except inside the band where theta's rounding decides."""
     D, k = 1000, 80
     xt, xn = make_x((4,), D, dtype)
     got = statistical_topk(xt, k, fill=fill, soft=False).double().numpy()
@@ -88,9 +83,9 @@ def test_statistical_topk_hard_matches_reference_away_from_theta(dtype, fill):
 
 
 def _check_exact_topk(got, x, k, fill):
-    """Tie-robust check of an exact top-k result (REFERENCE.md §1: which tied entry survives is
-    implementation-defined): k survivors per row, each equal to the input at its position, and
-    the multiset of kept values equal to the k largest values of the row."""
+    """Tie-robust check of an exact top-k result (which tied entry survives is not defined):
+    k survivors per row, each equal to the input at its position, and the multiset of kept
+    values equal to the k largest values of the row."""
     got = np.asarray(got, dtype=np.float64)
     x = np.asarray(x, dtype=np.float64)
     kept = got != fill
@@ -105,22 +100,22 @@ def _check_exact_topk(got, x, k, fill):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D,k", SHAPES)
 def test_exact_topk_matches_reference(D, k, dtype):
+    """Exact top-k, torch and NumPy, keep the k largest values (both fills; k == D returns x itself)."""
     fill = -math.inf if k == D - 1 else 0.0  # exercise both fills; -inf also makes kept zeros countable
     xt, xn = make_x((2, 3), D, dtype)
     got = exact_topk(xt, k, fill=fill)
     assert got.dtype == dtype and got.shape == xt.shape
     if k == D:
-        assert got is xt  # k == D: returned unchanged
-        assert exact_topk_np(xn, k) is xn
+        assert got is xt and exact_topk_np(xn, k) is xn
         return
     _check_exact_topk(got.double().numpy(), xn, k, fill)
     _check_exact_topk(exact_topk_np(xn, k, fill=fill), xn, k, fill)
 
 
 def test_matches_gemma3n_operator():
-    """REFERENCE.md §2: Gemma 3n computes cutoff = mean + std(unbiased=False) * icdf(p), then
-    relu(x - cutoff), with p the target sparsity. Written here independently with
-    torch.distributions (not our normal_icdf) to check our operator is the same one."""
+    """Gemma 3n computes cutoff = mean + std(unbiased=False) * icdf(p), then relu(x - cutoff),
+    with p the target sparsity (notes/papers.md, "Statistical top-k (Spark)"). Written here
+    independently with torch.distributions (not our normal_icdf): the same operator."""
     x = torch.randn(8, 2048, dtype=torch.float64) * 1.7 + 0.2
     for p in (0.95, 0.92, 0.5, 0.99):
         k = round((1 - p) * x.shape[-1])
@@ -128,13 +123,15 @@ def test_matches_gemma3n_operator():
         icdf = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p_exact, dtype=torch.float64))
         cutoff = x.mean(-1, keepdim=True) + x.std(-1, keepdim=True, unbiased=False) * icdf
         gemma = torch.relu(x - cutoff)
-        assert_close(f"gemma3n p={p}", statistical_topk(x, k), gemma, 1e-12, 1e-12)
+        assert_close(f"gemma3n p={p}", statistical_topk(x, k), gemma, 1e-12, 1e-12)  # float64: order of sums only
         assert_close(f"gemma3n numpy p={p}", statistical_topk_np(x.numpy(), k), gemma, 1e-12, 1e-12)
     assert abs(normal_icdf(0.95) - 1.6448536) < 1e-7  # Gemma 3n's multiplier for p = 0.95
 
 
 def test_gaussian_rows_achieve_k_within_5_percent():
     """i.i.d. Gaussian rows, D = 16384, k = 8 %: the mean achieved k is within 5 % of k."""
+    # One row's count is k up to a relative O(sqrt(log D / D)), a few % here; the mean over 64
+    # rows is far tighter, so 5 % fails only if theta is wrong (say a D - 1 std or a wrong Q).
     D = 16384
     k = round(0.08 * D)
     x = torch.randn(64, D) * 3.0 - 1.0
@@ -145,13 +142,86 @@ def test_gaussian_rows_achieve_k_within_5_percent():
 
 
 def test_achieved_k_counts():
+    """achieved_k counts entries different from fill, in NumPy and torch; a scalar is refused."""
     y = np.array([[0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0]])
     assert achieved_k(y).tolist() == [2, 0]
     assert achieved_k(torch.tensor(y)).tolist() == [2, 0]
-    y2 = np.array([[-np.inf, 0.0, -1.0]])
-    assert achieved_k(y2, fill=-np.inf).tolist() == [2]
+    assert achieved_k(np.array([[-np.inf, 0.0, -1.0]]), fill=-np.inf).tolist() == [2]
     with pytest.raises(ValueError, match="at least one axis"):
         achieved_k(np.float64(1.0))
+
+
+def test_numpy_threshold_upcasts_before_any_arithmetic():
+    """float32 rows give bit for bit the theta of the same values in float64 (the one copy is the
+    float64 one), and the input is left untouched."""
+    x = (np.random.randn(5, 13824) * 3 + 1).astype(np.float32)
+    before = x.copy()
+    assert np.array_equal(statistical_threshold_np(x, 1106), statistical_threshold_np(x.astype(np.float64), 1106))
+    assert np.array_equal(x, before)
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite input and overflow: one answer in NumPy and torch
+# ------------------------------------------------------------------------------------------
+
+
+def _rows_with_trouble(dtype):
+    """Six rows of 40: normal, +inf inside, -inf inside, NaN first, ~1e30 (float32 squares overflow),
+    ~1e-30 (float32 squares underflow), normal. -> (torch tensor, float64 NumPy array)"""
+    x = np.random.randn(7, 40)
+    x[1, 5], x[2, 11], x[3, 0] = np.inf, -np.inf, np.nan
+    x[4] *= 1e30
+    x[5] *= 1e-30
+    xt = torch.tensor(x).to(dtype)
+    return xt, xt.double().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("soft,fill", [(True, 0.0), (True, -math.inf), (False, 0.0), (False, -math.inf)])
+def test_non_finite_rows_are_nan_and_huge_rows_match_numpy(dtype, soft, fill):
+    """A row holding NaN or +-inf comes out all NaN in both languages, without an exception or a
+    warning; rows of ~1e30 and ~1e-30 (whose float32 squares overflow / underflow) get NumPy's
+    float64 answer from torch too; the normal rows are exactly what they are alone."""
+    xt, xn = _rows_with_trouble(dtype)
+    # The NumPy reference runs on the float64 copy of the same values; float64 squares of 1e30
+    # (1e60) and 1e-30 (1e-60) are in range, so it is the right answer for both rows.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would fail the test
+        ref = statistical_topk_np(xn, 6, fill=fill, soft=soft)
+        got = statistical_topk(xt, 6, fill=fill, soft=soft)
+        theta = statistical_threshold(xt, 6)
+    # rows 1-3 hold inf, -inf, NaN: all NaN, theta included
+    bad = [1, 2, 3]
+    assert np.isnan(ref[bad]).all() and torch.isnan(got[bad]).all() and torch.isnan(theta[bad]).all()
+    ok = [0, 4, 5, 6]
+    for i in ok:  # relative to each row's scale: the float32 tolerance of the module docstring
+        scale = np.abs(xn[i]).max()
+        assert_close(f"row {i} soft={soft} fill={fill}", got[i].double() / scale, ref[i] / scale, 2e-5, 2e-5)
+    # The trouble made torch redo the batch with scaled statistics; the normal rows must not
+    # notice (the scaling is by powers of two, so they are bit-identical to a batch of their own).
+    alone = statistical_topk(xt[[0, 6]], 6, fill=fill, soft=soft)
+    assert_close("normal rows are unaffected", got[[0, 6]], alone, 0.0, 0.0)
+
+
+def test_scaled_statistics_are_bit_identical_where_plain_ones_fit():
+    """_row_mean_std's overflow remedy divides rows by a power of two: on ordinary rows the
+    scaled and plain computations agree bit for bit (so redoing a batch changes no other row)."""
+    z = torch.randn(64, 300) * 5 + 2
+    plain, scaled = topk._row_mean_std(z), topk._row_mean_std(z, scaled=True)
+    for name, a, b in zip(("mean", "std", "z - mean"), plain, scaled):
+        assert torch.equal(a, b), name
+
+
+def test_exact_topk_ranks_nan_highest_and_inf_as_values_in_both():
+    """Exact top-k: NaN ranks above every number and +-inf are ordinary values, in NumPy as in torch."""
+    x = np.array([[1.0, np.nan, 3.0, -np.inf, np.inf, 2.0], [-np.inf, -np.inf, 0.5, -1.0, 7.0, np.nan]])
+    # k = 1: the NaN alone; k = 2: NaN and +inf (row 0) or 7 (row 1); k = 3 adds 3.0 / 0.5.
+    # fill -5 is below every finite value, so kept -inf entries would show as -inf, not as fill.
+    for k in (1, 2, 3):
+        ref = exact_topk_np(x, k, fill=-5.0)
+        got = exact_topk(torch.tensor(x), k, fill=-5.0)
+        assert_close(f"exact top-{k} with NaN and inf", got, ref, 0.0, 0.0)
+    assert np.isnan(exact_topk_np(x, 1)[:, [1, 5]].diagonal()).all()  # k = 1 keeps each row's NaN
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,30 +230,94 @@ def test_achieved_k_counts():
 
 
 def test_gradcheck_statistical_topk_and_threshold():
+    """Finite differences agree with the analytic gradient (soft, hard, and theta itself)."""
     # A row with a clear gap around theta: finite differences (eps 1e-6) never cross it.
     x = torch.randn(3, 40, dtype=torch.float64)
     k = 6
-    th = statistical_threshold(x, k)
-    gap = (x - th).abs().min().item()
+    gap = (x - statistical_threshold(x, k)).abs().min().item()
     assert gap > 1e-4, "test input too close to theta for finite differences"
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: statistical_topk(t, k), (x,))
     assert torch.autograd.gradcheck(lambda t: statistical_topk(t, k, soft=False), (x,))
     assert torch.autograd.gradcheck(lambda t: statistical_threshold(t, k), (x,))
+    # x * 1e160: float64 squares overflow, so the statistics take the scaled path; its gradient
+    # must be right too (the power-of-two scale is a constant to autograd)
+    assert torch.autograd.gradcheck(lambda t: statistical_topk(t * 1e160, k), (x,))
+    assert torch.autograd.gradcheck(lambda t: statistical_threshold(t * 1e160, k), (x,))
     # the threshold is not detached: survivors' gradient includes the -d(theta)/dx terms
-    y = statistical_topk(x, k).sum()
-    (g,) = torch.autograd.grad(y, x)
+    (g,) = torch.autograd.grad(statistical_topk(x, k).sum(), x)
     assert not torch.allclose(g, (statistical_topk(x, k) > 0).double()), "gradient ignores theta"
 
 
 def test_gradcheck_exact_topk():
+    """Exact top-k's gradient is 1 on the kept entries and 0 elsewhere (finite differences agree)."""
     x = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: exact_topk(t, 5), (x,))
     assert torch.autograd.gradcheck(lambda t: exact_topk(t, 1, fill=-1.0), (x,))
 
 
+@pytest.mark.parametrize("soft", [True, False])
+def test_analytic_gradient_equals_autograd_of_plain_ops(soft):
+    """statistical_topk's hand-written backward vs autograd through the plain formula, at a
+    realistic width (D = 1000) and with a constant row (its gradient must be 0, not NaN)."""
+    # the plain formula's autograd gives NaN on the constant row (0/0 in d std), hence nan_to_num
+    # below; our backward must give exactly 0 there
+    x = torch.randn(5, 1000, dtype=torch.float64)
+    x[3] = 0.7  # constant row
+    g = torch.randn(5, 1000, dtype=torch.float64)
+    k = 80
+    x1 = x.clone().requires_grad_(True)
+    (statistical_topk(x1, k, soft=soft) * g).sum().backward()
+    x2 = x.clone().requires_grad_(True)
+    theta = statistical_threshold(x2, k)  # plain ops, autograd all the way
+    plain = torch.where(x2 > theta, x2 - theta if soft else x2, torch.zeros((), dtype=x2.dtype))
+    (plain * g).sum().backward()
+    # float64, two orders of the same sums: 1e-12 absolute on O(1) gradients
+    assert_close(f"analytic grad soft={soft}", x1.grad, torch.nan_to_num(x2.grad), 1e-12, 1e-10)
+    assert torch.all(x1.grad[3] == 0)
+
+
+def test_gradient_from_output_mask_equals_gradient_from_threshold():
+    """statistical_topk_grad has two ways to find the survivors: from the forward's output
+    (out > 0, the fast path statistical_topk uses) and from z > theta (used without `out`, e.g.
+    by kernels_cpu.py). Both must give the same gradient, constant and NaN rows included."""
+    D, k = 300, 30
+    q = normal_icdf(1.0 - k / D)
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:  # ~1e4 ulps of an O(1) gradient
+        z = torch.randn(6, D, dtype=dtype) * 2.0 + 0.5
+        z[2] = -1.25  # constant row: no survivors, zero gradient
+        z[4, 7] = math.nan  # NaN row: NaN gradient in both
+        g = torch.randn(6, D, dtype=dtype)
+        mean, std, c = topk._row_mean_std(z)
+        out = c.sub_(std * q).clamp_min_(0.0)
+        a = topk.statistical_topk_grad(g, z, mean, std, q, True, out)
+        b = topk.statistical_topk_grad(g, z, mean, std, q, True)
+        ok = [0, 1, 2, 3, 5]
+        assert_close(f"grad {dtype}", a[ok], b[ok], tol, tol)
+        assert torch.all(a[2] == 0) and torch.isnan(a[4]).all() and torch.isnan(b[4]).all()
+
+
+def test_out_is_ignored_for_the_hard_gradient_and_in_place_edits_are_caught():
+    """soft=False outputs z m, which can be <= 0 on a survivor (theta < 0): statistical_topk_grad
+    must not take survivors from it. And since the soft backward reads its output, editing the
+    output in place before backward must raise, not give a wrong gradient."""
+    D, k = 200, 150  # a large k: theta < 0, so negative survivors exist
+    q = normal_icdf(1.0 - k / D)
+    z = torch.randn(3, D, dtype=torch.float64)
+    g = torch.randn(3, D, dtype=torch.float64)
+    mean, std, _ = topk._row_mean_std(z)
+    hard_out = torch.where(z > mean + q * std, z, torch.zeros((), dtype=z.dtype))
+    assert (hard_out < 0).any()
+    assert torch.equal(topk.statistical_topk_grad(g, z, mean, std, q, False, hard_out),
+                       topk.statistical_topk_grad(g, z, mean, std, q, False))
+    y = statistical_topk(torch.randn(4, 50, requires_grad=True), 10)
+    y.mul_(2.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
 # ------------------------------------------------------------------------------------------
-# Defined edge cases
+# Defined edge cases and argument errors
 # ------------------------------------------------------------------------------------------
 
 ALL_OPS = [
@@ -194,51 +328,61 @@ ALL_OPS = [
     ("statistical_threshold", statistical_threshold, True),
     ("statistical_topk", statistical_topk, True),
 ]
+IDS = [o[0] for o in ALL_OPS]
 
 
-@pytest.mark.parametrize("name,fn,is_torch", ALL_OPS, ids=[o[0] for o in ALL_OPS])
-@pytest.mark.parametrize("bad_k", [0, -1, 6, 2.0, 1.5, "3", None, True])
-def test_bad_k_raises_naming_k_and_D(name, fn, is_torch, bad_k):
+@pytest.mark.parametrize("name,fn,is_torch", ALL_OPS, ids=IDS)
+def test_bad_k_and_x_raise_naming_them(name, fn, is_torch):
+    """k must be an int in [1, D] (errors name k and D; NumPy ints are fine), the last axis must
+    not be empty, x must be a floating array / tensor with at least one axis."""
+    lib = torch if is_torch else np
     x = torch.randn(2, 5) if is_torch else np.random.randn(2, 5)
-    with pytest.raises(ValueError) as e:
-        fn(x, bad_k)
-    assert "k" in str(e.value) and "D=5" in str(e.value)
-
-
-@pytest.mark.parametrize("name,fn,is_torch", ALL_OPS, ids=[o[0] for o in ALL_OPS])
-def test_numpy_integer_k_accepted_and_empty_last_axis_rejected(name, fn, is_torch):
-    x = torch.randn(2, 5) if is_torch else np.random.randn(2, 5)
-    fn(x, np.int64(2))
-    empty = torch.randn(2, 0) if is_torch else np.random.randn(2, 0)
+    # out of range (0, -1, D + 1), not an int (2.0, 1.5, "3", None), and bool, which Python
+    # would otherwise take as 1
+    for bad_k in [0, -1, 6, 2.0, 1.5, "3", None, True]:
+        with pytest.raises(ValueError) as e:
+            fn(x, bad_k)
+        assert "k" in str(e.value) and "D=5" in str(e.value)
+    fn(x, np.int64(2))  # a NumPy integer is an int
     with pytest.raises(ValueError, match="empty"):
-        fn(empty, 1)
-
-
-@pytest.mark.parametrize("name,fn,is_torch", ALL_OPS, ids=[o[0] for o in ALL_OPS])
-def test_bad_x_types(name, fn, is_torch):
+        fn(x[:, :0], 1)
+    with pytest.raises(TypeError, match="floating"):
+        fn(lib.arange(10).reshape(2, 5), 2)
+    with pytest.raises(ValueError, match="scalar"):
+        fn(x[0, 0], 1)
     if is_torch:
-        with pytest.raises(TypeError, match="floating"):
-            fn(torch.arange(10).reshape(2, 5), 2)
         with pytest.raises(TypeError, match="torch.Tensor"):
             fn(np.random.randn(2, 5), 2)
-        with pytest.raises(ValueError, match="scalar"):
-            fn(torch.tensor(1.0), 1)
-    else:
-        with pytest.raises(TypeError, match="floating"):
-            fn(np.arange(10).reshape(2, 5), 2)
-        with pytest.raises(ValueError, match="scalar"):
-            fn(np.float64(1.0), 1)
 
 
-@pytest.mark.parametrize("name,fn,is_torch", ALL_OPS, ids=[o[0] for o in ALL_OPS])
+@pytest.mark.parametrize("name,fn,is_torch", [o for o in ALL_OPS if "threshold" not in o[0]], ids=[i for i in IDS if "threshold" not in i])
+def test_bad_fill_and_soft_raise_type_error_naming_them(name, fn, is_torch):
+    """fill must be a real number ('a', None, True are refused), soft a bool; -inf and NumPy floats are fine."""
+    x = torch.randn(2, 5) if is_torch else np.random.randn(2, 5)
+    # a string, None, a bool (a number only by accident), a list: none is a fill value
+    for bad in ["a", None, True, [0.0]]:
+        with pytest.raises(TypeError, match="fill"):
+            fn(x, 2, fill=bad)
+    fn(x, 2, fill=-math.inf)
+    fn(x, 2, fill=np.float32(-1.0))
+    if "statistical" in name:
+        for bad in [1, "yes", None]:
+            with pytest.raises(TypeError, match="soft"):
+                fn(x, 2, soft=bad)
+    with pytest.raises(TypeError, match="fill"):
+        achieved_k(x, fill="a")
+
+
+@pytest.mark.parametrize("name,fn,is_torch", ALL_OPS, ids=IDS)
 def test_leading_dims_of_size_zero(name, fn, is_torch):
+    """Leading dimensions of size 0 give an empty result of the right shape."""
     x = torch.randn(0, 3, 7) if is_torch else np.random.randn(0, 3, 7)
-    out = fn(x, 3)
     expected = (0, 3, 1) if "threshold" in name else (0, 3, 7)
-    assert tuple(out.shape) == expected
+    assert tuple(fn(x, 3).shape) == expected
 
 
 def test_k_equal_D_returns_input_unchanged():
+    """k == D: the input object itself comes back, and the threshold is -inf."""
     xt = torch.randn(4, 9)
     xn = xt.numpy()
     assert statistical_topk(xt, 9) is xt and exact_topk(xt, 9) is xt
@@ -250,6 +394,8 @@ def test_k_equal_D_returns_input_unchanged():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_constant_rows_have_no_survivors_and_no_nan(dtype):
     """std = 0: theta = the row's value, nothing is strictly above it, so every entry is `fill`."""
+    # values whose float64 sums are inexact (0.1, 1/3, ...): the centring on the first entry is
+    # what makes their std exactly 0; D = 1001 is odd so no sum is exact by symmetry
     vals = [0.1, -2.2, 1 / 3, 7.7, 0.0, 123.456]
     D = 1001
     xt = torch.tensor(vals, dtype=torch.float64)[:, None].expand(len(vals), D).to(dtype)
@@ -265,39 +411,20 @@ def test_constant_rows_have_no_survivors_and_no_nan(dtype):
     assert_close("theta_np of constant rows = the value", statistical_threshold_np(xn, 80), xn[:, :1], 0.0, 0.0)
 
 
-def test_nan_rows():
-    x = np.random.randn(3, 50)
-    x[1, 7] = np.nan
-    for fn in (exact_topk_np, statistical_topk_np, statistical_threshold_np):
-        with pytest.raises(ValueError, match="NaN"):
-            fn(x, 5)
-    xt = torch.tensor(x)
-    clean = torch.tensor(x[[0, 2]])
-    # statistical: the NaN row is all NaN, the other rows are exactly what they are alone
-    out = statistical_topk(xt, 5)
-    assert torch.isnan(out[1]).all()
-    assert_close("rows without NaN unaffected", out[[0, 2]], statistical_topk(clean, 5), 0.0, 0.0)
-    out = statistical_topk(xt, 5, soft=False, fill=-math.inf)
-    assert torch.isnan(out[1]).all()
-    # exact: torch.topk ranks NaN first, so it is kept; other rows unaffected
-    out = exact_topk(xt, 5)
-    assert torch.isnan(out[1, 7]) and achieved_k(out[1]).item() == 5
-    assert_close("exact: rows without NaN unaffected", out[[0, 2]], exact_topk(clean, 5), 0.0, 0.0)
-
-
 def test_non_contiguous_input():
+    """Strided rows give the contiguous result (to float64 rounding: the sums run in another order)."""
     base = torch.randn(300, 40, dtype=torch.float64)
     xt = base.t()  # [40, 300], last axis has stride 40
     assert not xt.is_contiguous()
-    # float64; strided rows are reduced in another order, so equal to rounding (1e-12), not bitwise
     assert_close("stat non-contiguous", statistical_topk(xt, 17), statistical_topk(xt.contiguous(), 17), 1e-12, 1e-12)
     assert_close("exact non-contiguous", exact_topk(xt, 17), exact_topk(xt.contiguous(), 17), 0.0, 0.0)
     xn = base.numpy().T
-    assert_close("np stat non-contiguous", statistical_topk_np(xn, 17), statistical_topk_np(np.ascontiguousarray(xn), 17), 1e-12, 1e-12)  # NumPy sums strided rows in another order
+    assert_close("np stat non-contiguous", statistical_topk_np(xn, 17), statistical_topk_np(np.ascontiguousarray(xn), 17), 1e-12, 1e-12)
     assert_close("np vs torch non-contiguous", statistical_topk(xt, 17), statistical_topk_np(xn, 17), 1e-10, 1e-10)
 
 
 def test_normal_icdf():
+    """Q(p) against known quantiles; p outside (0, 1) is refused."""
     assert abs(normal_icdf(0.5)) < 1e-15
     assert abs(normal_icdf(0.92) - 1.4050715603) < 1e-9
     assert abs(normal_icdf(0.025) + 1.9599639845) < 1e-9
@@ -314,7 +441,9 @@ def test_normal_icdf():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_matches_cpu_without_host_sync(dtype):
+    """On CUDA the operators match the CPU and never wait for the device (sync debug mode 'error')."""
     x = torch.randn(64, 4096, dtype=dtype)
+    x[3] *= 1e30 if dtype == torch.float32 else 1.0  # float32 squares overflow: the scaled statistics
     xc = x.cuda()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation now raises
@@ -326,7 +455,8 @@ def test_cuda_matches_cpu_without_host_sync(dtype):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     atol, rtol = TOL[dtype]
-    assert_close("cuda statistical_topk", ys, statistical_topk(x, 300), atol, rtol)
+    scale = x.abs().amax(-1, keepdim=True).float()
+    assert_close("cuda statistical_topk", ys.cpu().float() / scale, statistical_topk(x, 300).float() / scale, atol, rtol)
     assert_close("cuda achieved_k", n, achieved_k(statistical_topk(x, 300)), 2, 0)  # float32 reduction order can flip an entry at theta
     _check_exact_topk(ye.double().cpu().numpy(), x.double().numpy(), 300, 0.0)
     assert (achieved_k(yh, fill=-math.inf) > 0).all()
@@ -346,26 +476,16 @@ def test_cuda_backward_matches_cpu():
 
 
 # ------------------------------------------------------------------------------------------
-# The demonstration runs and writes its JSON records
+# The demonstration runs; the test harness reports what it should
 # ------------------------------------------------------------------------------------------
 
 
-def test_demo_json(tmp_path):
-    out = tmp_path / "topk.json"
-    proc = subprocess.run(
-        [sys.executable, topk.__file__, "--rows", "4", "--timing-rows", "8", "--reps", "1", "--no-plot", "--json", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+def test_demo_quick_runs():
+    """`python topk.py --quick` prints the accuracy table for all four distributions and the timing."""
+    proc = subprocess.run([sys.executable, topk.__file__, "--quick"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    import json
-
-    recs = json.loads(out.read_text())
-    timing = [r for r in recs if "baseline_ms" in r]
-    assert len(timing) == 1
-    for key in ("name", "baseline_ms", "ms", "speedup", "limit"):
-        assert key in timing[0]
-    assert timing[0]["speedup"] == pytest.approx(timing[0]["baseline_ms"] / timing[0]["ms"])
-    assert {r["name"] for r in recs} >= {"achieved_k/gaussian", "achieved_k/student_t3"}
+    for word in ("gaussian", "gelu", "student_t3", "bimodal", "exact_topk", "statistical_topk", "copy"):
+        assert word in proc.stdout, word
 
 
 def test_assert_close_reports_where_it_fails():
@@ -382,62 +502,3 @@ def test_assert_close_reports_where_it_fails():
     with pytest.raises(AssertionError, match="shape mismatch"):
         assert_close("shape", np.zeros(3), np.zeros(4), 1.0, 1.0)
     assert_close("within tolerance", got, ref, 0.5, 0.0)
-
-
-@pytest.mark.parametrize("soft", [True, False])
-def test_analytic_gradient_equals_autograd_of_plain_ops(soft):
-    """statistical_topk's hand-written backward vs autograd through the plain formula, at a
-    realistic width (D = 1000) and with a constant row (its gradient must be 0, not NaN)."""
-    x = torch.randn(5, 1000, dtype=torch.float64)
-    x[3] = 0.7  # constant row
-    g = torch.randn(5, 1000, dtype=torch.float64)
-    k = 80
-    x1 = x.clone().requires_grad_(True)
-    (statistical_topk(x1, k, soft=soft) * g).sum().backward()
-    x2 = x.clone().requires_grad_(True)
-    theta = statistical_threshold(x2, k)  # plain ops, autograd all the way
-    plain = torch.where(x2 > theta, x2 - theta if soft else x2, torch.zeros((), dtype=x2.dtype))
-    (plain * g).sum().backward()
-    assert_close(f"analytic grad soft={soft}", x1.grad, torch.nan_to_num(x2.grad), 1e-12, 1e-10)
-    assert torch.all(x1.grad[3] == 0)
-
-
-def test_gradient_from_output_mask_equals_gradient_from_threshold():
-    """statistical_topk_grad has two ways to find the survivors: from the forward's output
-    (out > 0, the fast path statistical_topk uses) and from z > theta (used without `out`, e.g.
-    by kernels_cpu.py). Both must give the same gradient, constant and NaN rows included."""
-    D, k = 300, 30
-    q = topk.normal_icdf(1.0 - k / D)
-    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
-        z = torch.randn(6, D, dtype=dtype) * 2.0 + 0.5
-        z[2] = -1.25  # constant row: no survivors, zero gradient
-        z[4, 7] = math.nan  # NaN row: NaN gradient in both
-        g = torch.randn(6, D, dtype=dtype)
-        mean, std, c = topk._row_mean_std(z)
-        out = c.sub_(std * q).clamp_min_(0.0)
-        a = topk.statistical_topk_grad(g, z, mean, std, q, True, out)
-        b = topk.statistical_topk_grad(g, z, mean, std, q, True)
-        ok = torch.ones(6, dtype=torch.bool)
-        ok[4] = False
-        assert_close(f"grad {dtype}", a[ok], b[ok], tol, tol)
-        assert torch.all(a[2] == 0) and torch.isnan(a[4]).all() and torch.isnan(b[4]).all()
-
-
-def test_out_is_ignored_for_the_hard_gradient_and_in_place_edits_are_caught():
-    """soft=False outputs z m, which can be <= 0 on a survivor (theta < 0): statistical_topk_grad
-    must not take survivors from it. And since the soft backward reads its output, editing the
-    output in place before backward must raise, not give a wrong gradient."""
-    D, k = 200, 150  # a large k: theta < 0, so negative survivors exist
-    q = topk.normal_icdf(1.0 - k / D)
-    z = torch.randn(3, D, dtype=torch.float64)
-    g = torch.randn(3, D, dtype=torch.float64)
-    mean, std, _ = topk._row_mean_std(z)
-    hard_out = torch.where(z > mean + q * std, z, torch.zeros((), dtype=z.dtype))
-    assert (hard_out < 0).any()
-    assert torch.equal(topk.statistical_topk_grad(g, z, mean, std, q, False, hard_out),
-                       topk.statistical_topk_grad(g, z, mean, std, q, False))
-    x = torch.randn(4, 50, requires_grad=True)
-    y = statistical_topk(x, 10)
-    y.mul_(2.0)
-    with pytest.raises(RuntimeError, match="inplace"):
-        y.sum().backward()
