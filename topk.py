@@ -305,7 +305,6 @@ def statistical_topk_grad(g, z, mean, std, q, soft=True, out=None):
     A constant row (sigma = 0) has no survivors, so S = 0 and its gradient is 0 (we avoid 0/0).
     Autograd through the plain ops gives the same numbers; writing it out saves ~15 elementwise
     passes per call, which is what makes a statistical top-k FFN train at nearly dense speed.
-    kernels_cpu.py's blocked CPU version reuses this function.
     """
     if out is not None and soft:
         # g_j m_j with m_j = [out_j > 0] (the soft output only: a hard output z m can be <= 0 on a
@@ -461,7 +460,7 @@ def main(argv=None):
     print(f"{'statistical_topk (eager torch)':<36} {t_stat:>8.1f} {t_exact / t_stat:>8.2f}x")
     print(f"{'copy (1 read + 1 write: the floor)':<36} {t_copy:>8.1f} {t_exact / t_copy:>8.2f}x   ({gbs:.1f} GB/s)")
     print(f"statistical_topk reaches {t_copy / t_stat:.0%} of the memory-bandwidth floor; "
-          f"the blocked CPU version is in kernels_cpu.py.")
+          f"the fused C row loop is in kernels_cpu.py.")
     if not args.quick:
         _plot(sample_rows, k, os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes", "figures", "topk.png"))
 

@@ -279,8 +279,8 @@ def test_analytic_gradient_equals_autograd_of_plain_ops(soft):
 
 def test_gradient_from_output_mask_equals_gradient_from_threshold():
     """statistical_topk_grad has two ways to find the survivors: from the forward's output
-    (out > 0, the fast path statistical_topk uses) and from z > theta (used without `out`, e.g.
-    by kernels_cpu.py). Both must give the same gradient, constant and NaN rows included."""
+    (out > 0, the fast path statistical_topk uses) and from z > theta (used without `out`: the
+    hard threshold and fill != 0). Both must give the same gradient, constant and NaN rows included."""
     D, k = 300, 30
     q = normal_icdf(1.0 - k / D)
     for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:  # ~1e4 ulps of an O(1) gradient
