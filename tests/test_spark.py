@@ -7,6 +7,14 @@ margin. A wrong mask, scale or selection moves outputs by far more than that (1e
 Statistical top-k compares each entry with a threshold computed in a different order; an entry
 that flips sits within ~1e-16 of theta and, the threshold being soft, contributes ~1e-16.
 (tests/conftest.py runs every test with one torch thread and fixed seeds.)
+
+Independent checks. A NumPy reference written from the same reading of a paper would share a
+misreading with the torch code, so several tests check a property instead of a second copy of
+the formula: with V = I an attention output row *is* its weight vector, so we can read off which
+keys were kept; a KV-cache decode must give the logits of a plain forward without a cache; a
+fake model with one-hot logits traces decode_loop's calls; the L1 loss term is recomputed from
+each layer's real input (forward hooks); count_costs is checked against arithmetic written out
+by hand.
 """
 
 import contextlib
@@ -54,12 +62,17 @@ ALL_VARIANTS = [(ffn, attn) for ffn in spark.FFN_KINDS for attn in spark.ATTN_KI
 # FFN functions and modules vs NumPy, float64, awkward shapes
 # ------------------------------------------------------------------------------------------
 
-# (d, f, leading shape): odd d, f not a multiple of 8, one token, batch x tokens, no tokens
+# (d, f, leading shape). Odd d and f = 37, 9, 21, 11 (not multiples of 8) keep the matmuls off
+# their tidy blocked sizes; f = 1 makes k = f for every k, the path where top-k keeps everything;
+# (2, 3) carries two leading axes through; (1,) is a single token; (0,) is a call with no
+# tokens, which must give an empty [0, d] result rather than an error from a reduction over
+# nothing.
 FFN_SHAPES = [(13, 37, (5,)), (7, 9, (2, 3)), (16, 1, (4,)), (10, 21, (1,)), (6, 11, (0,))]
 
 
 def _ffn_weights(d, f):
     """Wg, Wu [d, f] and Wd [f, d], scaled by 1/sqrt(fan-in) so that outputs are O(1)."""
+    # seeded by the shape: each case has its own weights, and a rerun has the same ones
     rng = np.random.default_rng(d * 100 + f)
     x = lambda *s: rng.standard_normal(s)  # noqa: E731
     return x(d, f) / math.sqrt(d), x(d, f) / math.sqrt(d), x(f, d) / math.sqrt(f)
@@ -71,6 +84,9 @@ def test_gated_ffn_matches_numpy(d, f, lead, act):
     """gated_ffn (GeGLU and ReLU-gated) equals gated_ffn_np in float64 at awkward shapes, zero tokens included."""
     Wg, Wu, Wd = _ffn_weights(d, f)
     x = np.random.standard_normal(lead + (d,))
+    # F64 is the right scale: each output is two short sums of O(1) products, rounded ~1e-16
+    # each. It also pins the GELU: the erf GELU and the tanh approximation we use differ by up
+    # to 5e-4 per activation, so a torch side using F.gelu's default (erf) fails by far.
     ref = gated_ffn_np(x, Wg, Wu, Wd, act)
     got = gated_ffn(*(torch.from_numpy(a) for a in (x, Wg, Wu, Wd)), act)
     assert_close(f"gated_ffn {act} d={d} f={f}", got, ref, **F64)
@@ -83,10 +99,19 @@ def test_topk_ffn_matches_numpy(d, f, lead, method):
     k < f really changes the output (the top-k is not silently skipped)."""
     Wg, Wu, Wd = _ffn_weights(d, f)
     x = np.random.standard_normal(lead + (d,))
+    # k = 1 is the sparsest case, k = f takes the k == D early return of topk.py (nothing is
+    # dropped), a middle k is the ordinary case. Exact: random float64 gates have no ties, so
+    # both sides keep the same set. Statistical: theta is computed in two orders, and a gate
+    # within ~1e-16 of it may survive on one side only; the soft threshold makes that entry
+    # ~1e-16 either way, inside F64.
     for k in sorted({1, max(1, f // 3), f}):  # k = 1, a middle k, k = f (no sparsity)
         ref = topk_ffn_np(x, Wg, Wu, Wd, k, method)
         got = topk_ffn(*(torch.from_numpy(a) for a in (x, Wg, Wu, Wd)), k, method)
         assert_close(f"topk_ffn {method} d={d} f={f} k={k}", got, ref, **F64)
+    # A reference and a torch version that both forgot the top-k would agree with each other;
+    # against the dense GeGLU, keeping 1 of f gates moves y by 0.4 or more here, far above the
+    # 1e-3 bar.
+    # Skipped where there is nothing to drop (f = 1) or nothing to compare (no tokens).
     if f > 1 and lead[0] > 0:
         # k < f must really sparsify: y differs from the dense GeGLU
         dense = gated_ffn_np(x, Wg, Wu, Wd, "gelu")
@@ -96,6 +121,9 @@ def test_topk_ffn_matches_numpy(d, f, lead, method):
 @pytest.mark.parametrize("d,f,lead", FFN_SHAPES)
 def test_spark_ffn_matches_numpy(d, f, lead):
     """spark_ffn equals spark_ffn_np for r = 1, d/2, d - 1 and k = 1, a middle k, f."""
+    # r = 1 leaves the predictor one dimension, r = d - 1 leaves K2 one, d // 2 is our default.
+    # Unscaled N(0, 1) weights make outputs up to ~60: rtol 1e-10 scales with them, and float64
+    # rounding of sums this short stays ~1e-15 relative.
     rng = np.random.default_rng(7)
     x = rng.standard_normal(lead + (d,))
     for r in sorted({1, d // 2, d - 1}):
@@ -106,6 +134,7 @@ def test_spark_ffn_matches_numpy(d, f, lead):
             assert_close(f"spark_ffn d={d} f={f} r={r} k={k}", got, ref, **F64)
 
 
+# No zero-token case: the L1 term is a mean over tokens, undefined (NaN) when there are none.
 @pytest.mark.parametrize("d,f,lead", [s for s in FFN_SHAPES if s[2][0] > 0])
 def test_relu_l1_ffn_matches_numpy(d, f, lead):
     """relu_l1_ffn equals relu_l1_ffn_np, y and the L1 term, and the L1 term is its definition."""
@@ -115,13 +144,18 @@ def test_relu_l1_ffn_matches_numpy(d, f, lead):
     y, l1 = relu_l1_ffn(*(torch.from_numpy(a) for a in (x, Wg, Wu, Wd)))
     assert_close("relu_l1 y", y, y_ref, **F64)
     assert_close("relu_l1 l1", l1, np.float64(l1_ref), **F64)
-    # the L1 term by its definition: mean over tokens of sum over f of |relu(g) * u|
+    # the L1 term by its definition: mean over tokens of sum over f of |relu(g) * u|. The two
+    # functions above could share a slip (a sum over tokens where the paper means a mean, say);
+    # this one line, written from the formula, would not share it.
     h = np.maximum(x @ Wg, 0) * (x @ Wu)
     assert_close("relu_l1 l1 definition", l1, np.abs(h).reshape(-1, f).sum(1).mean(), **F64)
 
 
 def test_ffn_modules_match_numpy_with_their_own_weights():
     """Every FFN module, run on a batch, equals its NumPy reference fed the module's own parameters."""
+    # The function tests pass weights by hand; this one proves that each module hands its own
+    # Parameters to the function in the right roles (Wg and Wu swapped, or K1 given K2's rows,
+    # would pass every test above and fail here), and that a [B, T, d] batch goes through.
     d, f, k, r = 11, 29, 5, 4
     x = torch.randn(3, 7, d, dtype=torch.float64)  # batch > 1
     xn = np64(x)
@@ -151,12 +185,17 @@ def test_ffn_modules_match_numpy_with_their_own_weights():
 #   k_top above every visible count: the top-k keeps all; odd hd
 #   k_top = 1: one key per query
 #   a cache and GQA at once, odd hd
+# Between them they reach every branch: `attention` calls SDPA with is_causal (T == S), with an
+# explicit bottom-right mask (S > T) and with no mask (T == 1); `spark_attention` takes its gather
+# path (T == 1, S > kt) and its masked path, with the top-k cutting (kt < visible) or not.
 ATTN_SHAPES = [(2, 6, 3, 7, 7, 10, 3, 4), (1, 4, 1, 5, 12, 9, 4, 1), (2, 2, 2, 1, 9, 8, 3, 7), (3, 4, 2, 1, 2, 6, 5, 3),
                (1, 3, 3, 11, 11, 5, 20, 2), (2, 2, 1, 6, 6, 4, 1, 2), (2, 4, 2, 13, 17, 7, 6, 3)]
 
 
 def _qkv(B, H, Hkv, T, S, hd, seed=0):
     """Seeded float64 q [B, H, T, hd], k and v [B, Hkv, S, hd]."""
+    # Unit-variance entries make q.k / sqrt(hd) O(1): the softmax weights are neither one-hot
+    # nor uniform, so a wrong scale or a wrong mask moves the output far outside F64.
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, hd, dtype=torch.float64, generator=g)
     k = torch.randn(B, Hkv, S, hd, dtype=torch.float64, generator=g)
@@ -170,6 +209,8 @@ def test_attention_matches_numpy(shape, causal):
     """attention (SDPA) equals attention_np: causal or not, with a KV cache (S > T), decode, GQA."""
     B, H, Hkv, T, S, hd, _, _ = shape
     q, k, v = _qkv(B, H, Hkv, T, S, hd)
+    # causal=False with a cache: every query sees all S keys. F64: a softmax over at most 17
+    # O(1) scores, fused in SDPA and looped in NumPy, differs by a few ulps.
     assert_close(f"attention {shape} causal={causal}", attention(q, k, v, causal),
                  attention_np(np64(q), np64(k), np64(v), causal), **F64)
 
@@ -180,6 +221,9 @@ def test_spark_attention_matches_numpy(shape, causal):
     """spark_attention equals spark_attention_np on both of its paths (training and decode)."""
     B, H, Hkv, T, S, hd, k_top, r = shape
     q, k, v = _qkv(B, H, Hkv, T, S, hd)
+    # The key selection is an exact top-k on scores computed in two orders. Only scores within
+    # ~1e-16 of each other could swap ranks, which random float64 scores practically never are:
+    # both sides keep the same keys, and what remains is F64 rounding.
     assert_close(f"spark_attention {shape} causal={causal}", spark_attention(q, k, v, k_top, r, causal),
                  spark_attention_np(np64(q), np64(k), np64(v), k_top, r, causal), **F64)
 
@@ -187,6 +231,9 @@ def test_spark_attention_matches_numpy(shape, causal):
 def test_spark_attention_with_all_keys_kept_is_not_plain_attention():
     """Even with every key kept, the softplus gate and the split scale change the output: a
     reference that silently became dense softmax attention would fail here."""
+    # k_top = 6 = T: nothing is dropped. The gate softplus(.) is ln 2 ~ 0.69 at 0 and varies
+    # with the scores, so the weights do not sum to 1; with the other scales (1/sqrt(r) for the
+    # softmax) the output moves by O(1) here, a hundred times the 1e-2 bar.
     q, k, v = _qkv(1, 2, 2, 6, 6, 8)
     a = attention_np(np64(q), np64(k), np64(v))
     b = spark_attention_np(np64(q), np64(k), np64(v), k_top=6, r=4)
@@ -202,6 +249,10 @@ def test_spark_attention_selects_top_visible_keys_per_query_head():
     with fewer weighs all; the weighted keys are the kt largest q[:r].K1 among the visible ones,
     chosen per query head (two heads sharing a KV head pick different sets).
     """
+    # hd = S = 10 so that V can be the identity; H = 2 query heads share Hkv = 1 KV head; kt = 4
+    # is below most queries' visible counts (query i sees i + 1 keys) but not the first three.
+    # A kept key never gets weight exactly 0 (softmax and softplus are both > 0), so the nonzero
+    # entries of w[h, i] are exactly the kept set.
     B, H, Hkv, S, r, kt = 1, 2, 1, 10, 3, 4
     q, k, _ = _qkv(B, H, Hkv, S, S, S, seed=3)
     v = torch.eye(S, dtype=torch.float64)[None, None]  # [1, 1, S, S]
@@ -221,6 +272,9 @@ def test_spark_attention_selects_top_visible_keys_per_query_head():
 
 def _module_attention_np(m, x, spark_kt=None):
     """Attention module forward in NumPy: projections, heads, attention_np/spark_attention_np, merge."""
+    # Written from the module's weights alone: nn.Linear stores weight as [out, in], so x W^T + b;
+    # heads are split as [B, T, H, hd] then transposed, so reshaping straight to [B, H, T, hd]
+    # (a classic slip) would mix tokens and heads and fail the comparison.
     B, T, _ = x.shape
     lin = lambda mod, a: a @ np64(mod.weight).T + (np64(mod.bias) if mod.bias is not None else 0)  # noqa: E731
     q = lin(m.q_proj, x).reshape(B, T, m.H, m.hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
@@ -234,6 +288,8 @@ def _module_attention_np(m, x, spark_kt=None):
 def test_attention_modules_match_numpy(bias):
     """Attention and SparkAttention modules equal projections + the NumPy references (biases
     included), and SparkAttention loads dense Attention's state dict: the same parameters."""
+    # H hd = 15 != d = 11: a projection sized d x d by mistake would not even run. One KV head
+    # serves all three query heads (multi-query).
     d, H, Hkv, hd = 11, 3, 1, 5  # odd d, head size that does not divide d (head_dim given)
     x = torch.randn(2, 9, d, dtype=torch.float64)
     m = Attention(d, H, Hkv, hd, bias=bias).double()
@@ -258,6 +314,9 @@ def test_attention_functions_are_causal(fn):
     q, k, v = _qkv(B, H, Hkv, T, T, hd)
     run = (lambda q, k, v: attention(q, k, v)) if fn == "attention" else (lambda q, k, v: spark_attention(q, k, v, 3, 2))
     base = run(q, k, v)
+    # t = 1: only the first output is protected; t = 11: only the last position changes. Keys
+    # 100x larger than the rest would take every top-k place if the mask were applied after the
+    # top-k instead of before, which is the ordering bug this test exists for.
     for t in (1, 4, 11):
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
         for a in (q2, k2, v2):
@@ -270,6 +329,9 @@ def test_attention_functions_are_causal(fn):
 @pytest.mark.parametrize("ffn,attn", ALL_VARIANTS)
 def test_gpt_is_causal(ffn, attn):
     """For every FFN x attention variant, future tokens do not change earlier logits (float64)."""
+    # The FFNs act on each token alone, so they are causal unless a row statistic is taken over
+    # the wrong axis (mean and std of statistical top-k over tokens instead of over f, say):
+    # that leaks the future into every position, and only a whole-model test sees it.
     m = model64(ffn=ffn, attn=attn)
     idx = torch.randint(0, 50, (2, 20))
     base, _ = m(idx)
@@ -298,6 +360,9 @@ def test_generate_with_cache_equals_full_forward(ffn, attn):
         # The last forward decoded one query against 17 cached keys: it weighed kt = 5 of them.
         assert m.stats()["attn_density"] == pytest.approx([5 / 17] * 2)
     # A plain forward over the whole sequence, no cache: the reference for every decoded position.
+    # It shares no code path with the decode: T = 17 queries through SDPA's causal mask and
+    # spark_attention's masked path, against one query at a time through the gather path. The
+    # logits are below 1 in size after two float64 layers, so F64 holds.
     full, _ = m(out[:, :-1])  # [3, 17, V]: position t predicts token t + 1
     assert_close(f"{ffn}/{attn} cached vs full logits", logits, full[:, 3:], **F64)
 
@@ -353,6 +418,9 @@ def test_decode_loop_calls_prefill_and_step_as_documented():
 
 def test_generate_top_k_samples_only_among_top_k():
     """top_k = 2: every sampled token is one of the two most likely under the logits it was drawn from."""
+    # An untrained model has nearly uniform logits over 50 tokens, and temperature 1.3 flattens
+    # them further: without the top_k restriction each of the 24 draws would land outside the
+    # top 2 with probability ~0.96, so the check cannot pass by luck.
     m = model64()
     prompt = torch.randint(0, 50, (4, 3))
     out, logits = m.generate(prompt, 6, temperature=1.3, top_k=2, return_logits=True)
@@ -388,6 +456,8 @@ def test_generate_zero_tokens_and_bad_arguments():
 
 def test_forward_rejects_bad_idx():
     """forward: too long, out-of-range ids, wrong rank and mismatched targets are errors naming the argument."""
+    # 25 tokens against block_size 24; id 50 = V is the first id out of range; a 1-D idx has
+    # no batch axis; targets one token longer than idx would misalign the loss.
     m = model64()
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 25, dtype=torch.long))
@@ -407,6 +477,8 @@ def test_forward_rejects_bad_idx():
 @pytest.mark.parametrize("ffn,attn", ALL_VARIANTS)
 def test_gradients_reach_every_parameter(ffn, attn):
     """One backward reaches every parameter of every variant (the Spark predictor K1 included)."""
+    # float32, as in training: this test asks whether gradients arrive, not how precise they are.
+    # K1 reaches the loss only through statistical top-k's backward, theta included.
     torch.manual_seed(0)
     m = GPT(tiny(ffn=ffn, attn=attn, bias=True))
     idx = torch.randint(0, 50, (2, 16))
@@ -424,6 +496,8 @@ def test_relu_l1_loss_is_ce_plus_lambda_times_layer_mean():
     """relu_l1 loss = cross-entropy + lambda * the layers' mean L1 term, recomputed in NumPy from each layer's input."""
     lam = 0.37  # large, so the L1 part is far above float64 noise
     m = model64(ffn="relu_l1", l1=lam)
+    # The hooks record what each FFN really received (the output of its block's ln_2), so the
+    # NumPy recomputation needs none of the model's code before the FFN.
     seen = []
     hooks = [blk.ffn.register_forward_hook(lambda mod, inp, out: seen.append(np64(inp[0]))) for blk in m.blocks]
     idx = torch.randint(0, 50, (2, 10))
@@ -453,6 +527,7 @@ def test_stats_report_densities():
     m(idx)
     st = m.stats()
     assert all(0.05 < x < 0.15 for x in st["ffn_density"]), st
+    # query i sees i + 1 keys and keeps min(kt, i + 1) of them; the density is the ratio of sums
     kept = sum(min(5, i + 1) for i in range(20)) / sum(i + 1 for i in range(20))  # kt = 5 of visible
     assert st["attn_density"] == pytest.approx([kept] * 2)
     assert GPT(tiny()).stats() == {"ffn_density": [None, None], "attn_density": [None, None]}
@@ -467,6 +542,9 @@ def test_stats_report_densities():
 def test_parameter_counts_equal_across_variants(base):
     """Every variant has the dense model's parameter count (Spark within 1 %, exactly for even d_ff), and
     everything outside the FFNs has the same names and shapes."""
+    # A Spark FFN has 2 d f' parameters with f' = round(1.5 f), against 3 d f for the others: equal
+    # for even f. The third base has d_ff = 37: f' = round(55.5) = 56, so 112 d vs 111 d, one
+    # part in 111 of the FFN, under 1 % of the model; it also has 3 heads and a single KV head.
     counts = {}
     shapes = {}
     for ffn, attn in ALL_VARIANTS:
@@ -487,6 +565,8 @@ def test_parameter_counts_equal_across_variants(base):
                                tiny(ffn="relu_l1", n_kv_head=1)])
 def test_count_params_matches_the_model(c):
     """count_params (arithmetic, used for Gemma-2 2B) equals the built model's count."""
+    # The configs reach each term of the formula: biases in LayerNorms and projections, a head
+    # size with H hd != d, the Spark FFN's 1.5x width, a single KV head.
     assert count_params(c) == GPT(c).num_params()
 
 
@@ -524,6 +604,9 @@ def test_bad_config_raises_value_error(kw, word):
 
 def test_bad_types_and_module_arguments():
     """Wrong types and shapes in the config, the modules and the functions are errors naming what is wrong."""
+    # Each call gets one thing wrong, so the message can only name that thing: a float head
+    # count, a dict for a config, sizes out of range in the modules, 3 query heads over 2 KV heads,
+    # more queries (T = 5) than keys (S = 4), and an x whose width does not match W's rows.
     with pytest.raises(TypeError, match="n_head"):
         tiny(n_head=4.0)
     with pytest.raises(TypeError, match="config"):
@@ -560,6 +643,9 @@ def test_bad_types_and_module_arguments():
 def test_count_costs_reproduces_the_reference_arithmetic():
     """count_costs reproduces the Spark FFN's 3.52x byte limit and the attention KV formula of
     notes/papers.md ("Spark FFN", "Spark attention") at Gemma-2 2B shapes."""
+    # Gemma-2 2B: d 2304, gated f 9216, so Spark's f = 1.5 x 9216 = 13824, r = 1024 and
+    # k = round(0.08 x 13824) = 1106. The formulas below are written out from notes/papers.md
+    # rather than taken from spark.py, so a slip in count_costs cannot cancel itself here.
     g = spark.gemma2_2b_config()
     dense, sp = count_costs(g, 8192), count_costs(dataclasses.replace(g, ffn="spark", attn="spark"), 8192)
     # r f + k (d - r) + k d weights vs 3 d f_gated: 18.1 M vs 63.7 M, 3.52x
@@ -589,6 +675,8 @@ def test_main_prints_the_cost_table():
     with contextlib.redirect_stdout(buf):
         spark.main([])
     text = buf.getvalue()
+    # The tiny default: f = 768, k = 154 and r = 64 give 64 x 768 + 154 x 64 + 154 x 128 =
+    # 78,720 weights read against 3 x 128 x 512 = 196,608 for the GeGLU, 2.50x fewer.
     assert "Gemma-2 2B" in text and "the tiny default (the model python train_tiny.py trains)" in text
     assert "3.52x fewer" in text and "k 154 (20.1%)" in text and "2.50x fewer" in text
     with pytest.raises(SystemExit):  # an unknown flag (--bench, say) is an error, not ignored
