@@ -50,6 +50,7 @@ notes/papers.md, "Our choices where the papers are silent"; notes/spark.md):
 """
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -309,10 +310,10 @@ def spark_ffn(x, K1, K2, V, k, r, *, return_act=False):
     a decode kernel (kernels_cpu.py) skips the columns of K2 and rows of V that the gate zeroes.
     """
     _check_spark_ffn(x, K1, K2, V, r)
-    # p = x[:r] K1
-    p = x[..., :r] @ K1  # [..., f]
-    # u = x[r:] K2
-    u = x[..., r:] @ K2  # [..., f]
+    # One split, not two slices: its backward is one cat, not two zero-filled [..., d] gradients
+    x1, x2 = x.split([r, x.shape[-1] - r], dim=-1)  # [..., r], [..., d - r]
+    # p = x[:r] K1,  u = x[r:] K2
+    p, u = x1 @ K1, x2 @ K2  # [..., f], [..., f]
     # t = statistical_topk(p, k) = max(p - theta, 0)
     t = statistical_topk(p, k)  # [..., f]
     # a = gelu(t) * u
@@ -333,11 +334,12 @@ def relu_l1_ffn(x, Wg, Wu, Wd, *, return_act=False):
     return (y, l1, h) if return_act else (y, l1)
 
 
-def _visible(T, S, device):
-    """visible[i, j] = (key j is not in the future of query i) = j <= S - T + i.   -> [T, S] bool"""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    return j <= S - T + i
+@functools.lru_cache(maxsize=16)
+def _causal_bias(T, S, G, dtype, device):
+    """Additive causal mask: 0 where key j is visible to query i (j <= S - T + i), -inf in its
+    future; repeated for G query heads stacked along the rows.   -> [G T, S] float"""
+    i, j = torch.arange(T, device=device)[:, None], torch.arange(S, device=device)[None, :]  # [T, 1], [1, S]
+    return torch.zeros(T, S, dtype=dtype, device=device).masked_fill(j > S - T + i, -math.inf).repeat(G, 1)
 
 
 def attention(q, k, v, causal=True, *, dropout_p=0.0):
@@ -353,8 +355,8 @@ def attention(q, k, v, causal=True, *, dropout_p=0.0):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
-    visible = _visible(T, S, q.device)  # [T, S] bool
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=gqa)
+    mask = _causal_bias(T, S, 1, q.dtype, q.device)  # [T, S] 0 / -inf
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 def spark_attention(q, k, v, k_top, r, causal=True, *, dropout_p=0.0, return_kept=False):
@@ -362,8 +364,9 @@ def spark_attention(q, k, v, k_top, r, causal=True, *, dropout_p=0.0, return_kep
 
     Two paths with the same math:
     - training / prefill (T > 1 or S <= k_top): all [T, S] scores, future masked to -inf,
-      exact top-k over the last axis (fill -inf), softmax, times the softplus gate. O(T S)
-      memory per head: fine at our sizes; a long-context implementation would tile it.
+      exact top-k over the last axis as a threshold (keep s >= the kt-th largest), a softmax
+      over the kept keys, times the softplus gate. O(T S) memory per head: fine at our sizes;
+      a long-context implementation would tile it.
     - decode (T == 1 and S > k_top): scores against K1 of every cached token, torch.topk for
       the kt indices, then gather only those kt rows of K2 and V -- the computation a sparse
       decode kernel does, and what generate() runs one token at a time.
@@ -392,31 +395,46 @@ def spark_attention(q, k, v, k_top, r, causal=True, *, dropout_p=0.0, return_kep
         w = torch.softmax(top.values, dim=-1) * gate  # [B, Hkv, G, 1, kt]
         w = F.dropout(w, dropout_p) if dropout_p > 0 else w
         out = (w @ v_sel).reshape(B, H, 1, hd)  # [B, H, 1, hd]
-        kept = torch.tensor(B * H * k_top, device=q.device)
-        return (out, kept) if return_kept else out
+        return (out, torch.tensor(B * H * k_top, device=q.device)) if return_kept else out
     # --- training / prefill path: every (query, key) pair, masked -------------------------
-    s = (qg[..., :r] @ kg[..., :r].transpose(-1, -2)) / math.sqrt(r)  # [B, Hkv, G, T, S]
+    # The G query heads of a KV head become G T rows, so every product is a plain batched matmul
+    # on [B, Hkv] (no broadcast over G); the scales go on the narrow q slices, not on [.., S].
+    # Masks are float and added in place: on the CPU a bool op costs 5-10x a float op, and each
+    # new [.., S] tensor costs an allocation (measured, 2-core AMD EPYC VM, torch 2.13 CPU).
+    qf = q.reshape(B, Hkv, G * T, hd)  # [B, Hkv, G T, hd]
+    s = (qf[..., :r] * (1 / math.sqrt(r))) @ k[..., :r].transpose(-1, -2)  # [B, Hkv, G T, S]
     if causal:
         # Mask BEFORE the top-k: a future key must never take one of the kt places.
-        s = s.masked_fill(~_visible(T, S, q.device), -math.inf)  # [B, Hkv, G, T, S]
-    if k_top < S:
-        # Exact top-k over keys (a cap of kt tokens). When fewer than kt keys are visible the
-        # kept set contains -inf entries, which stay -inf: the query attends to all visible keys.
-        s = exact_topk(s, k_top, fill=-math.inf)  # [B, Hkv, G, T, S]
-    gate = F.softplus((qg[..., r:] @ kg[..., r:].transpose(-1, -2)) / math.sqrt(hd - r))  # [B, Hkv, G, T, S]
-    w = torch.softmax(s, dim=-1) * gate  # [B, Hkv, G, T, S], exactly 0 where s = -inf
-    w = F.dropout(w, dropout_p) if dropout_p > 0 else w
-    out = (w @ vg).reshape(B, H, T, hd)  # [B, Hkv, G, T, hd] -> [B, H, T, hd]
-    if return_kept:
-        return out, torch.isfinite(s).sum()
-    return out
+        s.add_(_causal_bias(T, S, G, s.dtype, s.device))  # future scores -> -inf
+    # Exact top-k over keys (a cap of kt tokens) as a threshold: keep s >= the kt-th largest
+    # visible score. Queries i < lo see at most kt keys and keep all of them; their threshold is
+    # the lowest float, which drops only the -inf (future) scores.
+    # Ties: every score equal to the kt-th is kept (the reference keeps exactly kt; which of a
+    # tie survives is implementation-defined there anyway).
+    lo = min(T, max(0, k_top - S + T)) if causal else (T if k_top >= S else 0)  # first row seeing > kt keys
+    thr = s.new_full((B, Hkv, G, T, 1), torch.finfo(s.dtype).min)  # [B, Hkv, G, T, 1]
+    top = torch.topk(s.detach().view(B, Hkv, G, T, S)[..., lo:, :], min(k_top, S), dim=-1, sorted=False)
+    thr[..., lo:, :] = top.values.amin(-1, keepdim=True)  # kt-th largest score of each row
+    keep = torch.ge(s.detach(), thr.view(B, Hkv, G * T, 1), out=torch.empty_like(s))  # [B, Hkv, G T, S] 1.0 / 0.0
+    # softmax over the kept keys: e = exp(s - max) * keep, p = e / sum(e). The max is a constant
+    # for the gradient (softmax does not depend on it). exp of an argument below ~-87 (float32
+    # underflow, -inf included) takes a slow path here (4-10x), so it is clamped at -80: a kept
+    # key that far below the max weighs e^-80 instead of less, invisible next to the max's 1.
+    e = torch.exp(s.sub_(s.detach().amax(-1, keepdim=True)).clamp(min=-80.0)) * keep  # [B, Hkv, G T, S]
+    gate = F.softplus((qf[..., r:] * (1 / math.sqrt(hd - r))) @ k[..., r:].transpose(-1, -2))  # [B, Hkv, G T, S]
+    w = F.dropout(e * gate, dropout_p) if dropout_p > 0 else e * gate  # [B, Hkv, G T, S]
+    # out = (p * gate) V = ((e * gate) V) / sum(e): dividing after the matmul touches hd, not S, columns
+    out = ((w @ v) / e.sum(-1, keepdim=True)).reshape(B, H, T, hd)  # [B, Hkv, G T, hd] -> [B, H, T, hd]
+    return (out, keep.sum()) if return_kept else out
 
 
 # ------------------------------------------------------------------------------------------
 # 4. Modules: the weights, under the references' names, plus the density of the last forward.
 #    FFN weights are plain [in, out] Parameters (row-vector convention) so that a test can
 #    hand module.Wg straight to gated_ffn_np. FFNs have no biases (the references have none).
-#    `last_density` is a detached 0-d tensor (no host sync in forward); GPT.stats() reads it.
+#    An FFN keeps its last sparse activation `last_act` (detached; backward holds it anyway) and
+#    GPT.stats() counts its nonzeros only when asked: counting costs ~0.3 ms a layer per step
+#    (2-core AMD EPYC VM). Attention keeps `last_density`, a detached 0-d tensor (no host sync).
 # ------------------------------------------------------------------------------------------
 
 
@@ -434,11 +452,11 @@ class GatedFFN(nn.Module):
         _check_choice("act", act, ("gelu", "relu"))
         self.act = act
         self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
-        self.last_density = None
+        self.last_act = None
 
     def forward(self, x):  # [..., d] -> [..., d]
         y, a = gated_ffn(x, self.Wg, self.Wu, self.Wd, self.act, return_act=True)
-        self.last_density = torch.count_nonzero(a.detach()) / a.numel()  # fraction of nonzero activations
+        self.last_act = a.detach()
         return y
 
 
@@ -453,11 +471,11 @@ class TopkFFN(nn.Module):
         _check_choice("method", method, ("exact", "statistical"))
         self.k, self.method = k, method
         self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
-        self.last_density = None
+        self.last_act = None
 
     def forward(self, x):  # [..., d] -> [..., d]
         y, t = topk_ffn(x, self.Wg, self.Wu, self.Wd, self.k, self.method, return_act=True)
-        self.last_density = torch.count_nonzero(t.detach()) / t.numel()
+        self.last_act = t.detach()
         return y
 
 
@@ -473,11 +491,11 @@ class SparkFFN(nn.Module):
         _check_int("r", r, 1, d - 1)
         self.k, self.r = k, r
         self.K1, self.K2, self.V = _param(r, f), _param(d - r, f), _param(f, d)
-        self.last_density = None
+        self.last_act = None
 
     def forward(self, x):  # [..., d] -> [..., d]
         y, t = spark_ffn(x, self.K1, self.K2, self.V, self.k, self.r, return_act=True)
-        self.last_density = torch.count_nonzero(t.detach()) / t.numel()
+        self.last_act = t.detach()
         return y
 
 
@@ -493,12 +511,12 @@ class ReluL1FFN(nn.Module):
         _check_int("d", d, 1)
         _check_int("f", f, 1)
         self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
-        self.last_density = None
+        self.last_act = None
         self.last_l1 = None
 
     def forward(self, x):  # [..., d] -> [..., d]
         y, self.last_l1, h = relu_l1_ffn(x, self.Wg, self.Wu, self.Wd, return_act=True)
-        self.last_density = torch.count_nonzero(h.detach()) / h.numel()
+        self.last_act = h.detach()
         return y
 
 
@@ -846,11 +864,11 @@ class GPT(nn.Module):
         ffn_density: fraction of FFN activations that are nonzero (what a sparse kernel would use).
         attn_density: fraction of visible (query, key) pairs that got weight (1.0 for dense).
         """
-        def host(v):
-            return None if v is None else float(v)
+        def frac(a):  # nonzero fraction of the last FFN activation
+            return None if a is None else float(torch.count_nonzero(a) / a.numel())
 
-        return {"ffn_density": [host(blk.ffn.last_density) for blk in self.blocks],
-                "attn_density": [host(blk.attn.last_density) for blk in self.blocks]}
+        return {"ffn_density": [frac(b.ffn.last_act) for b in self.blocks],
+                "attn_density": [None if b.attn.last_density is None else float(b.attn.last_density) for b in self.blocks]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -912,8 +930,7 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
     # --- attention mixing: scores and weighted sum over the cache --------------------------------
     if c.attn == "dense":
         mix_flops = H * (2 * n * hd + 2 * n * hd)  # q.K_j and sum_j w_j V_j for n keys, per head
-        kv_el = Hkv * 2 * n * hd  # K and V of every cached token, per KV head
-        kv_el_best = kv_el
+        kv_el = kv_el_best = Hkv * 2 * n * hd  # K and V of every cached token, per KV head
     else:
         r, kt = c.attn_r_, min(c.attn_k, n)
         mix_flops = H * (2 * n * r + 2 * kt * (hd - r) + 2 * kt * hd)  # K1 scores; K2 gate and V for kt
@@ -945,8 +962,7 @@ def gemma2_2b_config(**over):
     gated f 9216, vocabulary 256000, context 8192; Spark settings of the paper."""
     kw = dict(vocab_size=256000, block_size=8192, n_layer=26, n_head=8, n_kv_head=4, head_dim=256, d_model=2304,
               d_ff=9216, ffn="dense", ffn_density=0.08, ffn_r=1024, attn="dense", attn_k=256, attn_r=128)
-    kw.update(over)
-    return GPTConfig(**kw)
+    return GPTConfig(**{**kw, **over})
 
 
 def cost_table(c, n_ctxs):
