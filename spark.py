@@ -289,18 +289,36 @@ def gated_ffn(x, Wg, Wu, Wd, act, *, return_act=False):
     return (y, a) if return_act else y
 
 
+# One switch, TRITON: on a CUDA tensor (with triton installed) the statistical top-k FFNs compute
+# a = gelu(statistical_topk(p, k)) * u in kernels_gpu.py's fused Triton pass, forward and backward
+# (p and u read once, the sparse t never stored); everywhere else, and with TRITON = False, the
+# torch ops below. Both match the NumPy references (tests/test_kernels_gpu.py: tolerances).
+TRITON = True
+
+
+def _gelu_topk_mul(g, u, k, method):
+    """a = gelu(topk(g, k)) * u.   g, u [..., f] -> [..., f]; a = 0 wherever topk dropped g (gelu(0) = 0),
+    so its nonzeros are the kept neurons (up to an exact 0 in u), which the modules count."""
+    if method == "statistical" and TRITON and g.is_cuda:
+        import kernels_gpu  # here, not at the top: only GPU runs need it (it imports topk, not spark)
+
+        return kernels_gpu.gelu_topk_mul_gpu(g, u, k)  # [..., f]
+    # t = topk(g, k): torch.topk + scatter (O(f log k) per token), or mean, std, one threshold (linear)
+    t = exact_topk(g, k) if method == "exact" else statistical_topk(g, k)  # [..., f]
+    # a = gelu(t) * u
+    return F.gelu(t, approximate="tanh") * u  # [..., f]
+
+
 def topk_ffn(x, Wg, Wu, Wd, k, method, *, return_act=False):
     """Torch version of topk_ffn_np.   x [..., d] -> y [..., d]"""
     _check_ffn_weights(x, Wg, Wu, Wd)
     _check_choice("method", method, ("exact", "statistical"))
     g = x @ Wg  # [..., f]
     u = x @ Wu  # [..., f]
-    # t = topk(g, k): torch.topk + scatter (O(f log k) per token), or mean, std, one threshold (linear)
-    t = exact_topk(g, k) if method == "exact" else statistical_topk(g, k)  # [..., f]
-    # a = gelu(t) * u
-    a = F.gelu(t, approximate="tanh") * u  # [..., f]
+    # a = gelu(topk(g, k)) * u
+    a = _gelu_topk_mul(g, u, k, method)  # [..., f]
     y = a @ Wd  # [..., d]
-    return (y, t) if return_act else y
+    return (y, a) if return_act else y
 
 
 def spark_ffn(x, K1, K2, V, k, r, *, return_act=False):
@@ -314,13 +332,11 @@ def spark_ffn(x, K1, K2, V, k, r, *, return_act=False):
     x1, x2 = x.split([r, x.shape[-1] - r], dim=-1)  # [..., r], [..., d - r]
     # p = x[:r] K1,  u = x[r:] K2
     p, u = x1 @ K1, x2 @ K2  # [..., f], [..., f]
-    # t = statistical_topk(p, k) = max(p - theta, 0)
-    t = statistical_topk(p, k)  # [..., f]
-    # a = gelu(t) * u
-    a = F.gelu(t, approximate="tanh") * u  # [..., f]
+    # t = statistical_topk(p, k) = max(p - theta, 0);  a = gelu(t) * u
+    a = _gelu_topk_mul(p, u, k, "statistical")  # [..., f]
     # y = a V
     y = a @ V  # [..., d]
-    return (y, t) if return_act else y
+    return (y, a) if return_act else y
 
 
 def relu_l1_ffn(x, Wg, Wu, Wd, *, return_act=False):
@@ -980,35 +996,31 @@ def cost_table(c, n_ctxs):
                      "bytes_ratio": a["decode_bytes"] / b["decode_bytes"],
                      "bytes_ratio_best": a["decode_bytes"] / (b["decode_bytes"] - b["kv_bytes"] + b["kv_bytes_best"]),
                      "kv_ratio": a["kv_bytes"] / b["kv_bytes"]})
-    return spark, rows
+    return dense, spark, rows
 
 
 def _si(x):
-    for unit, s in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= unit:
-            return f"{x / unit:.3g}{s}"
-    return f"{x:.3g}"
+    """x with an SI prefix, 3 digits: 2.12e6 -> '2.12M' (the first unit x reaches, else none)."""
+    units = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+    return next((f"{x / u:.3g}{s}" for u, s in units if abs(x) >= u), f"{x:.3g}")
 
 
 def print_cost_table(name, c, n_ctxs):
-    spark, rows = cost_table(c, n_ctxs)
-    dense = dataclasses.replace(c, ffn="dense", attn="dense")
+    dense, spark, rows = cost_table(c, n_ctxs)
     print(f"== {name}: d {c.d_model}, {c.n_layer} layers, {c.n_head} heads / {c.n_kv_head} KV heads of {c.hd}, "
           f"vocab {c.vocab_size} ==")
     print(f"dense: gated FFN f {c.d_ff}, full attention | Spark: FFN f {spark.ffn_width}, r {spark.ffn_r_}, "
           f"k {spark.ffn_k} ({spark.ffn_k / spark.ffn_width:.1%}); attention kt {spark.attn_k}, r {spark.attn_r_}")
     pd, ps = count_params(dense), count_params(spark)
     print(f"parameters: dense {_si(pd)}, Spark {_si(ps)} (Spark/dense {ps / pd:.5f})")
-    r0 = rows[0]
-    fw_d, fw_s = r0["dense"]["ffn_flops"] / 2, r0["spark"]["ffn_flops"] / 2
+    fw_d, fw_s = rows[0]["dense"]["ffn_flops"] / 2, rows[0]["spark"]["ffn_flops"] / 2
     print(f"FFN per token and layer: {_si(2 * fw_d)} vs {_si(2 * fw_s)} FLOPs, {_si(fw_d)} vs {_si(fw_s)} weights read "
-          f"-> {r0['ffn_ratio']:.2f}x fewer (FLOPs and bytes)")
+          f"-> {rows[0]['ffn_ratio']:.2f}x fewer (FLOPs and bytes)")
     print("per decoded token (FLOPs: 2 per multiply-add; bytes: bf16 weights + KV cache read; "
           "Spark KV: worst case over GQA unions, best case in brackets)")
     hdr = (f"{'n_ctx':>6} | {'attn mix ratio':>14} | {'FLOPs dense':>11} {'Spark':>7} {'ratio':>6} | "
            f"{'no LM head':>10} | {'bytes dense':>11} {'Spark':>7} {'ratio':>6} {'(best)':>7} | {'KV ratio':>8}")
-    print(hdr)
-    print("-" * len(hdr))
+    print(hdr + "\n" + "-" * len(hdr))
     for row in rows:
         a, b = row["dense"], row["spark"]
         print(f"{row['n_ctx']:>6} | {row['attn_ratio']:>13.2f}x | {_si(a['total_flops']):>11} {_si(b['total_flops']):>7} "

@@ -681,3 +681,27 @@ def test_main_prints_the_cost_table():
     assert "3.52x fewer" in text and "k 154 (20.1%)" in text and "2.50x fewer" in text
     with pytest.raises(SystemExit):  # an unknown flag (--bench, say) is an error, not ignored
         spark.main(["--bench"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ffn", ["stat_topk", "spark"])
+def test_gpt_on_cuda_with_triton_matches_the_torch_path(ffn, monkeypatch):
+    """spark.TRITON switches the statistical FFNs to kernels_gpu's fused Triton pass on CUDA.
+    The loss and every gradient must match the torch ops' within float32 rounding: the kernel
+    keeps its statistics in float32 like topk.statistical_topk, but sums in another order, so
+    an entry within ~1e-6 of theta may fall on the other side; on 1e5 activations that moves
+    the loss by well under 1e-4 (relative) and a gradient entry by under 1e-3 of the largest."""
+    torch.manual_seed(0)
+    model = spark.GPT(spark.GPTConfig(ffn=ffn, attn="dense")).cuda()
+    idx = torch.randint(0, 84, (4, 64), device="cuda")
+    results = []
+    for use in (False, True):
+        monkeypatch.setattr(spark, "TRITON", use)
+        model.zero_grad()
+        _, loss = model(idx, torch.roll(idx, -1, dims=1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert_close("loss", l1, l0, atol=0.0, rtol=1e-4)
+    for a, b in zip(g1, g0):
+        assert_close("gradient", a, b, atol=1e-3 * float(b.abs().max()), rtol=1e-3)
