@@ -69,17 +69,17 @@ def check_k(k, D):
     # bool is an int in Python; k=True would silently mean k=1, so we refuse it.
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k must be an int with 1 <= k <= D (D={D}), got k={k!r} of type {type(k).__name__}")
-    if D == 0:
-        raise ValueError(f"the last axis of x is empty (D=0): no k satisfies 1 <= k <= D (got k={k})")
-    if not 1 <= k <= D:
-        raise ValueError(f"k must satisfy 1 <= k <= D, got k={k} with D={D}")
+    if not 1 <= k <= D:  # (D = 0, an empty last axis, has no valid k)
+        raise ValueError(f"k must satisfy 1 <= k <= D, got k={k} with D={D}" + " (the last axis is empty)" * (D == 0))
 
 
+@torch.compiler.assume_constant_result  # torch.compile cannot trace NormalDist's C code: it calls it once
 def normal_icdf(p):
     """Q(p): the standard normal quantile, the z with P(N(0,1) <= z) = p, for 0 < p < 1.
 
     Python's statistics.NormalDist gives it to double precision (Wichura's AS241 algorithm), so
-    we need no SciPy. Q(0.92) = 1.405 (k = 8 %), Q(0.95) = 1.645 (Gemma 3n's multiplier).
+    we need no SciPy. Q(0.92) = 1.405 (k = 8 %), Q(0.95) = 1.645 (Gemma 3n's multiplier). Under
+    torch.compile its result is a constant of the graph (p depends on k and D only).
     """
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1) for the normal quantile, got p={p}")
