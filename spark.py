@@ -289,7 +289,7 @@ def gated_ffn(x, Wg, Wu, Wd, act, *, return_act=False):
     return (y, a) if return_act else y
 
 
-# One switch, TRITON: on a CUDA tensor (with triton installed) the statistical top-k FFNs compute
+# One switch, TRITON: on a CUDA tensor (not float64; triton needed) the statistical top-k FFNs compute
 # a = gelu(statistical_topk(p, k)) * u in kernels_gpu.py's fused Triton pass, forward and backward
 # (p and u read once, the sparse t never stored); everywhere else, and with TRITON = False, the
 # torch ops below. Both match the NumPy references (tests/test_kernels_gpu.py: tolerances).
@@ -299,7 +299,7 @@ TRITON = True
 def _gelu_topk_mul(g, u, k, method):
     """a = gelu(topk(g, k)) * u.   g, u [..., f] -> [..., f]; a = 0 wherever topk dropped g (gelu(0) = 0),
     so its nonzeros are the kept neurons (up to an exact 0 in u), which the modules count."""
-    if method == "statistical" and TRITON and g.is_cuda:
+    if method == "statistical" and TRITON and g.is_cuda and g.dtype != torch.float64:
         import kernels_gpu  # here, not at the top: only GPU runs need it (it imports topk, not spark)
 
         return kernels_gpu.gelu_topk_mul_gpu(g, u, k)  # [..., f]
@@ -490,8 +490,8 @@ class TopkFFN(nn.Module):
         self.last_act = None
 
     def forward(self, x):  # [..., d] -> [..., d]
-        y, t = topk_ffn(x, self.Wg, self.Wu, self.Wd, self.k, self.method, return_act=True)
-        self.last_act = t.detach()
+        y, a = topk_ffn(x, self.Wg, self.Wu, self.Wd, self.k, self.method, return_act=True)
+        self.last_act = a.detach()  # a = gelu(topk) * u: zero where topk dropped a neuron
         return y
 
 
@@ -510,8 +510,8 @@ class SparkFFN(nn.Module):
         self.last_act = None
 
     def forward(self, x):  # [..., d] -> [..., d]
-        y, t = spark_ffn(x, self.K1, self.K2, self.V, self.k, self.r, return_act=True)
-        self.last_act = t.detach()
+        y, a = spark_ffn(x, self.K1, self.K2, self.V, self.k, self.r, return_act=True)
+        self.last_act = a.detach()  # a = gelu(topk) * u: zero where topk dropped a neuron
         return y
 
 
