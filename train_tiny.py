@@ -29,6 +29,7 @@ import argparse, collections, dataclasses, functools, math, os, platform, re, su
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import spark
 
@@ -357,6 +358,33 @@ def load_checkpoint(out_dir):
 # ------------------------------------------------------------------------------------------
 
 
+# One GPU or several: `--device cuda` runs the model in bfloat16 autocast (matmuls and attention in
+# bf16, weights, optimizer and loss in float32); on a CUDA tensor spark.py's statistical top-k FFNs
+# and Spark attention run their Triton kernels (spark.TRITON). `torchrun --nproc_per_node=N
+# train_tiny.py ...` starts N processes (ranks) that train one model with PyTorch's
+# DistributedDataParallel: every rank draws the same global batch of --batch-size rows (one
+# generator, one seed) and keeps its own B / N of them; backward averages the gradients over ranks
+# (NCCL on GPUs, gloo on CPUs), so each update is the one a single process makes from the whole
+# batch. Rank 0 alone evaluates, logs and writes checkpoints; every rank reads one to --resume.
+
+
+def setup_ranks(args):
+    """(device, rank, world): this process's device, its rank and the number of ranks (torchrun
+    sets RANK, LOCAL_RANK and WORLD_SIZE; a plain run is rank 0 of 1)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
+
+
+def autocast(device):
+    """bfloat16 autocast on a GPU; nothing on the CPU (float32 there: bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()
 def evaluate(model, tokens, args, iters):
     """Mean cross-entropy (nats/token) over `iters` batches of a split, and per-layer densities.
@@ -366,23 +394,26 @@ def evaluate(model, tokens, args, iters):
     the L1 term relu_l1 adds to its training loss never leaks into the validation loss.
     """
     model.eval()
-    gen = torch.Generator().manual_seed(args.seed + 1)
+    gen, device = torch.Generator().manual_seed(args.seed + 1), next(model.parameters()).device
     losses, stats = [], []
     for _ in range(iters):
-        x, y = get_batch(tokens, args.batch_size, args.block_size, gen)  # [B, T], [B, T]
-        logits, _ = model(x, y)  # [B, T, V]
-        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item())
+        x, y = (t.to(device) for t in get_batch(tokens, args.batch_size, args.block_size, gen))  # [B, T], [B, T]
+        with autocast(device):
+            logits, _ = model(x, y)  # [B, T, V]
+        losses.append(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
         stats.append(model.stats())  # {"ffn_density": [L], "attn_density": [L]}: nonzero fractions
     model.train()
     return float(np.mean(losses)), {k: np.mean([s[k] for s in stats], axis=0).tolist() for k in stats[0]}
 
 
-def machine():
-    """One line naming where a measurement ran: CPU, torch threads, torch version."""
+def machine(device=torch.device("cpu")):
+    """One line naming where a measurement ran: CPU (or GPU), torch threads, torch version."""
     cpu = platform.processor() or platform.machine()  # on Linux, /proc/cpuinfo has the model's name
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as fh:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return f"{cpu} ({os.cpu_count()} logical CPUs), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
@@ -392,14 +423,16 @@ def train(args, state=None, on_step=lambda step, model: None):
     state: a loaded checkpoint to continue (--resume). on_step(step, model) runs before each
     step's forward pass; the tests use it to inject a NaN or an interrupt.
     """
+    device, rank, world = setup_ranks(args)
+    say = log if rank == 0 else lambda *a: None  # rank 0 speaks for all
     data = prepare_data(args)
     encode_prompt(data["tokenizer"], args)  # --prompt and --top-k fit the vocabulary: fail now, not after training
-    log(f"data: {data['description']}; {args.tokenizer} vocabulary of {data['tokenizer'].vocab_size}, "
+    say(f"data: {data['description']}; {args.tokenizer} vocabulary of {data['tokenizer'].vocab_size}, "
         f"{len(data['train']):,} train / {len(data['val']):,} val tokens")
     torch.manual_seed(args.seed)  # model init and dropout
     data_gen = torch.Generator().manual_seed(args.seed)  # batch positions, apart from the model's RNG
     config = make_config(args, data["tokenizer"].vocab_size)
-    model = spark.GPT(config)
+    model = spark.GPT(config).to(device)  # the model itself; `step_fn` is what a training step calls
     optimizer = make_optimizer(model, args.lr)
     # The curves plotted or compared later, in plain lists (saved in the checkpoint, so a resumed
     # run continues them): the training loss of every step, the validation loss of every validation.
@@ -411,10 +444,14 @@ def train(args, state=None, on_step=lambda step, model: None):
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         data_gen.set_state(state["rng"]["data"])
+        if "cuda" in state["rng"] and device.type == "cuda":  # dropout masks on the GPU
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         history = state["history"]
-        log(f"resume: continuing from step {state['step']} of {args.max_steps} ({args.out})")
-    log(f"model: {model.num_params():,} parameters, {config.ffn}/{config.attn}, L={config.n_layer} H={config.n_head} "
-        f"d={config.d_model} T={config.block_size}; batch {args.batch_size}, {args.max_steps} steps; {machine()}")
+        say(f"resume: continuing from step {state['step']} of {args.max_steps} ({args.out})")
+    step_fn = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages gradients
+    say(f"model: {model.num_params():,} parameters, {config.ffn}/{config.attn}, L={config.n_layer} H={config.n_head} "
+        f"d={config.d_model} T={config.block_size}; batch {args.batch_size} on {world} x {device.type}, "
+        f"{args.max_steps} steps; {machine(device)}")
 
     def run_eval(step, iters):
         """Validation loss, and the log line with the FFN and attention density of each layer in %."""
@@ -422,23 +459,29 @@ def train(args, state=None, on_step=lambda step, model: None):
         history["val_step"].append(step)
         history["val_loss"].append(val_loss)
         per_layer = " | ".join(k.split("_")[0] + " " + " ".join(f"{100 * v:4.1f}" for v in stats[k]) for k in stats)
-        log(f"step {step:5d} | val loss {val_loss:.4f} | {per_layer}")
+        say(f"step {step:5d} | val loss {val_loss:.4f} | {per_layer}")
         return val_loss, stats
 
     # One step: validate (every eval_interval steps), set the learning rate, forward, backward, clip,
     # check, update; log every log_interval steps, checkpoint with every validation and at the end.
     saved = start = state["step"] if state else 0  # saved: the step the checkpoint on disk continues from
     for step in range(start, args.max_steps):
-        if step > 0 and step % args.eval_interval == 0 and history["val_step"][-1:] != [step]:
+        if rank == 0 and step > 0 and step % args.eval_interval == 0 and history["val_step"][-1:] != [step]:
             run_eval(step, args.eval_iters)  # (not twice at the step a resumed run starts from)
         on_step(step, model)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.max_steps)
         t0 = time.perf_counter()
         x, y = get_batch(data["train"], args.batch_size, args.block_size, data_gen)  # [B, T], [B, T]
-        _, loss = model(x, y)  # scalar: cross-entropy (+ lambda * L1 for relu_l1)
+        b = args.batch_size // world  # this rank's rows of the global batch
+        x, y = (t[rank * b:(rank + 1) * b].to(device, non_blocking=True) for t in (x, y))  # [B / N, T]
+        with autocast(device):
+            _, loss = step_fn(x, y)  # scalar: cross-entropy (+ lambda * L1 for relu_l1) of this rank's rows
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # (DDP: gradients averaged over ranks here)
+        if world > 1:  # the loss of the whole batch: the mean of the ranks' equal-sized means
+            dist.all_reduce(loss := loss.detach().clone())
+            loss /= world
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         # A NaN or inf loss, or a gradient that overflowed while the loss stayed finite: one such
         # update would write NaN into every weight and into the next checkpoint. Stop before it.
@@ -453,15 +496,19 @@ def train(args, state=None, on_step=lambda step, model: None):
         ema_ms = ms if step == start else 0.9 * ema_ms + 0.1 * ms  # smoothed step time, for the ETA
         if step % args.log_interval == 0 or step == args.max_steps - 1:
             st, eta = model.stats(), (args.max_steps - step - 1) * ema_ms / 1000  # this batch's densities
-            log(f"step {step:5d} | loss {loss.item():.4f} | ffn {100 * np.mean(st['ffn_density']):5.1f}% attn "
-                f"{100 * np.mean(st['attn_density']):5.1f}% | {ema_ms:6.1f} ms/step | ETA {eta:5.0f} s")
-        if args.out and ((step + 1) % args.eval_interval == 0 or step + 1 == args.max_steps):
+            say(f"step {step:5d} | loss {loss.item():.4f} | ffn {100 * np.mean(st['ffn_density']):5.1f}% attn "
+                f"{100 * np.mean(st['attn_density']):5.1f}% | {ema_ms:6.1f} ms/step, "
+                f"{args.batch_size * args.block_size / ema_ms:5.0f}k tok/s | ETA {eta:5.0f} s")
+        if rank == 0 and args.out and ((step + 1) % args.eval_interval == 0 or step + 1 == args.max_steps):
             saved = step + 1
             atomic_write(os.path.join(args.out, "ckpt.pt"), lambda fh: torch.save({
                 "format": CKPT_FORMAT, "step": saved, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "config": dataclasses.asdict(config), "args": vars(args), "tokenizer": data["plain"],
                 "corpus": data["description"], "history": history,
-                "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state()}}, fh))
+                "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+                        **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}}, fh))
+    if rank > 0:  # the others' work is done; rank 0 evaluates, samples and reports
+        return None
     val_loss, stats = run_eval(args.max_steps, args.final_eval_iters)
     return {"args": args, "config": dataclasses.asdict(config), "history": history, "model": model,
             "tokenizer": data["tokenizer"], "val_loss": val_loss, **stats}
@@ -474,7 +521,7 @@ def train(args, state=None, on_step=lambda step, model: None):
 
 def sample_text(model, tokenizer, args):
     """args.sample_tokens new tokens after --prompt, drawn with the seed args.seed."""
-    idx = encode_prompt(tokenizer, args)  # [1, n]
+    idx = encode_prompt(tokenizer, args).to(next(model.parameters()).device)  # [1, n]
     torch.manual_seed(args.seed)
     model.eval()  # (generate runs without gradients)
     out = model.generate(idx, args.sample_tokens, temperature=args.temperature, top_k=args.top_k)  # [1, n + new]
@@ -616,6 +663,13 @@ def variant_list(text):
     return text.split(",")
 
 
+# --preset gpt2-small: a GPT-2-small-sized Spark model worth a GPU (12 layers, d 768, 12 heads of 64,
+# context 1024; the gated FFN's d_ff 2048 has GPT-2's 2 x 768 x 3072 weights per layer, Spark's f is
+# 3072) with the paper's settings (8 % of FFN neurons, 256 keys per query) and nanoGPT's GPT-2
+# optimiser settings. The preset only changes defaults: flags given with it still win.
+PRESETS = {"gpt2-small": dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048, block_size=1024,
+                              ffn_density=0.08, attn_k=256, batch_size=32, lr=6e-4, min_lr=6e-5, warmup=200,
+                              max_steps=2000, eval_interval=500, eval_iters=10, final_eval_iters=40, device="cuda")}
 POSITIVE, FINITE = checked(int, lambda v: v >= 1, ">= 1"), checked(float, lambda v: 0 <= v < math.inf, "finite, >= 0")
 NONEMPTY = checked(str, bool, "non-empty")
 # Every flag is checked as argparse reads it (the types below refuse bad values with the flag's
@@ -629,6 +683,8 @@ FLAGS = [  # (flag, default, a type that checks the value or an argparse action,
     ("--min-lr", 1e-4, FINITE, "final lr"), ("--warmup", 100, checked(int, lambda v: v >= 0, ">= 0"), "warmup steps"),
     ("--seed", 1337, checked(int, lambda v: 0 <= v < 2**63, "in [0, 2**63)"), "random seed"),
     ("--threads", None, POSITIVE, "torch CPU threads (None: one per core)"),
+    ("--device", "cpu", checked(str, lambda v: v in ("cpu", "cuda"), "cpu or cuda"), "cuda: bf16 autocast, Triton"),
+    ("--preset", None, checked(str, lambda v: v in PRESETS, f"one of {sorted(PRESETS)}"), "defaults of a larger run"),
     ("--eval-interval", 250, POSITIVE, "steps between validations"), ("--log-interval", 100, POSITIVE, "... log lines"),
     ("--eval-iters", 20, POSITIVE, "batches per validation"), ("--final-eval-iters", 100, POSITIVE, "... final one"),
     ("--temperature", 0.8, FINITE, "sampling temperature (0: greedy)"), ("--sample-tokens", 300, POSITIVE, "to sample"),
@@ -643,9 +699,9 @@ MODEL_HELP = {"block_size": "context T", "n_layer": "layers L", "n_head": "query
               "attn_r": "Spark attn predictor dims (None: hd/2)", "head_dim": "hd (None: d/n_head)", "l1": "relu_l1's"}
 # On --resume the run continues with the checkpoint's settings; only these flags may be given
 # again (where it is, how far to train, threads, the sample at the end).
-RESUME_FLAGS = ("out", "resume", "max_steps", "threads", "sample_tokens", "prompt", "temperature", "top_k")
+RESUME_FLAGS = ("out", "resume", "max_steps", "threads", "device", "sample_tokens", "prompt", "temperature", "top_k")
 # What --sample reads (the rest comes from the checkpoint), and what --compare sets for every variant.
-SAMPLE_READS = ("out", "sample", "threads", "seed", "sample_tokens", "prompt", "temperature", "top_k")
+SAMPLE_READS = ("out", "sample", "threads", "device", "seed", "sample_tokens", "prompt", "temperature", "top_k")
 COMPARE_SETS = ("ffn", "attn", "out", "sample_tokens", "prompt", "temperature", "top_k")
 # A training step's memory, estimated before anything is allocated (so a size the machine cannot
 # hold is refused now, not by the allocator in the middle of a step):
@@ -691,22 +747,31 @@ def check_args(parser, args):
         ignored, why = [k for k in given if k == "variants"], "only --compare reads it"
     if ignored:
         parser.error("--" + ", --".join(ignored).replace("_", "-") + f" would be ignored: {why}")
+    world, cuda = int(os.environ.get("WORLD_SIZE", 1)), args.device == "cuda"  # (torchrun sets WORLD_SIZE)
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    if world > 1 and (args.sample or args.compare):
+        parser.error(f"--sample and --compare run in one process; start them without torchrun (WORLD_SIZE={world})")
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} is the global batch: it must split evenly over {world} ranks")
     V = args.bpe_vocab if args.tokenizer == "bpe" else 256  # V is known once the text is read: BPE's size or 256
     try:
         config = make_config(args, vocab_size=V)
     except (ValueError, TypeError) as e:  # its messages name fields: say the flags instead
         parser.error(re.sub(r"\b(" + "|".join(MODEL_FIELDS) + r")\b", lambda m: "--" + m[1].replace("_", "-"), str(e)))
-    BT, L = args.batch_size * config.block_size, config.n_layer  # tokens per step, layers
-    HT = config.n_head * config.block_size * (config.attn == "spark" or config.dropout > 0)  # scores kept per token
+    BT, L = args.batch_size // world * config.block_size, config.n_layer  # tokens per step and rank, layers
+    # (on a GPU Spark attention is a Triton kernel that keeps no T x T matrix either)
+    HT = config.n_head * config.block_size * (config.attn == "spark" and not cuda or config.dropout > 0)  # per token
     need = {"weights, gradients and AdamW moments (--n-layer, --d-model, --d-ff)": 16 * spark.count_params(config),
             "residual stream (--batch-size, --block-size, --n-layer, --d-model)": 4 * 12 * BT * L * config.d_model,
             "FFN activations (--batch-size, --block-size, --n-layer, --d-ff)": 4 * 6 * BT * L * config.ffn_width,
             "attention scores (--batch-size, --block-size^2, --n-layer, --n-head)": 4 * 8 * BT * L * HT,
             "logits (--batch-size, --block-size, the vocabulary)": 4 * 3 * BT * V}
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf  # (Windows)
+    have = torch.cuda.get_device_properties(0).total_memory if cuda else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else math.inf  # (Windows)
     if sum(need.values()) > have:
         parser.error(f"a training step needs ~{sum(need.values()) / 2**30:,.0f} GiB, the largest part for "
-                     f"{max(need, key=need.get)}; this machine has {have / 2**30:.0f} GiB of memory")
+                     f"{max(need, key=need.get)}; this {'GPU' if cuda else 'machine'} has {have / 2**30:.0f} GiB of memory")
 
 
 def main(argv=None):
@@ -718,6 +783,9 @@ def main(argv=None):
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.preset:  # its values become the defaults, and the command line is read again on top
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
     check_args(parser, args)
     state = load_checkpoint(args.out) if args.resume or args.sample else None
     if args.resume:  # the saved flags, overridden by those given now (argparse fills in only what is missing)
@@ -733,12 +801,16 @@ def main(argv=None):
         return compare(args)
     t0 = time.time()
     if args.sample:
-        model = spark.GPT(spark.GPTConfig(**state["config"]))
+        model = spark.GPT(spark.GPTConfig(**state["config"])).to(args.device)
         model.load_state_dict(state["model"])
         result = {"model": model, "tokenizer": tokenizer_from_dict(state["tokenizer"])}
         log(f"sample: {args.out}/ckpt.pt, step {state['step']}, {model.config.ffn}/{model.config.attn}")
     else:
         result = train(args, state)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if result is None:  # ranks > 0 under torchrun
+            return None
     result["text"] = sample_text(result["model"], result["tokenizer"], args)
     log("-" * 72 + "\n" + result["text"] + "\n" + "-" * 72)
     if not args.sample:

@@ -469,3 +469,67 @@ def test_compare_prints_one_table_and_writes_figures(tiny, monkeypatch, capsys):
     for path in out["figures"]:
         assert os.path.getsize(path) > 5000
     assert sorted(os.listdir(tt.FIGURES_DIR)) == ["train_tiny_density.png", "train_tiny_loss.png"]
+
+
+# ------------------------------------------------------------------------------------------
+# Devices and ranks: --device, --preset, torchrun with DistributedDataParallel (gloo on the CPU)
+# ------------------------------------------------------------------------------------------
+
+
+def _torchrun(argv, cwd):
+    """Run train_tiny.py under `torchrun --standalone --nproc_per_node=2` (gloo on the CPU); its output."""
+    import subprocess, sys  # (only these tests start processes)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core machine: one thread each
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(tt.REPO_ROOT, "train_tiny.py")] + argv
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_two_ranks_match_one_process_and_resume(tiny, tmp_path):
+    """Two gloo ranks with half of the global batch each give the losses and weights of one
+    process with the whole batch (float32 tolerance: the ranks' gradients are averaged in another
+    order than one process sums them), and a run stopped at step 4 and resumed under torchrun
+    continues the same curve. Rank 0 alone writes the checkpoint and logs."""
+    argv = ["--data", tiny] + TINY + ["--eval-interval", "4", "--log-interval", "1", "--sample-tokens", "5"]
+    tt.main(argv + ["--max-steps", "4", "--out", "one"])  # the same two legs in one process
+    one = tt.main(["--resume", "--max-steps", "8", "--out", "one"])
+    out = _torchrun(argv + ["--max-steps", "4", "--out", "two"], tmp_path)
+    assert out.count("step     0 | loss") == 1  # one rank logs
+    out = _torchrun(["--resume", "--max-steps", "8", "--out", "two"], tmp_path)
+    assert "resume: continuing from step 4" in out
+    two = tt.load_checkpoint(str(tmp_path / "two"))
+    # 4 + 4 steps (the learning-rate schedule of a run follows its --max-steps)
+    assert two["step"] == 8 and len(two["history"]["loss"]) == 8
+    np.testing.assert_allclose(two["history"]["loss"], one["history"]["loss"], rtol=1e-4, atol=1e-5)
+    for name, w in one["model"].state_dict().items():
+        np.testing.assert_allclose(two["model"][name].numpy(), w.numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_preset_sets_a_gpt2_small_spark_model(tiny, monkeypatch):
+    """--preset gpt2-small changes the defaults (12 layers, d 768, 12 heads, context 1024, on cuda):
+    ~85 M parameters outside the embeddings, GPT-2 small's count; flags given with it still win."""
+    parser = tt.build_parser()
+    parser.set_defaults(**tt.PRESETS["gpt2-small"])
+    args = parser.parse_args(["--n-layer", "2"])
+    assert (args.n_layer, args.d_model, args.n_head, args.block_size, args.device) == (2, 768, 12, 1024, "cuda")
+    c = tt.make_config(parser.parse_args([]), vocab_size=84)
+    outside = spark.count_params(c) - 84 * 768 - 1024 * 768  # minus token and position embeddings
+    assert 84e6 < outside < 86e6, outside
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_and_uneven_ranks_are_refused(tiny, monkeypatch, capsys):
+    """--device cuda (also through --preset) on a machine without CUDA, and a global batch that does
+    not split over the ranks (WORLD_SIZE as torchrun would set it), stop in argparse time."""
+    monkeypatch.setattr(tt, "prepare_data", lambda args: pytest.fail("the data was read"))
+    for argv, text in ((["--device", "cuda"], "--device cuda"), (["--preset", "gpt2-small"], "--device cuda")):
+        with pytest.raises(SystemExit):
+            tt.main(["--data", tiny] + argv)
+        assert text in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        tt.main(["--data", tiny] + TINY)  # --batch-size 8 over 3 ranks
+    assert "--batch-size 8 is the global batch" in capsys.readouterr().err
