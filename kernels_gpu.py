@@ -708,10 +708,12 @@ def _records(name, ours_ms, floor_ms, baselines):
     return recs
 
 
-def _time_or_error(fn):
-    """Time fn, or return its error text: torch.compile compiles at the first call, and may fail there."""
+def _time_or_error(fn, ref=None):
+    """Time fn, or return its error text: torch.compile compiles at the first call, and may fail
+    there. With ref, fn's result is checked first (as our kernels are): a wrong baseline is not timed."""
     try:
-        fn()
+        if ref is not None:
+            _check("this baseline", fn(), ref, 2e-5, 2.0**-8)
         return _ms(fn)
     except Exception as e:  # noqa: BLE001 (reported next to the table, not hidden)
         return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
@@ -737,7 +739,7 @@ def bench_shape(R, D, density=0.08, dtype=torch.bfloat16):
     recs += _records(f"stat_topk_fwd/{shape}", _ms(lambda: statistical_topk_gpu(x, k)), floor(2), {
         "exact top-k (torch.topk + scatter)": _ms(lambda: exact_topk(x, k)),
         "eager torch (topk.statistical_topk)": _ms(lambda: statistical_topk(x, k)),
-        "torch.compile(topk.statistical_topk)": _time_or_error(lambda: cstat(x, k))})
+        "torch.compile(topk.statistical_topk)": _time_or_error(lambda: cstat(x, k), statistical_topk(x.double(), k))})
 
     # --- statistical top-k backward ---------------------------------------------------------
     xr = x.detach().requires_grad_()
@@ -752,11 +754,14 @@ def bench_shape(R, D, density=0.08, dtype=torch.bfloat16):
     # --- fused gelu(statistical_topk(p)) * u, forward and backward ---------------------------
     _check("gelu_topk_mul fwd", gelu_topk_mul_gpu(x, u, k), gelu_topk_mul(x.double(), u.double(), k), 2e-5, 2.0**-8)
     cfused = torch.compile(gelu_topk_mul)
+    # the unfused Triton version: our top-k kernel, then torch's gelu and product (t stored, read back)
+    unfused = lambda p, u: F.gelu(statistical_topk_gpu(p, k), approximate="tanh") * u  # noqa: E731
     recs += _records(f"gelu_topk_mul/fwd/{shape}", _ms(lambda: gelu_topk_mul_gpu(x, u, k)), floor(3), {
+        "statistical_topk_gpu, then torch gelu and *": _ms(lambda: unfused(x, u)),
         "eager torch (gelu_topk_mul)": _ms(lambda: gelu_topk_mul(x, u, k)),
-        "torch.compile(gelu_topk_mul)": _time_or_error(lambda: cfused(x, u, k))})
+        "torch.compile(gelu_topk_mul)": _time_or_error(lambda: cfused(x, u, k), gelu_topk_mul(x.double(), u.double(), k))})
     pr, ur = x.detach().requires_grad_(), u.detach().requires_grad_()
-    h_ours, h_ref = gelu_topk_mul_gpu(pr, ur, k), gelu_topk_mul(pr, ur, k)
+    h_ours, h_ref, h_unf = gelu_topk_mul_gpu(pr, ur, k), gelu_topk_mul(pr, ur, k), unfused(pr, ur)
     p64, u64 = x.double().requires_grad_(), u.double().requires_grad_()
     ref = torch.autograd.grad(gelu_topk_mul(p64, u64, k), (p64, u64), g.double())
     got = torch.autograd.grad(h_ours, (pr, ur), g, retain_graph=True)
@@ -764,14 +769,107 @@ def bench_shape(R, D, density=0.08, dtype=torch.bfloat16):
     _check("gelu_topk_mul bwd du", got[1], ref[1], 2e-5, 2.0**-8, ok)
     try:
         h_c = cfused(pr, ur, k)
-        t_c = _time_or_error(lambda: torch.autograd.grad(h_c, (pr, ur), g, retain_graph=True))
+        for name, got_c, ref_c in zip(("dp", "du"), torch.autograd.grad(h_c, (pr, ur), g, retain_graph=True), ref):
+            _check(f"torch.compile's {name}", got_c, ref_c, 2e-5, 2.0**-8, ok)  # a baseline is checked too
+        t_c = _ms(lambda: torch.autograd.grad(h_c, (pr, ur), g, retain_graph=True))
     except Exception as e:  # noqa: BLE001 (reported next to the table)
         t_c = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
     recs += _records(f"gelu_topk_mul/bwd/{shape}", _ms(lambda: torch.autograd.grad(h_ours, (pr, ur), g, retain_graph=True)),
-                     floor(5), {"eager torch autograd (gelu_topk_mul backward)":
+                     floor(5), {"statistical_topk_gpu, then torch gelu and * (backward)":
+                                _ms(lambda: torch.autograd.grad(h_unf, (pr, ur), g, retain_graph=True)),
+                                "eager torch autograd (gelu_topk_mul backward)":
                                 _ms(lambda: torch.autograd.grad(h_ref, (pr, ur), g, retain_graph=True)),
                                 "torch.compile(gelu_topk_mul) backward": t_c})
     return recs
+
+
+# Training steps of a whole model. Sparse training computes every layer densely and masks it, so a
+# sparse step does the dense step's FLOPs plus the selection: the question is how little that adds.
+# The model is train_tiny.py's --preset gpt2-small (12 layers, d 768, 12 heads of 64, context
+# 1024; the character vocabulary of its Shakespeare corpus, 84), one training step = forward and
+# backward under bf16 autocast, gradient clipping and AdamW, as train_tiny.py runs it. Dense
+# attention is SDPA (flash attention); the statistical top-k FFNs and Spark attention run this
+# file's kernels (spark.TRITON). Every variant is first checked against its torch path (loss and
+# gradients with spark.TRITON off), then timed in interleaved rounds, so that a change in clocks or
+# a neighbour's load hits all of them alike. The floor: the step's matmul FLOPs,
+#     6 N + 6 L d T  per token   (N weights in matmuls; causal attention: 2 matmuls of d T / 2, x 3)
+# at the rate a large bf16 matmul reaches on this GPU (measured in the same run), so
+# fraction_of_limit is the model FLOPs utilisation.
+TRAIN_VARIANTS = ("dense/dense", "stat_topk/dense", "spark/dense", "spark/spark", "topk/dense")
+
+
+def _train_step_check(config, batch):
+    """Loss and gradients of one step with the Triton kernels equal those of the torch path."""
+    import spark
+
+    torch.manual_seed(0)
+    model = spark.GPT(config).cuda()
+    x = torch.randint(config.vocab_size, (batch, config.block_size), device="cuda")
+    grads = []
+    for use_triton in (True, False):
+        spark.TRITON = use_triton
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, torch.roll(x, -1, dims=1))
+        loss.backward()
+        grads.append([loss.detach().float()] + [p.grad.float() for p in model.parameters()])
+    spark.TRITON = True
+    # bf16 activations: the two paths round differently, and an entry at the threshold may fall on
+    # either side, so the check is loose (a wrong kernel is off by O(1), not by a few per cent).
+    for i, (a, b) in enumerate(zip(*grads)):
+        rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        if not rel < 0.05:
+            raise AssertionError(f"train step {config.ffn}/{config.attn}: tensor {i} differs by {rel:.3f} "
+                                 f"(relative norm) between the Triton and the torch path; not timed")
+
+
+def bench_train_step(batch=8, rounds=5, steps=4, variants=TRAIN_VARIANTS, **over):
+    """train_step/<variant> rows: ms per training step against dense/dense, and its MFU."""
+    import dataclasses
+    import spark
+    from train_tiny import GRAD_CLIP, PRESETS, make_optimizer
+
+    preset = {k: v for k, v in PRESETS["gpt2-small"].items() if k in spark.GPTConfig.__dataclass_fields__}
+    base = spark.GPTConfig(vocab_size=84, **{**preset, **over})
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    peak = 2 * 8192**3 / (_ms(lambda: a @ a) * 1e-3)  # FLOP/s of a large bf16 matmul here
+    runs = {}
+    for name in variants:
+        ffn, attn = name.split("/")
+        config = dataclasses.replace(base, ffn=ffn, attn=attn)
+        _train_step_check(config, 2)
+        torch.manual_seed(0)
+        model = spark.GPT(config).cuda()
+        runs[name] = (model, make_optimizer(model, 1e-4), [])
+    x = torch.randint(base.vocab_size, (batch, base.block_size), device="cuda")
+
+    def step(model, opt):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, torch.roll(x, -1, dims=1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+
+    for r in range(rounds + 1):  # round 0 warms up (autotuning, compilation, allocator)
+        for model, opt, times in runs.values():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                step(model, opt)
+            end.record()
+            end.synchronize()
+            if r:
+                times.append(start.elapsed_time(end) / steps)
+    ms = {name: sorted(t)[len(t) // 2] for name, (_, _, t) in runs.items()}
+    c, T = base, base.block_size
+    n_mm = spark.count_params(c) - c.block_size * c.d_model  # weights in matmuls (the tied embedding as the head)
+    floor_ms = batch * T * (6 * n_mm + 6 * c.n_layer * c.n_head * c.hd * T) / peak * 1e3
+    shape = f"gpt2-small/B{batch}xT{T}/bf16"
+    print(f"[train_step {shape}] bf16 matmul rate {peak / 1e12:.0f} TFLOP/s; ms per step: "
+          + ", ".join(f"{n} {t:.2f}" for n, t in ms.items()))
+    return [r for name in variants if name != "dense/dense"
+            for r in _records(f"train_step/{name}/{shape}", ms[name], floor_ms, {"dense/dense (SDPA flash)": ms["dense/dense"]})]
 
 
 def _print_table(recs):
@@ -795,6 +893,7 @@ def main(argv=None):
     machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"machine: {', '.join(f'{k} {v}' for k, v in machine.items())}, bf16 rows, k = 8 % of D")
     recs = [r for R, D in shapes for r in bench_shape(R, D)]
+    recs += bench_train_step(**(dict(batch=2, n_layer=2, block_size=256, attn_k=64) if args.quick else {}))
     _print_table(recs)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -480,6 +480,9 @@ def _torchrun(argv, cwd):
     """Run train_tiny.py under `torchrun --standalone --nproc_per_node=2` (gloo on the CPU); its output."""
     import subprocess, sys  # (only these tests start processes)
 
+    # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each process;
+    # --standalone picks a free port on this machine, so parallel test runs do not collide.
+    # The ranks run from cwd (the test's tmp_path), so their relative --out lands there too.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core machine: one thread each
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(tt.REPO_ROOT, "train_tiny.py")] + argv
@@ -499,11 +502,14 @@ def test_two_ranks_match_one_process_and_resume(tiny, tmp_path):
     out = _torchrun(argv + ["--max-steps", "4", "--out", "two"], tmp_path)
     assert out.count("step     0 | loss") == 1  # one rank logs
     out = _torchrun(["--resume", "--max-steps", "8", "--out", "two"], tmp_path)
+    # every rank loads the checkpoint (weights, AdamW moments, the data generator); rank 0 says so
     assert "resume: continuing from step 4" in out
     two = tt.load_checkpoint(str(tmp_path / "two"))
     # 4 + 4 steps (the learning-rate schedule of a run follows its --max-steps)
     assert two["step"] == 8 and len(two["history"]["loss"]) == 8
     np.testing.assert_allclose(two["history"]["loss"], one["history"]["loss"], rtol=1e-4, atol=1e-5)
+    # and the weights after 8 updates (relative error: Adam divides by sqrt of the second moment,
+    # which magnifies the rounding differences of tiny gradients a little)
     for name, w in one["model"].state_dict().items():
         np.testing.assert_allclose(two["model"][name].numpy(), w.numpy(), rtol=1e-3, atol=1e-5, err_msg=name)
 
