@@ -218,6 +218,132 @@ def relu_l1_ffn_np(x, Wg, Wu, Wd):
 # ------------------------------------------------------------------------------------------
 
 
+# TwELL, tile-wise ELLPACK (Sakana AI, arXiv 2603.23198, its TwELL format; notes/papers.md,
+# "TwELL"; drawn in notes/twell.md): how their GPU kernels hand the gate g = relu(x Wg) [M, f]
+# from the gate matmul to the fused up/down projection, so that the dense g is never stored.
+# The f columns form tiles of `tile`; each (row, tile) owns a slot of W = tile / C uint32 words:
+#     word 0        n, how many entries the slot holds, 0 <= n <= W - 1 (the capacity)
+#     words 1..n    one nonzero each, in increasing column order:
+#                   bits 0-15 the global column j, bits 16-31 the bf16 bits of g_j
+#     words n+1..   0
+# packed is [M, nT W] uint32, nT = ceil(f / tile): 4 W = 4 tile / C bytes per tile against the
+# 2 tile bytes of dense bf16 g, so C / 2 times smaller (4x at C = 8).
+# Choices where the paper is silent (each one tested):
+# - f <= 65536 (a 16-bit column index); C in {2, 4, 8}; tile a power of two >= 2 C (room for a
+#   count and one entry; powers of two are what GPU kernels tile by). When f % tile != 0 the
+#   last tile is narrower (f mod tile columns) and its slot still has W words.
+# - Values: float32 -> bf16 rounded to nearest even (float64 input is rounded to float32 first,
+#   in NumPy and torch alike). An entry is stored when its bf16 value is nonzero: -0 and float32
+#   up to 2^-134 (they round to 0) are not; a float32 from 3.396e38 on rounds to bf16 inf.
+# - g must be finite and >= 0, as a ReLU output is: anything else is an error (NaN has no bf16
+#   bits that both versions agree on; a negative value means the input is not a ReLU gate).
+# - Overflow (a tile with more than W - 1 nonzeros) flags its row. That tile's slot holds
+#   n = W - 1 and its first W - 1 columns, each with the value NaN (bf16 bits 0x7FC0): no count
+#   exceeds the capacity, nothing spills into the next slot, and a consumer that ignores the flag
+#   gets a NaN row, never a plausible wrong one. twell_unpack returns such rows all NaN;
+#   twell_ffn computes them densely with the exact g (the paper's hybrid routing).
+BF16_NAN = 0x7FC0  # the bf16 bits of the NaN that marks an overflowing slot (torch's NaN)
+
+
+def _twell_sizes(f, tile, C):
+    """Check the format's arguments f, tile, C -> (nT tiles per row, W words per slot)."""
+    _check_int("C", C, 2, 8)
+    _check_choice("C", C, (2, 4, 8))
+    _check_int("f", f, 1, 65536)  # a column index has 16 bits
+    _check_int("tile", tile, 2 * C, 65536)
+    if tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two >= 2 C = {2 * C}, got {tile}")
+    return -(-f // tile), tile // C  # ceil(f / tile), W
+
+
+def _check_twell_array(name, a, ok, expected):
+    """ValueError naming the argument unless ok (its rank, dtype and width were checked by the caller)."""
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(a.shape)} dtype {a.dtype}")
+
+
+def twell_pack_np(h, tile=256, C=8):
+    """TwELL packing (format above).   h [M, f] -> (packed uint32 [M, nT W], overflow bool [M])
+
+    h: gate activations relu(x Wg), any float dtype, finite and >= 0. A loop over (row, tile),
+    the plainest form; twell_pack is the vectorised version, bit for bit the same.
+    """
+    h = np.asarray(h)
+    _check_twell_array("h", h, h.ndim == 2 and h.dtype.kind == "f", "a float array [M, f]")
+    (M, f), (nT, W) = h.shape, _twell_sizes(h.shape[1], tile, C)
+    h32 = h.astype(np.float32)
+    bad = np.argwhere(~((h32 >= 0) & (h32 < np.inf)))  # 0 <= h < inf fails for NaN, inf, h < 0
+    if len(bad):
+        i = tuple(bad[0].tolist())
+        raise ValueError(f"h must be finite and >= 0 (ReLU outputs), got h{list(i)} = {h32[i]}")
+    # bf16 bits, round to nearest even: add 0x7FFF plus the lowest kept bit (bit 16), keep the top
+    # 16 bits; a mantissa carry runs into the exponent by itself (0 <= h < inf: no wrap past 2^32)
+    b = h32.view(np.uint32)  # [M, f] float32 bits
+    hb = (b + 0x7FFF + ((b >> 16) & 1)) >> 16  # [M, f] bf16 bits
+    packed, overflow = np.zeros((M, nT * W), np.uint32), np.zeros(M, bool)
+    for m in range(M):
+        for t in range(nT):
+            # the tile's nonzero global columns, increasing (& 0x7FFF: the sign bit of -0 does not count)
+            j = t * tile + np.flatnonzero(hb[m, t * tile : (t + 1) * tile] & 0x7FFF)
+            v = hb[m, j]  # their bf16 bits
+            if len(j) > W - 1:  # overflow: flag the row; keep W - 1 columns, each valued NaN
+                overflow[m], j, v = True, j[: W - 1], np.full(W - 1, BF16_NAN, np.uint32)
+            # word 0 = n;  word k = j | bf16 << 16 for k = 1..n
+            packed[m, t * W] = len(j)
+            packed[m, t * W + 1 : t * W + 1 + len(j)] = j | (v << 16)
+    return packed, overflow
+
+
+def twell_unpack_np(packed, f, tile=256, C=8):
+    """Inverse of twell_pack_np.   packed uint32 [M, nT W] -> g float32 [M, f] (bf16 values)
+
+    Rows that overflowed come back all NaN. A slot that is not one twell_pack_np writes (count
+    above the capacity, a column outside its tile or not increasing) is an error.
+    """
+    packed = np.asarray(packed)
+    nT, W = _twell_sizes(f, tile, C)
+    ok = packed.ndim == 2 and packed.dtype == np.uint32 and packed.shape[1] == nT * W
+    _check_twell_array("packed", packed, ok, f"a uint32 array [M, {nT * W}] (f={f}, tile={tile}, C={C})")
+    g = np.zeros((packed.shape[0], f), np.float32)
+    for m in range(packed.shape[0]):
+        for t in range(nT):
+            n = int(packed[m, t * W])  # word 0
+            e = packed[m, t * W + 1 : (t + 1) * W][:n]  # words 1..n (at most the slot's)
+            j = e & 0xFFFF  # [n] global columns
+            if n > W - 1 or (j // tile != t).any() or (j >= f).any() or (np.diff(j.astype(np.int64)) <= 0).any():
+                raise ValueError(f"packed[{m}] tile {t} is not a TwELL slot: count {n} (capacity {W - 1}), "
+                                 f"columns {j.tolist()} (must increase within [{t * tile}, {min(f, (t + 1) * tile)}))")
+            # the bf16 bits are the high half of a float32: clear the low 16 bits (the column)
+            g[m, j] = (e & 0xFFFF0000).view(np.float32)
+    # only an overflowing slot holds NaN (valid data is finite): mark its whole row
+    g[np.isnan(g).any(axis=1)] = np.nan
+    return g
+
+
+def twell_ffn_np(x, Wg, Wu, Wd, tile=256, C=8):
+    """ReLU-gated FFN through TwELL, with the hybrid routing.   x [..., d] -> y [..., d]
+
+    The gate g = relu(x Wg) is packed; a row without overflow reads its stored entries only,
+    y = sum_j g_j (x . Wu[:, j]) Wd[j] (bf16 g_j); an overflowing row takes the dense FFN with
+    the exact g. So y = relu_l1_ffn_np(x, Wg, Wu, Wd)[0] up to the bf16 rounding of g. A NaN or
+    inf gate (from non-finite x or weights) is twell_pack_np's error, not a NaN row.
+    """
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    xs = x.reshape(-1, x.shape[-1])  # [M, d]
+    packed, overflow = twell_pack_np(relu_np(xs @ Wg), tile, C)  # the gate, dense only here
+    y = np.zeros(xs.shape, np.result_type(xs, Wd, np.float32))  # [M, d]
+    for m in range(len(xs)):
+        if overflow[m]:  # hybrid routing: the dense ReLU-gated FFN for this row
+            y[m] = relu_l1_ffn_np(xs[m], Wg, Wu, Wd)[0]
+            continue
+        # the n entries of the row: words 1..count of each slot
+        e = np.concatenate([packed[m, s + 1 : s + 1 + packed[m, s]] for s in range(0, packed.shape[1], tile // C)])
+        j, g = e & 0xFFFF, (e & 0xFFFF0000).view(np.float32)  # [n] columns, [n] bf16 values
+        # y = sum_j g_j (x . Wu[:, j]) Wd[j]: n columns of Wu and n rows of Wd read, not f
+        y[m] = (g * (xs[m] @ Wu[:, j])) @ Wd[j]
+    return y.reshape(x.shape)
+
+
 def attention_np(q, k, v, causal=True):
     """Multi-head (grouped-query) softmax attention: softmax(q k^T / sqrt(hd)) v.   -> [B, H, T, hd]"""
     _check_attn_shapes(q, k, v)
@@ -348,6 +474,76 @@ def relu_l1_ffn(x, Wg, Wu, Wd, *, return_act=False):
     l1 = h.abs().sum(dim=-1).mean()
     y = h @ Wd  # [..., d]
     return (y, l1, h) if return_act else (y, l1)
+
+
+def twell_pack(h, tile=256, C=8):
+    """Torch version of twell_pack_np, bit-identical.   h [M, f] -> (packed uint32 [M, nT W], overflow bool [M])
+
+    Vectorised and deterministic, with no host synchronisation: a cumsum over each tile's
+    nonzero mask numbers its nonzeros 1, 2, ... from the left, the slot word each one goes to;
+    one scatter writes them. The value check is torch._assert_async: on the CPU it raises at
+    once, on a GPU it is a device-side assert (the stream fails; the host never waits).
+    """
+    _check_twell_array("h", h, h.ndim == 2 and h.is_floating_point(), "a float tensor [M, f]")
+    (M, f), (nT, W) = h.shape, _twell_sizes(h.shape[1], tile, C)
+    torch._assert_async(((h >= 0) & (h < math.inf)).all(), "h must be finite and >= 0 (ReLU outputs)")
+    # bf16 through float32 (as in NumPy), zero-padded to nT whole tiles
+    hb = F.pad(h.float().to(torch.bfloat16), (0, nT * tile - f)).view(M, nT, tile)  # [M, nT, tile]
+    bits = hb.view(torch.int16).long() & 0xFFFF  # [M, nT, tile] bf16 bits
+    nz = hb != 0  # stored: bf16 value nonzero (-0 == 0)
+    pos = nz.cumsum(-1)  # [M, nT, tile] k at the k-th nonzero of a tile: its slot word
+    count = pos[..., -1]  # [M, nT] nonzeros per tile
+    over = count > W - 1  # [M, nT] overflowing tiles (their entries are valued NaN)
+    # word = j | bf16 << 16, j the global column
+    j = torch.arange(nT * tile, device=h.device).view(nT, tile)  # [nT, tile]
+    word = j | (torch.where(over[..., None], BF16_NAN, bits) << 16)  # [M, nT, tile]
+    # zeros and entries past the capacity go to a spare word W, dropped after the scatter
+    dst = torch.where(nz & (pos < W), pos, W)  # [M, nT, tile] slot word of each column
+    packed = torch.zeros(M, nT, W + 1, dtype=torch.long, device=h.device).scatter_(2, dst, word)
+    packed[..., 0] = count.clamp(max=W - 1)  # word 0: n, never above the capacity
+    # words < 2^31 (h >= 0: no sign bit), so int32 holds them and its bits are the uint32 ones
+    return packed[..., :W].reshape(M, nT * W).int().view(torch.uint32), over.any(-1)
+
+
+def twell_unpack(packed, f, tile=256, C=8):
+    """Torch version of twell_unpack_np.   packed uint32 [M, nT W] -> g float32 [M, f], overflowed rows NaN
+
+    Checks, by torch._assert_async, only what would write out of place (a count above the capacity,
+    a column >= f); twell_unpack_np also checks that the columns increase within their tile.
+    """
+    nT, W = _twell_sizes(f, tile, C)
+    ok = packed.ndim == 2 and packed.dtype == torch.uint32 and packed.shape[1] == nT * W
+    _check_twell_array("packed", packed, ok, f"a uint32 tensor [M, {nT * W}] (f={f}, tile={tile}, C={C})")
+    M = packed.shape[0]
+    p = packed.view(torch.int32).view(M, nT, W)  # [M, nT, W] the same bits as int32
+    n, e = p[..., :1], p[..., 1:]  # [M, nT, 1] counts, [M, nT, W - 1] entries
+    held, j = torch.arange(1, W, device=p.device) <= n, e & 0xFFFF  # [M, nT, W - 1] words 1..n, columns
+    ok = (n >= 0) & (n <= W - 1) & (~held | (j < f))
+    torch._assert_async(ok.all(), "packed: a count above the capacity tile/C - 1, or a column >= f")
+    # column j (spare column f for the words not held), value = the high half as a float32
+    dst = torch.where(held, j, f).view(M, nT * (W - 1)).long()  # [M, nT (W - 1)]
+    v = (e & -65536).view(torch.float32).reshape(M, nT * (W - 1))  # -65536 = 0xFFFF0000 in int32
+    g = torch.zeros(M, f + 1, device=p.device).scatter_(1, dst, v)[:, :f]  # [M, f]
+    return torch.where(g.isnan().any(1, keepdim=True), math.nan, g)
+
+
+def twell_ffn(x, Wg, Wu, Wd, tile=256, C=8):
+    """Torch version of twell_ffn_np, no host synchronisation.   x [..., d] -> y [..., d]
+
+    Fixed shapes: every row's gate goes through pack and unpack, and torch.where picks per row
+    the unpacked bf16 g or, where the row overflows, the exact g (hybrid routing); then one dense
+    product, the plainest form of y = sum_j g_j (x . Wu[:, j]) Wd[j]. No gradient reaches Wg
+    through the packed rows (train with relu_l1_ffn).
+    """
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    xs = x.reshape(-1, x.shape[-1])  # [M, d]
+    g = F.relu(xs @ Wg)  # [M, f]
+    packed, overflow = twell_pack(g, tile, C)
+    gq = twell_unpack(packed, g.shape[1], tile, C).to(g.dtype)  # [M, f] bf16 values; NaN rows where overflow
+    # h = g~ * (x Wu), g~ = exact g on overflowing rows, bf16 g from the words elsewhere
+    h = torch.where(overflow[:, None], g, gq) * (xs @ Wu)  # [M, f]
+    # y = h Wd
+    return (h @ Wd).reshape(x.shape)
 
 
 @functools.lru_cache(maxsize=16)
