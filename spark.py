@@ -417,8 +417,9 @@ def gated_ffn(x, Wg, Wu, Wd, act, *, return_act=False):
 
 # One switch, TRITON: on a CUDA tensor (not float64; triton needed) the statistical top-k FFNs compute
 # a = gelu(statistical_topk(p, k)) * u in kernels_gpu.py's fused Triton pass, forward and backward
-# (p and u read once, the sparse t never stored); everywhere else, and with TRITON = False, the
-# torch ops below. Both match the NumPy references (tests/test_kernels_gpu.py: tolerances).
+# (p and u read once, the sparse t never stored), and SparkAttention trains (S == T, no dropout)
+# with kernels_gpu.spark_attention_gpu; everywhere else, and with TRITON = False, the torch ops
+# below. Both match the NumPy references (tests/test_kernels_gpu*.py: tolerances).
 TRITON = True
 
 
@@ -794,8 +795,13 @@ class SparkAttention(Attention):
     def _mix(self, q, k, v):
         B, H, T, _ = q.shape
         S = k.shape[2]
-        out, kept = spark_attention(q, k, v, self.k_top, self.r, causal=True,
-                                    dropout_p=self.dropout if self.training else 0.0, return_kept=True)
+        p = self.dropout if self.training else 0.0
+        if TRITON and q.is_cuda and q.dtype != torch.float64 and S == T and p == 0.0:
+            import kernels_gpu  # (as in _gelu_topk_mul) two Triton passes; no [T, S] tensor is stored
+
+            out, kept = kernels_gpu.spark_attention_gpu(q, k, v, self.k_top, self.r)
+        else:
+            out, kept = spark_attention(q, k, v, self.k_top, self.r, causal=True, dropout_p=p, return_kept=True)
         visible = B * H * (T * (S - T) + T * (T + 1) // 2)  # sum over queries of S - T + i + 1
         self.last_density = kept.detach() / visible
         return out

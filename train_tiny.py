@@ -325,7 +325,7 @@ def make_optimizer(model, lr):
     """AdamW with weight decay on the matrices only."""
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS)
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=next(model.parameters()).is_cuda)  # (one kernel on a GPU)
 
 
 # ------------------------------------------------------------------------------------------
