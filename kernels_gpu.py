@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from topk import _check_fill_soft, _check_torch, check_k, exact_topk, normal_icdf
 from topk import statistical_threshold, statistical_topk, statistical_topk_grad
+from spark import _check_attn_shapes, _check_int  # (spark.py imports this file only inside functions)
 
 try:
     import triton
@@ -738,14 +739,6 @@ BLOCK_M1 = 16  # pass 1 query rows per program (tl.dot's smallest M)
 # ------------------------------------------------------------------------------------------
 
 
-def _check_int_arg(name, value, lo, hi=None):
-    """TypeError/ValueError unless value is an int in [lo, hi] (hi None: no upper bound)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be in " + (f"[{lo}, {hi}]" if hi is not None else f">= {lo}") + f", got {value}")
-
-
 def _check_attn_args(q, k, v, k_top, r):
     """q [B, H, T, hd], k and v [B, Hkv, T, hd]: one dtype (float32/bf16/fp16), one device,
     H % Hkv == 0, S == T (training / prefill), k_top >= 1, 1 <= r <= hd - 1."""
@@ -757,20 +750,15 @@ def _check_attn_args(q, k, v, k_top, r):
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise TypeError(f"q, k and v must share dtype and device; got q {q.dtype} {q.device}, k {k.dtype} {k.device}, "
                         f"v {v.dtype} {v.device}")
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"attention expects q [B, H, T, hd], k and v [B, Hkv, S, hd]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, H, T, hd = q.shape
-    if k.shape[0] != B or k.shape[3] != hd or k.shape[1] == 0 or H % k.shape[1] != 0:
-        raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)}: need the same B and hd, "
-                         f"and H ({H}) divisible by Hkv ({k.shape[1]})")
+    _check_attn_shapes(q, k, v)  # spark.py's: q [B, H, T, hd], k v [B, Hkv, S, hd], H % Hkv == 0
+    T, hd = q.shape[2], q.shape[3]
     if k.shape[2] != T:
         raise ValueError(f"spark_attention_gpu is the training / prefill path: k and v need S = T = {T} keys, "
                          f"got S = {k.shape[2]} (with a KV cache use spark.spark_attention)")
     if hd < 2:
         raise ValueError(f"q's head size hd = {hd} leaves no room for the split: Spark attention needs hd >= 2")
-    _check_int_arg("k_top", k_top, 1)
-    _check_int_arg("r", r, 1, hd - 1)
+    _check_int("k_top", k_top, 1)
+    _check_int("r", r, 1, hd - 1)
 
 
 # ------------------------------------------------------------------------------------------

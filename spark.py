@@ -427,7 +427,7 @@ def _gelu_topk_mul(g, u, k, method):
     """a = gelu(topk(g, k)) * u.   g, u [..., f] -> [..., f]; a = 0 wherever topk dropped g (gelu(0) = 0),
     so its nonzeros are the kept neurons (up to an exact 0 in u), which the modules count."""
     if method == "statistical" and TRITON and g.is_cuda and g.dtype != torch.float64:
-        import kernels_gpu  # here, not at the top: only GPU runs need it (it imports topk, not spark)
+        import kernels_gpu  # here, not at the top: only GPU runs need it (it imports spark back, at its top)
 
         return kernels_gpu.gelu_topk_mul_gpu(g, u, k)  # [..., f]
     # t = topk(g, k): torch.topk + scatter (O(f log k) per token), or mean, std, one threshold (linear)

@@ -99,6 +99,25 @@ def assert_close(name, got, ref, atol, rtol):
         )
 
 
+def run_in_cuda_graph(step):
+    """step() captured in a CUDA graph and replayed once; returns what the capture returned.
+
+    A capture fails on any host synchronisation (.item(), .cpu(), a data-dependent shape), so a
+    function that gets through it never makes the host wait for the GPU. CUDA graphs require a
+    warm-up outside the capture (on a side stream): it also compiles the Triton kernels."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds():
     """Every test starts from the same random state, so failures reproduce."""

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close
+from conftest import HAS_CUDA, assert_close, run_in_cuda_graph
 import kernels_gpu
 from kernels_gpu import gelu_topk_mul, gelu_topk_mul_gpu, statistical_topk_gpu, statistical_topk_grad_gpu
 from topk import normal_icdf, statistical_threshold, statistical_threshold_np, statistical_topk, statistical_topk_grad
@@ -423,17 +423,7 @@ def test_benchmark_shape_on_cuda_without_host_sync():
             h = gelu_topk_mul_gpu(x, u, k)
             return (y, h, *torch.autograd.grad(y, x, g), *torch.autograd.grad(h, (x, u), g))
 
-        side = torch.cuda.Stream()  # warm up (compile) outside the capture, as CUDA graphs require
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        # capture: any .item(), .cpu() or data-dependent shape inside step() would raise here
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y, h, dx, dp, du = step()
-        graph.replay()
-        torch.cuda.synchronize()
+        y, h, dx, dp, du = run_in_cuda_graph(step)
         x64, u64, g64 = x.detach().double(), u.detach().double(), g.double()
         # bf16 inputs sit on a coarse grid: skip the few rows with an entry within rounding of theta
         ok = ((x64 - statistical_threshold(x64, k)).abs() > 1e-5).all(-1).cpu()

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, run_in_cuda_graph
 from spark import relu_l1_ffn, relu_l1_ffn_np, twell_ffn, twell_ffn_np, twell_pack, twell_pack_np, twell_unpack, twell_unpack_np
 
 F64 = dict(atol=1e-12, rtol=1e-10)
@@ -388,18 +388,7 @@ def test_cuda_graph_no_host_sync():
         p, o = twell_pack(g)
         return p, o, twell_unpack(p, g.shape[1]), twell_ffn(x, Wg, Wu, Wd)
 
-    # warm up outside the capture, as CUDA graphs require
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    # capture: any .item(), .cpu() or data-dependent shape inside step() would raise here
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        p, o, gu, y = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    p, o, gu, y = run_in_cuda_graph(step)
     p_np, o_np = twell_pack_np(g.cpu().numpy())
     assert_close("packed cuda vs np", words(p.cpu()), p_np, 0, 0)
     assert_close("overflow cuda vs np", o.cpu(), o_np, 0, 0)
