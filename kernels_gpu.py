@@ -1,5 +1,6 @@
-"""kernels_gpu.py: statistical top-k on the GPU in Triton, forward and backward, and the fused
-activation of the Spark FFN and Gemma 3n, gelu(statistical_topk(p)) * u.
+"""kernels_gpu.py: statistical top-k on the GPU in Triton, forward and backward, the fused
+activation of the Spark FFN and Gemma 3n, gelu(statistical_topk(p)) * u, and Spark attention
+for training, which never stores its [T, S] scores.
 
 Statistical top-k (Spark Transformer, arXiv 2506.06644, statistical top-k; notes/papers.md,
 "Statistical top-k (Spark)") thresholds each row z of length D at
@@ -20,7 +21,9 @@ What a reader learns here (in the manner of Triton's tutorials 02-fused-softmax 
 - a backward written from its derivation (topk.statistical_topk_grad) as one pass per row;
 - fusing an activation so that a whole intermediate tensor is never stored;
 - what a compiler must know to use vector loads (alignment, and masks constant over a vector);
-- measuring a memory-bound kernel against the copy that moves the same bytes.
+- measuring a memory-bound kernel against the copy that moves the same bytes;
+- an exact top-k without a sort (a radix select on the bits of the scores, in registers), and
+  attention in two passes, flash-attention style, with a mask and a gate inside the tiles.
 
 The kernels, each with the reference it must match (same argument names and order)
     statistical_topk_gpu(x, k, fill, soft)       reference: topk.statistical_topk (and _np)
@@ -30,13 +33,18 @@ The kernels, each with the reference it must match (same argument names and orde
     gelu_topk_mul_gpu(p, u, k)                    reference: gelu_topk_mul(p, u, k) below
         _gelu_topk_mul_fwd_kernel, _gelu_topk_mul_bwd_kernel: forward and backward in one pass
         each; the backward recomputes max(p - theta, 0) from p and the saved mean and std.
-tests/test_kernels_gpu.py runs them in Triton's interpreter on the CPU (CI) and on a GPU.
-`python kernels_gpu.py [--json PATH] [--quick]` is the benchmark (CUDA only).
+    spark_attention_gpu(q, k, v, k_top, r)        reference: spark.spark_attention (and _np)
+        _spark_attn_thr_kernel: each query's threshold (its kt-th score), max and softmax sum;
+        _spark_attn_fwd_kernel: the output; _spark_attn_bwd_dq_kernel, _spark_attn_bwd_dkdv_kernel.
+tests/test_kernels_gpu.py and tests/test_kernels_gpu_attention.py run them in Triton's
+interpreter on the CPU (CI) and on a GPU. `python kernels_gpu.py [--json PATH] [--quick]` is the
+benchmark (CUDA only): the kernels against their baselines, and whole training steps of a
+GPT-2-small-sized model (rows train_step/...).
 
 Dimension letters
     D   row length (FFN width f, or number of keys n)        R   number of rows (all leading dims)
     k   target survivors per row, 1 <= k <= D                BLOCK   entries of a row held at once
-    ROWS   rows one program works on (a tile is [ROWS, BLOCK])
+    ROWS   rows one program works on (a tile is [ROWS, BLOCK]); Spark attention's letters: section 5
 
 Choices (as topk.py's, so that every implementation gives one answer; notes/kernels_gpu.md)
 - Input and output float32, bfloat16 or float16; statistics always in float32; q = Q(1 - k/D)
@@ -1355,8 +1363,13 @@ def spark_attention_gpu(q, k, v, k_top, r):
 #
 #    For each shape (bf16 rows, k = 8 % of D) every kernel is first checked against its
 #    reference on the benchmark's own input (a wrong kernel is not timed: the run fails), then
-#    timed with triton.testing.do_bench (median), which zeroes a buffer larger than the H200's
-#    60 MB L2 before every timed call, so no input is found in cache. Baselines in the same run:
+#    timed inside a CUDA graph (triton.testing.do_bench_cudagraph: many calls captured back to
+#    back, the median over replays), both sides alike. A graph takes the host out of the timing:
+#    timed from Python, a backward through autograd spends 50-100 us of host time per call, and
+#    that showed up as 1.2-1.9x slower kernels in some runs (after torch.compile had run in the
+#    process). There is no L2 flush between calls; every tensor here is 196-268 MB against the
+#    H200's 60 MB of L2, so a call finds at most the tail of the previous one's output in cache,
+#    never its own input. Baselines in the same run:
 #    exact top-k (torch.topk + scatter), eager torch (topk.statistical_topk), torch.compile of
 #    it (when it compiles; the error is reported otherwise), and for the backward the torch
 #    autograd backward of topk.statistical_topk. The floor is a device copy (x.clone(): one
@@ -1390,7 +1403,7 @@ def _rows_off_theta(x, k):
 
 
 def _ms(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def _records(name, ours_ms, floor_ms, baselines):
@@ -1431,53 +1444,64 @@ def bench_shape(R, D, density=0.08, dtype=torch.bfloat16):
     ok = _rows_off_theta(x, k)  # rows whose survivors cannot flip with rounding
     recs = []
 
-    # --- statistical top-k forward ----------------------------------------------------------
-    _check("stat_topk_fwd", statistical_topk_gpu(x, k), statistical_topk(x.double(), k), 2e-5, 2.0**-8)
-    cstat = torch.compile(statistical_topk, dynamic=False)  # compiled at its first call (inside _time_or_error)
-    recs += _records(f"stat_topk_fwd/{shape}", _ms(lambda: statistical_topk_gpu(x, k)), floor(2), {
-        "exact top-k (torch.topk + scatter)": _ms(lambda: exact_topk(x, k)),
-        "eager torch (topk.statistical_topk)": _ms(lambda: statistical_topk(x, k)),
-        "torch.compile(topk.statistical_topk)": _time_or_error(lambda: cstat(x, k), statistical_topk(x.double(), k))})
+    # Backward times: a CUDA graph cannot start from a forward recorded outside it (autograd runs
+    # the backward on the forward's stream), so we time forward + backward in one graph and
+    # subtract the forward's own time, for ours and every baseline alike.
+    def bwd_ms(fwd, inputs, fwd_ms):
+        return _ms(lambda: torch.autograd.grad(fwd(*inputs), inputs, g)) - fwd_ms
 
-    # --- statistical top-k backward ---------------------------------------------------------
+    def checked_bwd_ms(fwd, inputs, fwd_ms, refs):
+        """bwd_ms of a baseline whose gradients are checked first; its error text if it fails."""
+        if isinstance(fwd_ms, str):
+            return fwd_ms
+        try:
+            for got_b, ref_b in zip(torch.autograd.grad(fwd(*inputs), inputs, g), refs):
+                _check("this baseline's gradient", got_b, ref_b, 2e-5, 2.0**-8, ok)
+            return bwd_ms(fwd, inputs, fwd_ms)
+        except Exception as e:  # noqa: BLE001 (reported next to the table)
+            return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+
+    # --- statistical top-k, forward and backward -------------------------------------------
+    ref = statistical_topk(x.double(), k)
+    _check("stat_topk_fwd", statistical_topk_gpu(x, k), ref, 2e-5, 2.0**-8)
+    cstat = torch.compile(statistical_topk, dynamic=False)  # compiled at its first call (inside _time_or_error)
+    ours, eager = _ms(lambda: statistical_topk_gpu(x, k)), _ms(lambda: statistical_topk(x, k))
+    compiled = _time_or_error(lambda: cstat(x, k), ref)
+    recs += _records(f"stat_topk_fwd/{shape}", ours, floor(2), {
+        "exact top-k (torch.topk + scatter)": _ms(lambda: exact_topk(x, k)),
+        "eager torch (topk.statistical_topk)": eager, "torch.compile(topk.statistical_topk)": compiled})
     xr = x.detach().requires_grad_()
-    y_ours, y_ref = statistical_topk_gpu(xr, k), statistical_topk(xr, k)
     _, mean, std = _stat_topk_fwd(x, q, 0.0, True)
     # the analytic gradient in float64, from the same statistics
     ref = statistical_topk_grad(g.double(), x.double(), mean.double()[:, None], std.double()[:, None], q)
-    _check("stat_topk_bwd", torch.autograd.grad(y_ours, xr, g, retain_graph=True)[0], ref, 2e-5, 2.0**-8, ok)
-    recs += _records(f"stat_topk_bwd/{shape}", _ms(lambda: torch.autograd.grad(y_ours, xr, g, retain_graph=True)), floor(3), {
-        "eager torch autograd (topk.statistical_topk backward)": _ms(lambda: torch.autograd.grad(y_ref, xr, g, retain_graph=True))})
+    _check("stat_topk_bwd", torch.autograd.grad(statistical_topk_gpu(xr, k), xr, g)[0], ref, 2e-5, 2.0**-8, ok)
+    recs += _records(f"stat_topk_bwd/{shape}", bwd_ms(lambda x: statistical_topk_gpu(x, k), [xr], ours), floor(3), {
+        "eager torch autograd (topk.statistical_topk backward)": bwd_ms(lambda x: statistical_topk(x, k), [xr], eager),
+        "torch.compile(topk.statistical_topk) backward": checked_bwd_ms(lambda x: cstat(x, k), [xr], compiled, [ref])})
 
     # --- fused gelu(statistical_topk(p)) * u, forward and backward ---------------------------
-    _check("gelu_topk_mul fwd", gelu_topk_mul_gpu(x, u, k), gelu_topk_mul(x.double(), u.double(), k), 2e-5, 2.0**-8)
+    ref = gelu_topk_mul(x.double(), u.double(), k)
+    _check("gelu_topk_mul fwd", gelu_topk_mul_gpu(x, u, k), ref, 2e-5, 2.0**-8)
     cfused = torch.compile(gelu_topk_mul, dynamic=False)
     # the unfused Triton version: our top-k kernel, then torch's gelu and product (t stored, read back)
     unfused = lambda p, u: F.gelu(statistical_topk_gpu(p, k), approximate="tanh") * u  # noqa: E731
-    recs += _records(f"gelu_topk_mul/fwd/{shape}", _ms(lambda: gelu_topk_mul_gpu(x, u, k)), floor(3), {
-        "statistical_topk_gpu, then torch gelu and *": _ms(lambda: unfused(x, u)),
-        "eager torch (gelu_topk_mul)": _ms(lambda: gelu_topk_mul(x, u, k)),
-        "torch.compile(gelu_topk_mul)": _time_or_error(lambda: cfused(x, u, k), gelu_topk_mul(x.double(), u.double(), k))})
+    ours, unf = _ms(lambda: gelu_topk_mul_gpu(x, u, k)), _ms(lambda: unfused(x, u))
+    eager, compiled = _ms(lambda: gelu_topk_mul(x, u, k)), _time_or_error(lambda: cfused(x, u, k), ref)
+    recs += _records(f"gelu_topk_mul/fwd/{shape}", ours, floor(3), {
+        "statistical_topk_gpu, then torch gelu and *": unf, "eager torch (gelu_topk_mul)": eager,
+        "torch.compile(gelu_topk_mul)": compiled})
     pr, ur = x.detach().requires_grad_(), u.detach().requires_grad_()
-    h_ours, h_ref, h_unf = gelu_topk_mul_gpu(pr, ur, k), gelu_topk_mul(pr, ur, k), unfused(pr, ur)
     p64, u64 = x.double().requires_grad_(), u.double().requires_grad_()
     ref = torch.autograd.grad(gelu_topk_mul(p64, u64, k), (p64, u64), g.double())
-    got = torch.autograd.grad(h_ours, (pr, ur), g, retain_graph=True)
+    got = torch.autograd.grad(gelu_topk_mul_gpu(pr, ur, k), (pr, ur), g)
     _check("gelu_topk_mul bwd dp", got[0], ref[0], 2e-5, 2.0**-8, ok)
     _check("gelu_topk_mul bwd du", got[1], ref[1], 2e-5, 2.0**-8, ok)
-    try:
-        h_c = cfused(pr, ur, k)
-        for name, got_c, ref_c in zip(("dp", "du"), torch.autograd.grad(h_c, (pr, ur), g, retain_graph=True), ref):
-            _check(f"torch.compile's {name}", got_c, ref_c, 2e-5, 2.0**-8, ok)  # a baseline is checked too
-        t_c = _ms(lambda: torch.autograd.grad(h_c, (pr, ur), g, retain_graph=True))
-    except Exception as e:  # noqa: BLE001 (reported next to the table)
-        t_c = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
-    recs += _records(f"gelu_topk_mul/bwd/{shape}", _ms(lambda: torch.autograd.grad(h_ours, (pr, ur), g, retain_graph=True)),
-                     floor(5), {"statistical_topk_gpu, then torch gelu and * (backward)":
-                                _ms(lambda: torch.autograd.grad(h_unf, (pr, ur), g, retain_graph=True)),
+    recs += _records(f"gelu_topk_mul/bwd/{shape}", bwd_ms(lambda p, u: gelu_topk_mul_gpu(p, u, k), [pr, ur], ours),
+                     floor(5), {"statistical_topk_gpu, then torch gelu and * (backward)": bwd_ms(unfused, [pr, ur], unf),
                                 "eager torch autograd (gelu_topk_mul backward)":
-                                _ms(lambda: torch.autograd.grad(h_ref, (pr, ur), g, retain_graph=True)),
-                                "torch.compile(gelu_topk_mul) backward": t_c})
+                                bwd_ms(lambda p, u: gelu_topk_mul(p, u, k), [pr, ur], eager),
+                                "torch.compile(gelu_topk_mul) backward":
+                                checked_bwd_ms(lambda p, u: cfused(p, u, k), [pr, ur], compiled, ref)})
     return recs
 
 
