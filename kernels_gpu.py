@@ -71,7 +71,8 @@ import torch.nn.functional as F
 
 from topk import _check_fill_soft, _check_torch, check_k, exact_topk, normal_icdf
 from topk import statistical_threshold, statistical_topk, statistical_topk_grad
-from spark import _check_attn_shapes, _check_int  # (spark.py imports this file only inside functions)
+import spark  # (spark.py imports this file only inside functions, so both orders work)
+from spark import _check_attn_shapes, _check_int
 
 try:
     import triton
@@ -1359,7 +1360,593 @@ def spark_attention_gpu(q, k, v, k_top, r):
 
 
 # ------------------------------------------------------------------------------------------
-# 6. The benchmark: python kernels_gpu.py [--json PATH] [--quick]   (CUDA only)
+# 6. TwELL: the L1-sparse FFN with its gate packed inside the gate matmul (Triton)
+# ------------------------------------------------------------------------------------------
+# TwELL (Sakana AI, "Sparser, Faster, Lighter Transformer Language Models", arXiv 2603.23198, its
+# TwELL format; notes/papers.md, "TwELL"; the format is drawn in notes/twell.md and defined above
+# spark.twell_pack_np) is how an L1-sparse ReLU-gated FFN
+#
+#     g = relu(x Wg)      u = x Wu      h = g * u      y = h Wd
+#
+# skips the zeros of g (about 99.5 % after L1 training) on a GPU. Three kernels and a fallback:
+# - producer (_twell_produce_kernel): the gate matmul x @ Wg, tiled with an output tile of exactly
+#   `tile` columns, whose epilogue applies the ReLU, rounds to bf16 and writes the TwELL slot of
+#   every (row, tile) -- count word and entry words -- plus the per-row overflow flag. The dense
+#   g [M, f] is never written: only the packed words, C / 2 times smaller than bf16 g.
+# - consumer (_twell_consume_kernel): one program per row reads its slots and, for each stored
+#   entry j, u_j = x . Wu[:, j], h_j = g_j u_j, y += h_j Wd[j, :]: 2 rows of d weights per
+#   nonzero instead of 2 f d per token. h is never written either.
+# - hybrid route (_twell_dense_h_kernel, _twell_dense_y_kernel): a row with a tile holding more
+#   nonzeros than its slot can (tile / C - 1) is computed densely, in the same call, in a buffer
+#   of a FIXED number `cap` of rows. The consumer compacts the overflowing row ids on the device
+#   (an atomic counter hands out buffer slots), so the host never waits; the dense kernels read
+#   that counter and their programs past it exit at once, so an unused capacity costs no work.
+#   More overflowing rows than cap is an error (below), never a silent drop.
+#
+# The public functions, each with the reference it must match (same argument names and order)
+#     prepare_twell_gpu(Wg, Wu, Wd) -> (Wg, WuT, Wd)    the weight layouts the kernels read
+#     twell_gate_pack_gpu(x, Wg, tile, C)               the producer alone; reference:
+#         -> (packed, overflow)                          spark.twell_pack(relu(x @ Wg), tile, C), bit for bit
+#     twell_consume_gpu(x, packed, overflow, WuT, Wd, tile, C)   the consumer alone; reference: the
+#         -> y, overflowing rows NaN                     rows without overflow of spark.twell_ffn
+#     twell_ffn_gpu(x, Wg, Wu, Wd, tile, C, cap=, WuT=) all of it; reference: spark.twell_ffn
+# tests/test_kernels_gpu_twell.py runs them in Triton's interpreter on the CPU (CI) and on a GPU.
+#
+# Dimension letters (spark.py's): M rows (tokens, all leading dims), d model width, f FFN width,
+# nT = ceil(f / tile) tiles per row, W = tile / C words per slot (capacity W - 1 entries), n the
+# nonzeros of a row. Tile letters: BM rows and BK of d a matmul program holds at once; E entries a
+# consumer program handles at once; BD = d rounded up to a power of two.
+#
+# Choices
+# - bf16 in, bf16 out (x, Wg, Wu, Wd and y), float32 accumulation. Every rounding to bf16 is round
+#   to nearest even done on the float32 bits (_bf16_round), not by a dtype conversion: Triton's
+#   interpreter converts float32 to bf16 by dropping bits where a GPU rounds, and the packed words
+#   must be bit-identical to spark.twell_pack's everywhere.
+# - The same roundings as torch's bf16 FFN (spark.twell_ffn, relu_l1_ffn on bf16 tensors): g, u,
+#   h = bf16(g u) and y are each rounded to bf16 once, after float32 sums. Only the order of those
+#   float32 sums differs from torch's, so a value within float32 rounding of a bf16 boundary may
+#   come out one bf16 ulp apart (tests/test_kernels_gpu_twell.py: exact on inputs whose sums are
+#   exact, and the tolerance that follows from this otherwise).
+# - A NaN or +inf gate (from non-finite x or weights) is an error, as in spark.twell_pack; its
+#   slot is poisoned and its row routed dense as well, so y is NaN or inf there, never a finite
+#   wrong value, even if the error is not looked at. (A -inf gate is a ReLU's 0, as in torch.)
+# - Errors without a host wait: the call ends with one torch._assert_async on a word the last
+#   kernel writes (1 when at most cap rows overflowed and no gate was NaN or inf). On the CPU (Triton's
+#   interpreter) it raises RuntimeError at once. On a GPU it is a device-side assert: the call
+#   returns, and the next synchronisation (y.cpu(), y.item(), torch.cuda.synchronize(), ...)
+#   raises "RuntimeError: CUDA error: device-side assert triggered"; the process's CUDA context
+#   is unusable after that (restart it with a larger cap). The rows past cap are NaN in y.
+# - The hybrid buffer's slot order depends on which consumer program reaches the counter first;
+#   y does not (each row's dense result is the same in any slot), so y is deterministic.
+
+
+# ------------------------------------------------------------------------------------------
+# 6a. Launch settings (first guesses for an NVIDIA H200, to be confirmed by bench_twell's sweep)
+#    and argument checks
+# ------------------------------------------------------------------------------------------
+
+# Producer: BM rows x `tile` columns of the gate per program, BK of d per step. Each program
+# reads BM (d) of x and (d) tile of Wg for 2 BM tile d FLOPs: a larger BM reads Wg (from L2)
+# fewer times, but the epilogue holds several [BM, tile] tensors at once (the accumulator, the
+# bf16 bits, the cumsum and the scatter's addresses). Compiled for sm_90 (triton 3.9), at tile
+# 256 it needs all 255 registers and spills ~400 bytes per thread at BM = 64 with 8 warps (~1.6
+# KB at BM = 128, none at BM = 16 with 4 warps); the cumsum runs in a layout spread across all the
+# warps. bench_twell times the candidates.
+PRODUCE_CFG = dict(BM=64, BK=64, num_warps=8, num_stages=3)
+# Consumer: E entries at once, each a [E, BD] tile of Wu rows and one of Wd rows.
+CONSUME_CFG = dict(E=4, num_warps=4)
+CONSUME_NTB_MAX = 64  # count words a consumer program reads at once (more tiles: a loop over chunks)
+# Hybrid dense kernels: a plain matmul tile.
+DENSE_CFG = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
+# Hybrid capacity when the caller gives none: 1/16 of the rows, at least 64, at most M. Its
+# cost when unused is the buffer (cap f bf16 bytes, 1/16 of dense h) and programs that exit.
+CAP_DIV, CAP_MIN = 16, 64
+MAX_TILE = 512  # the producer's accumulator is [BM, tile] float32: it must fit in registers
+NAN_WORD = spark.BF16_NAN << 16  # an entry word of an overflowing slot: bf16 NaN in the high half
+
+
+def _check_bf16(name, t, ndim):
+    """t must be a bf16 tensor of `ndim` axes on a CUDA device (or the CPU under the interpreter)."""
+    _check_x(name, t)
+    if t.dtype != torch.bfloat16 or t.ndim != ndim:
+        raise TypeError(f"{name} must be a bfloat16 tensor with {ndim} axes (the TwELL kernels are bf16), "
+                        f"got {t.dtype} with shape {tuple(t.shape)}")
+
+
+def _check_same_device(ref_name, ref, **ts):
+    """ValueError naming the first tensor of ts that is not on ref's device."""
+    for name, t in ts.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _check_tile(f, tile, C):
+    """spark's format checks, plus the producer's: 16 <= tile <= MAX_TILE. -> (nT, W)"""
+    nT, W = spark._twell_sizes(f, tile, C)
+    if not 16 <= tile <= MAX_TILE:
+        raise ValueError(f"tile must be in [16, {MAX_TILE}] for the Triton producer (tl.dot needs 16 columns, "
+                         f"its [BM, tile] accumulator must fit in registers), got {tile}")
+    return nT, W
+
+
+def prepare_twell_gpu(Wg, Wu, Wd):
+    """The weight layouts the TwELL kernels read.   Wg [d, f], Wu [d, f], Wd [f, d] -> (Wg, WuT [f, d], Wd)
+
+    The consumer reads one column of Wu and one row of Wd per nonzero: Wu is transposed to
+    WuT [f, d] so that the column is a contiguous row (d bf16, 16-byte loads) like Wd's. All
+    three bf16, contiguous, on one device. A model does this once, when it loads its weights, and
+    passes WuT to every twell_ffn_gpu call (otherwise each call transposes Wu: d f bf16 read and written).
+    """
+    for name, w in (("Wg", Wg), ("Wu", Wu), ("Wd", Wd)):
+        _check_bf16(name, w, 2)
+    _check_same_device("Wg", Wg, Wu=Wu, Wd=Wd)
+    d, f = Wg.shape
+    if Wu.shape != Wg.shape or Wd.shape != (f, d):
+        raise ValueError(f"expected Wg and Wu [d, f], Wd [f, d]; got Wg {tuple(Wg.shape)}, Wu {tuple(Wu.shape)}, "
+                         f"Wd {tuple(Wd.shape)}")
+    return Wg.contiguous(), Wu.t().contiguous(), Wd.contiguous()
+
+
+# ------------------------------------------------------------------------------------------
+# 6b. Building blocks (Triton functions, inlined where they are called)
+# ------------------------------------------------------------------------------------------
+
+
+@jit
+def _bf16_bits(v):
+    """float32 v -> int32 with bf16(v) in the high 16 bits (round to nearest even), low 16 bits 0.
+
+    spark.twell_pack_np's formula: add 0x7FFF plus the lowest kept bit (bit 16) and clear the low
+    half; a carry out of the mantissa runs into the exponent (0x3FFF8000 -> 2.0, the largest
+    floats -> inf). On int32 it also holds for negative v (the sign bit rides along), except a
+    NaN, which _bf16_round keeps as it is.
+    """
+    b = v.to(tl.int32, bitcast=True)
+    return (b + 0x7FFF + ((b >> 16) & 1)) & -65536  # -65536 = 0xFFFF0000 as int32
+
+
+@jit
+def _bf16_round(v):
+    """float32 v -> float32 holding bf16(v), round to nearest even (NaN stays NaN)."""
+    return tl.where(v != v, v, _bf16_bits(v).to(tl.float32, bitcast=True))
+
+
+@jit
+def _dot_tile(
+    A,  # pointer to A [., K] bf16, rows contiguous along K
+    B,  # pointer to B: element (k, n) at B + k * stride_bk + n * stride_bn, bf16
+    rows,  # [BM] int64 rows of A to read
+    rmask,  # [BM] which of them are real (others read as 0)
+    cols,  # [BN] columns of B to read
+    cmask,  # [BN] which of them are real
+    K,  # the summed length
+    stride_am,  # elements from one row of A to the next
+    stride_bk,  # elements from B[k, n] to B[k + 1, n]
+    stride_bn,  # elements from B[k, n] to B[k, n + 1]
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    WIDEN: tl.constexpr,  # True under Triton's interpreter: see below
+):
+    """acc [BM, BN] float32 = A[rows, :K] @ B[:K, cols], tl.dot over chunks of BK (bf16 in, float32 sums).
+
+    The interpreter's bf16 tl.dot (triton 3.9) returns garbage, so there (WIDEN) the tiles are
+    widened to float32 first and multiplied in exact float32 ("ieee", no TF32): the same values,
+    hence the same products and float32 sums as the tensor cores' bf16 dot.
+    """
+    ks = tl.arange(0, BK)
+    a_ptr = A + rows[:, None] * stride_am + ks[None, :]  # [BM, BK]
+    b_ptr = B + ks[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn  # [BK, BN]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kmask = k0 + ks < K
+        a = tl.load(a_ptr, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if WIDEN:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)  # bf16 tensor cores, float32 accumulation
+        a_ptr += BK
+        b_ptr += BK * stride_bk
+    return acc
+
+
+# ------------------------------------------------------------------------------------------
+# 6c. The producer: gate matmul with a TwELL epilogue
+#
+# One program per (tile t, block of BM rows); the grid runs the tiles fastest, so the nT
+# programs of one row block run side by side and x's block is read from memory once (then from
+# L2), while all of Wg (d f bf16, 23 MB at d 2048, f 5632) stays in L2.
+#
+#     acc = x[rows] @ Wg[:, t tile : (t + 1) tile]           # [BM, tile] float32
+#     bits = bf16 bits of relu(acc), in the high half         # 0 where the gate is 0
+#     nz = bits != 0;  pos = cumsum(nz) along the tile        # the k-th nonzero has pos k: its word
+#     count = sum(nz);  over = count > W - 1 or a NaN / +inf gate
+#     word = column | bits   (| NaN bits instead, in an overflowing slot)
+#     packed[row, t W + pos] = word     where nz and pos <= W - 1       (a scatter)
+#     packed[row, t W] = min(count, W - 1);  packed[row, t W + k] = 0 for k > count
+#     overflowing rows: flag[row] = 1
+# The two stores touch disjoint words (1..n, and 0 with n+1..W-1), so no ordering between them
+# is needed and the packed tensor needs no zeroing first: every word is written exactly once.
+#
+# Bytes at M = 131072, d 2048, f 5632, tile 256, C 8: x read once (537 MB), Wg from L2, packed
+# written (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g). FLOPs 2 M d f = 3.0e12, a third
+# of the dense FFN's.
+# ------------------------------------------------------------------------------------------
+
+
+@jit
+def _twell_produce_kernel(
+    X,  # pointer to x [M, d] bf16; row m at X + m * stride_xm, entries contiguous
+    Wg,  # pointer to Wg [d, f] bf16, contiguous (row k at Wg + k f)
+    Packed,  # pointer to packed [M, NT W] int32 (the uint32 words' bits), contiguous; fully written here
+    Stat,  # pointer to int32 [M + 3], zeroed: [0, M) per-row overflow flags (set here), [M]
+    #        overflowing rows (the consumer's count), [M + 1] tiles with a NaN or +inf gate (here),
+    #        [M + 2] the ok word (the last kernel's)
+    M,  # number of rows
+    d,  # model width (the summed length)
+    f,  # FFN width (columns of Wg)
+    stride_xm,  # elements from one row of x to the next
+    NAN_WORD,  # spark.BF16_NAN << 16: the high half of an overflowing slot's entries
+    TILE: tl.constexpr,  # columns per tile = the matmul's output tile width
+    W: tl.constexpr,  # words per slot, TILE / C
+    NT: tl.constexpr,  # tiles per row: packed's row is NT W words
+    BM: tl.constexpr,  # rows per program
+    BK: tl.constexpr,  # entries of d per matmul step
+    WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
+):
+    t = tl.program_id(0) % NT  # the tile (fastest: see above)
+    rows = (tl.program_id(0) // NT) * BM + tl.arange(0, BM)  # [BM]
+    rmask = rows < M
+    rows = rows.to(tl.int64)  # so that row * stride cannot overflow
+    cols = t * TILE + tl.arange(0, TILE)  # [TILE] global columns of this tile
+    cmask = cols < f  # the last tile is narrower when f % TILE != 0
+    acc = _dot_tile(X, Wg, rows, rmask, cols, cmask, d, stride_xm, f, 1, BM, TILE, BK, WIDEN)  # [BM, TILE] float32
+    # padded rows and columns read zeros, so their acc is 0: never stored, never counted
+    bad = (acc != acc) | (acc > 3.4028234663852886e38)  # NaN or +inf gate (above the largest float32)
+    # relu, then the bf16 bits of g in the high half (0 for g = 0 and for what rounds to 0)
+    bits = _bf16_bits(tl.where(acc > 0, acc, 0.0))  # [BM, TILE] int32
+    nz = (bits != 0).to(tl.int32)
+    pos = tl.cumsum(nz, axis=1)  # [BM, TILE] the k-th nonzero of the tile has pos k
+    count = tl.sum(nz, axis=1)  # [BM]
+    over = (count > W - 1) | (tl.sum(bad.to(tl.int32), axis=1) > 0)  # [BM] slot cannot hold the tile
+    # word = j | bf16 << 16: global column j in the low half (< 65536), the value's bits above
+    word = cols[None, :] | tl.where(over[:, None], NAN_WORD, bits)  # [BM, TILE]
+    slot = Packed + rows[:, None] * (NT * W) + t * W  # [BM, 1] word 0 of each row's slot
+    tl.store(slot + pos, word, mask=rmask[:, None] & (nz != 0) & (pos < W))  # words 1..min(count, W - 1)
+    n = tl.minimum(count, W - 1)[:, None]  # [BM, 1] the count word, never above the capacity
+    k = tl.arange(0, W)[None, :]  # [1, W]
+    tl.store(slot + k, tl.where(k == 0, n, 0), mask=rmask[:, None] & ((k == 0) | (k > n)))  # word 0 and the tail
+    # the row's flag: every tile program that overflows writes the same 1 (no race on the value)
+    tl.store(Stat + rows, tl.full((BM,), 1, tl.int32), mask=rmask & over)
+    n_bad = tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)  # NaN / +inf gates of this tile
+    tl.atomic_add(Stat + M + 1, n_bad, mask=n_bad > 0)  # one scalar atomic, only when there are any
+
+
+def _produce(xs, Wg, tile, C):
+    """Launch the producer on rows xs [M, d] (unit stride along d).
+    -> packed int32 [M, nT W], stat int32 [M + 3] (see the kernel's arguments)"""
+    (M, d), f = xs.shape, Wg.shape[1]
+    nT, W = _check_tile(f, tile, C)
+    packed = torch.empty(M, nT * W, dtype=torch.int32, device=xs.device)  # every word written by the kernel
+    stat = torch.zeros(M + 3, dtype=torch.int32, device=xs.device)
+    cfg = dict(PRODUCE_CFG)
+    BM = cfg.pop("BM")
+    grid = (nT * triton.cdiv(M, BM),)  # program i: tile i % nT of row block i // nT (tiles fastest)
+    _twell_produce_kernel[grid](xs, Wg, packed, stat, M, d, f, xs.stride(0), NAN_WORD,
+                                TILE=tile, W=W, NT=nT, BM=BM, WIDEN=xs.device.type != "cuda", **cfg)
+    return packed, stat
+
+
+def _x_rows(x, d, where):
+    """x must be a bf16 tensor [..., d] (d = `where`). -> x as rows [M, d] with unit stride along d"""
+    _check_x("x", x)
+    if x.dtype != torch.bfloat16 or x.ndim < 1 or x.shape[-1] != d:
+        raise ValueError(f"x must be a bfloat16 tensor [..., d] with d = {where} = {d}, got {x.dtype} {tuple(x.shape)}")
+    return _rows(x)
+
+
+def twell_gate_pack_gpu(x, Wg, tile=256, C=8):
+    """The producer alone: TwELL of relu(x @ Wg).   x [..., d], Wg [d, f] -> (packed uint32 [M, nT W], overflow bool [M])
+
+    Bit for bit spark.twell_pack(relu(x @ Wg), tile, C) when x @ Wg rounds the same (it does
+    when the float32 sums are exact; otherwise an entry within float32 rounding of a bf16
+    boundary may differ by one ulp, as two matmuls summing in other orders do). A NaN or inf
+    gate is an error (torch._assert_async: at once on the CPU, at the next sync on a GPU).
+    """
+    _check_bf16("Wg", Wg, 2)
+    xs = _x_rows(x, Wg.shape[0], "Wg.shape[0]")
+    _check_same_device("x", x, Wg=Wg)
+    Wg = Wg.contiguous()
+    if xs.shape[0] == 0:
+        nT, W = _check_tile(Wg.shape[1], tile, C)
+        return torch.empty(0, nT * W, dtype=torch.uint32, device=x.device), torch.empty(0, dtype=torch.bool, device=x.device)
+    packed, stat = _produce(xs, Wg, tile, C)
+    M = xs.shape[0]
+    torch._assert_async(stat[M + 1] == 0, "twell_gate_pack_gpu: x @ Wg has a NaN or +inf gate (non-finite x or Wg)")
+    return packed.view(torch.uint32), stat[:M] != 0
+
+
+# ------------------------------------------------------------------------------------------
+# 6d. The consumer: y = sum over a row's stored entries of g_j (x . Wu[:, j]) Wd[j, :]
+#
+# One program per row, the row's x and y [d] in registers (float32). The stored entries are
+# spread over nT slots (words 1..count of each); the program walks them E at a time, in order,
+# without writing a list anywhere: from the counts c[t] and their running sum end[t], entry e
+# (0-based over the row) lies in tile ti = #{t : end[t] <= e}, at word 1 + e - sum of c over the
+# tiles before ti. Both are sums over the NT tiles, cheap next to the [E, d] weight reads.
+#
+#     c = packed[m, t W] for every tile t;  end = cumsum(c);  n = end[-1]
+#     (an overflowing row: n = 0 and y = NaN, overwritten by the hybrid route; it takes
+#      slot = counter++ of the hybrid buffer, Rows[slot] = m when slot < cap)
+#     for e0 in range(0, n, E):
+#         for e in e0 .. e0 + E - 1:   ti, word = as above;  j = word & 0xFFFF;  g = high half
+#         u = bf16(Wu^T[j] . x)                     # [E]  E rows of WuT [f, d]
+#         h = bf16(g u)                             # [E]
+#         y += sum over the E entries of h Wd[j]    # [d]  E rows of Wd
+#     y = bf16(y)
+#
+# Bytes per row: 2 n d bf16 weights (a few MB of hot rows stay in L1 and L2; all of Wu and Wd
+# is 46 MB at d 2048, f 5632, within an H200's L2) + x and y (4 d) + nT + n words. FLOPs 4 n d.
+# At n = 30, d = 2048: 246 KB of weight rows and 0.25 MFLOP per row, where the dense FFN's
+# up and down matmuls do 4 f d = 46 MFLOP.
+# ------------------------------------------------------------------------------------------
+
+
+@jit
+def _twell_consume_kernel(
+    X,  # pointer to x [M, d] bf16; row m at X + m * stride_xm, entries contiguous
+    WuT,  # pointer to Wu transposed [f, d] bf16, contiguous: neuron j's column at WuT + j d
+    Wd,  # pointer to Wd [f, d] bf16, contiguous: neuron j's row at Wd + j d
+    Packed,  # pointer to packed [M, NT W] int32, contiguous
+    Stat,  # pointer to int32 [M + 3]: [0, M) overflow flags (such rows are skipped), [M] the
+    #        counter of overflowing rows (zeroed; each adds itself here)
+    Rows,  # pointer to int32 [cap]: the hybrid buffer's row ids, slot by slot (written here)
+    Y,  # pointer to y [M, d] bf16; row m at Y + m * stride_ym
+    M,  # number of rows
+    f,  # FFN width: a column >= f is never read (only a foreign packed tensor could hold one)
+    stride_xm,  # elements from one row of x to the next
+    stride_ym,  # elements from one row of y to the next
+    cap,  # hybrid buffer slots
+    d: tl.constexpr,  # model width
+    BD: tl.constexpr,  # d rounded up to a power of two
+    W: tl.constexpr,  # words per slot
+    NT: tl.constexpr,  # tiles per row
+    NTB: tl.constexpr,  # tiles read at once (a power of two)
+    E: tl.constexpr,  # entries handled at once
+):
+    m = tl.program_id(0).to(tl.int64)
+    dc = tl.arange(0, BD)  # [BD]
+    dmask = dc < d
+    over = tl.load(Stat + m) != 0  # this row overflows: the hybrid route computes it
+    # its slot in the hybrid buffer: one scalar atomic per overflowing row (past cap: counted only)
+    slot = tl.atomic_add(Stat + M, 1, mask=over)
+    tl.store(Rows + slot, m.to(tl.int32), mask=over & (slot < cap))
+    x = tl.load(X + m * stride_xm + dc, mask=dmask, other=0.0).to(tl.float32)  # [BD]
+    y = tl.zeros((BD,), dtype=tl.float32)
+    row = Packed + m * (NT * W)  # the row's first word
+    for t0 in range(0, NT, NTB):
+        tt = t0 + tl.arange(0, NTB)  # [NTB] tiles
+        c = tl.load(row + tt * W, mask=(tt < NT), other=0)  # [NTB] count words
+        c = tl.where(over, 0, c)  # an overflowing row holds no entry for us
+        end = tl.cumsum(c, axis=0)  # [NTB] entries up to and including tile tt
+        n = tl.sum(c, axis=0)
+        for e0 in range(0, n, E):
+            e = e0 + tl.arange(0, E)  # [E] entry numbers within these tiles
+            emask = e < n
+            before = end[None, :] <= e[:, None]  # [E, NTB] tiles wholly before entry e
+            ti = tl.sum(before.to(tl.int32), axis=1)  # [E] entry e's tile
+            skip = tl.sum(tl.where(before, c[None, :], 0), axis=1)  # [E] entries in the tiles before it
+            word = tl.load(row + (t0 + ti) * W + 1 + (e - skip), mask=emask, other=0)  # [E]
+            j = (word & 0xFFFF).to(tl.int64)  # [E] columns
+            g = (word & -65536).to(tl.float32, bitcast=True)  # [E] bf16 values (the high half)
+            wmask = (emask & (j < f))[:, None] & dmask[None, :]  # [E, BD]
+            # both weight tiles are issued before the reduction, so their reads overlap
+            wu = tl.load(WuT + j[:, None] * d + dc[None, :], mask=wmask, other=0.0).to(tl.float32)  # [E, BD]
+            wd = tl.load(Wd + j[:, None] * d + dc[None, :], mask=wmask, other=0.0).to(tl.float32)  # [E, BD]
+            # u_j = x . Wu[:, j];  h_j = g_j u_j   (each rounded to bf16, as torch's bf16 FFN)
+            u = _bf16_round(tl.sum(wu * x[None, :], axis=1))  # [E]
+            h = _bf16_round(g * u)  # [E]; 0 for masked entries (g = 0)
+            # y += sum_j h_j Wd[j, :]
+            y += tl.sum(h[:, None] * wd, axis=0)  # [BD]
+    y = tl.where(over, float("nan"), _bf16_round(y))  # NaN until the hybrid route writes the row
+    tl.store(Y + m * stride_ym + dc, y.to(Y.dtype.element_ty), mask=dmask)  # exact: y is bf16-valued
+
+
+def _consume(xs, packed, stat, WuT, Wd, tile, C, cap):
+    """Launch the consumer. xs [M, d] rows, packed int32 [M, nT W], stat int32 [M + 3].
+    -> y [M, d] bf16, rows int32 [max(cap, 1)] (the hybrid buffer's row ids)"""
+    (M, d), f = xs.shape, Wd.shape[0]
+    nT, W = _check_tile(f, tile, C)
+    y = torch.empty(M, d, dtype=torch.bfloat16, device=xs.device)
+    rows = torch.empty(max(cap, 1), dtype=torch.int32, device=xs.device)  # slots >= the count are never read
+    _twell_consume_kernel[(M,)](xs, WuT, Wd, packed, stat, rows, y, M, f, xs.stride(0), y.stride(0), cap,
+                                d=d, BD=triton.next_power_of_2(d), W=W, NT=nT,
+                                NTB=min(triton.next_power_of_2(nT), CONSUME_NTB_MAX), **CONSUME_CFG)
+    return y, rows
+
+
+def twell_consume_gpu(x, packed, overflow, WuT, Wd, tile=256, C=8):
+    """The consumer alone.   x [..., d], packed uint32 [M, nT W], overflow bool [M] -> y [..., d] bf16
+
+    WuT [f, d] and Wd [f, d] as prepare_twell_gpu returns them. packed may come from any TwELL
+    producer (spark.twell_pack, twell_gate_pack_gpu): rows without overflow get
+    y = sum_j g_j (x . Wu[:, j]) Wd[j], rows with overflow are NaN (this function has no dense
+    route: twell_ffn_gpu has). A count above the capacity or a column >= f is an error
+    (torch._assert_async, as spark.twell_unpack's); such a word is never read.
+    """
+    _check_bf16("WuT", WuT, 2)
+    _check_bf16("Wd", Wd, 2)
+    f, d = WuT.shape
+    xs = _x_rows(x, d, "WuT.shape[1]")
+    nT, W = _check_tile(f, tile, C)
+    M = xs.shape[0]
+    if Wd.shape != (f, d):
+        raise ValueError(f"Wd must be [f, d] = {[f, d]} (WuT's shape), got {tuple(Wd.shape)}")
+    if not (isinstance(packed, torch.Tensor) and packed.dtype == torch.uint32 and packed.shape == (M, nT * W)):
+        raise ValueError(f"packed must be a uint32 tensor [M, nT W] = {[M, nT * W]} (f={f}, tile={tile}, C={C}), "
+                         f"got {getattr(packed, 'dtype', type(packed))} {tuple(getattr(packed, 'shape', ()))}")
+    if not (isinstance(overflow, torch.Tensor) and overflow.dtype == torch.bool and overflow.shape == (M,)):
+        raise ValueError(f"overflow must be a bool tensor [M] = [{M}], got {getattr(overflow, 'dtype', type(overflow))} "
+                         f"{tuple(getattr(overflow, 'shape', ()))}")
+    _check_same_device("x", x, packed=packed, overflow=overflow, WuT=WuT, Wd=Wd)
+    if M == 0:
+        return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    p = packed.view(torch.int32).contiguous()
+    # the check spark.twell_unpack makes: counts <= W - 1, and held columns < f
+    s = p.view(M, nT, W)
+    held = torch.arange(1, W, device=p.device) <= s[..., :1]
+    torch._assert_async(((s[..., 0] >= 0) & (s[..., 0] <= W - 1)).all() & (~held | ((s[..., 1:] & 0xFFFF) < f)).all(),
+                        "twell_consume_gpu: packed has a count above the capacity tile/C - 1, or a column >= f")
+    stat = torch.cat([overflow.to(torch.int32), overflow.new_zeros(3, dtype=torch.int32)])  # flags, counters
+    y, _ = _consume(xs, p, stat, WuT.contiguous(), Wd.contiguous(), tile, C, 0)
+    return y.view(x.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# 6e. The hybrid route: the dense FFN on the overflowing rows, in a buffer of cap rows
+#
+# The consumer left the overflowing rows' ids in Rows[0 .. k) and k in Stat[M]. Two matmul
+# kernels over a grid sized for cap rows; a program whose block of slots starts at or past
+# min(k, cap) exits at once (the count is read on the device, so the host never waits):
+#     H[s] = bf16(bf16(relu(x[Rows[s]] Wg)) * bf16(x[Rows[s]] Wu))       s < min(k, cap)
+#     y[Rows[s]] = bf16(H[s] Wd)
+#     ok = (k <= cap and no NaN / inf gate)       (program (0, 0) of the second kernel, the last one)
+# FLOPs 6 d f per overflowing row, as the dense FFN; H is cap f bf16 (2.9 MB per 256 rows at
+# f 5632). They run after the consumer, which wrote NaN into these rows.
+# ------------------------------------------------------------------------------------------
+
+
+@jit
+def _twell_dense_h_kernel(
+    X,  # pointer to x [M, d] bf16; row m at X + m * stride_xm, entries contiguous
+    Wg,  # pointer to Wg [d, f] bf16, contiguous
+    WuT,  # pointer to Wu transposed [f, d] bf16, contiguous
+    H,  # pointer to the buffer h [cap, f] bf16, contiguous
+    Stat,  # pointer to int32 [M + 3]: [M] is k, the number of overflowing rows
+    Rows,  # pointer to int32 [cap]: slot s holds an overflowing row's id
+    M,  # number of rows
+    d,  # model width
+    f,  # FFN width
+    stride_xm,  # elements from one row of x to the next
+    cap,  # buffer slots
+    BM: tl.constexpr,  # slots per program
+    BN: tl.constexpr,  # columns of f per program
+    BK: tl.constexpr,  # entries of d per matmul step
+    WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
+):
+    n = tl.minimum(tl.load(Stat + M), cap)  # slots in use
+    if tl.program_id(1) * BM < n:  # else: nothing here (the common case), exit
+        s = tl.program_id(1) * BM + tl.arange(0, BM)  # [BM] slots
+        smask = s < n
+        rows = tl.load(Rows + s, mask=smask, other=0).to(tl.int64)  # [BM] their rows of x
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        cmask = cols < f
+        gate = _dot_tile(X, Wg, rows, smask, cols, cmask, d, stride_xm, f, 1, BM, BN, BK, WIDEN)  # x Wg
+        up = _dot_tile(X, WuT, rows, smask, cols, cmask, d, stride_xm, 1, d, BM, BN, BK, WIDEN)  # x Wu (B = WuT read transposed)
+        # h = bf16(bf16(relu(gate)) * bf16(up)); relu keeps a NaN, as torch's does
+        h = _bf16_round(_bf16_round(tl.where(gate < 0, 0.0, gate)) * _bf16_round(up))
+        tl.store(H + s.to(tl.int64)[:, None] * f + cols[None, :], h.to(H.dtype.element_ty),
+                 mask=smask[:, None] & cmask[None, :])
+
+
+@jit
+def _twell_dense_y_kernel(
+    H,  # pointer to the buffer h [cap, f] bf16, contiguous
+    Wd,  # pointer to Wd [f, d] bf16, contiguous
+    Y,  # pointer to y [M, d] bf16; row m at Y + m * stride_ym
+    Stat,  # pointer to int32 [M + 3]: [M] is k, the number of overflowing rows, [M + 1] the
+    #        NaN / inf gates, [M + 2] where the ok word goes
+    Rows,  # pointer to int32 [cap]: slot s holds an overflowing row's id
+    M,  # number of rows
+    d,  # model width
+    f,  # FFN width (the summed length)
+    stride_ym,  # elements from one row of y to the next
+    cap,  # buffer slots
+    BM: tl.constexpr,  # slots per program
+    BN: tl.constexpr,  # columns of d per program
+    BK: tl.constexpr,  # entries of f per matmul step
+    WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
+):
+    k = tl.load(Stat + M)  # overflowing rows (final: the consumer, an earlier launch, counted them)
+    n = tl.minimum(k, cap)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(Stat + M + 2, ((k <= cap) & (tl.load(Stat + M + 1) == 0)).to(tl.int32))
+    if tl.program_id(1) * BM < n:
+        s = tl.program_id(1) * BM + tl.arange(0, BM)
+        smask = s < n
+        rows = tl.load(Rows + s, mask=smask, other=0).to(tl.int64)
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        cmask = cols < d
+        acc = _dot_tile(H, Wd, s.to(tl.int64), smask, cols, cmask, f, f, d, 1, BM, BN, BK, WIDEN)  # [BM, BN] h Wd
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], _bf16_round(acc).to(Y.dtype.element_ty),
+                 mask=smask[:, None] & cmask[None, :])
+
+
+def _hybrid(xs, Wg, WuT, Wd, stat, rows, y, cap):
+    """Launch the two dense kernels over a grid for cap rows; they write y's overflowing rows and
+    the ok word (the second one always runs, with one block of slots when cap = 0)."""
+    (M, d), f = xs.shape, Wg.shape[1]
+    h = torch.empty(max(cap, 1), f, dtype=torch.bfloat16, device=xs.device)  # fixed size: no host wait
+    cfg = dict(DENSE_CFG, WIDEN=xs.device.type != "cuda")
+    BM, BN = cfg.pop("BM"), cfg.pop("BN")
+    blocks = max(1, triton.cdiv(cap, BM))
+    if cap > 0:
+        _twell_dense_h_kernel[(triton.cdiv(f, BN), blocks)](
+            xs, Wg, WuT, h, stat, rows, M, d, f, xs.stride(0), cap, BM=BM, BN=BN, **cfg)
+    _twell_dense_y_kernel[(triton.cdiv(d, BN), blocks)](
+        h, Wd, y, stat, rows, M, d, f, y.stride(0), cap, BM=BM, BN=BN, **cfg)
+
+
+# ------------------------------------------------------------------------------------------
+# 6f. The whole FFN
+# ------------------------------------------------------------------------------------------
+
+
+def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
+    """spark.twell_ffn in Triton: the ReLU-gated FFN through TwELL, hybrid routing included.   x [..., d] -> y [..., d] bf16
+
+    x, Wg [d, f], Wu [d, f], Wd [f, d] bf16 on one device; any d, any f <= 65536, any number of
+    rows (one token included). Five kernels (after zeroing M + 3 counters), no host synchronisation:
+        producer (packed words, overflow flags)
+        consumer (rows without overflow; NaN in the others, whose ids it lists for the hybrid route)
+        hybrid: dense h, then dense y, for the overflowing rows (programs past their count exit);
+            the second writes the ok word
+        torch._assert_async on the ok word
+    cap: rows the hybrid route can hold (default min(M, max(64, ceil(M / 16)))). More
+    overflowing rows than cap, or a NaN / inf gate, raises: at once on the CPU, at the next
+    synchronisation on a GPU (see the file's docstring); never a silently dropped row.
+    WuT: prepare_twell_gpu(Wg, Wu, Wd)[1], Wu transposed once; without it each call transposes Wu.
+    """
+    _check_bf16("Wg", Wg, 2)
+    xs = _x_rows(x, Wg.shape[0], "Wg.shape[0]")
+    _check_same_device("x", x, Wg=Wg)
+    M, (d, f) = xs.shape[0], Wg.shape
+    if WuT is None:
+        Wg, WuT, Wd = prepare_twell_gpu(Wg, Wu, Wd)
+    else:
+        for name, w, shape in (("Wu", Wu, (d, f)), ("WuT", WuT, (f, d)), ("Wd", Wd, (f, d))):
+            _check_bf16(name, w, 2)
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{name} must be {list(shape)} (Wg is [d, f] = {[d, f]}), got {tuple(w.shape)}")
+        _check_same_device("x", x, Wu=Wu, WuT=WuT, Wd=Wd)
+        Wg, WuT, Wd = Wg.contiguous(), WuT.contiguous(), Wd.contiguous()
+    _check_tile(f, tile, C)
+    if cap is None:
+        cap = min(M, max(CAP_MIN, -(-M // CAP_DIV)))
+    spark._check_int("cap", cap, 0)
+    if M == 0:
+        return torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    packed, stat = _produce(xs, Wg, tile, C)
+    y, rows = _consume(xs, packed, stat, WuT, Wd, tile, C, cap)
+    _hybrid(xs, Wg, WuT, Wd, stat, rows, y, cap)
+    torch._assert_async(stat[M + 2], f"twell_ffn_gpu: more rows overflowed a tile than cap = {cap} holds (pass a "
+                        f"larger cap), or x @ Wg has a NaN or +inf gate (non-finite x or weights)")
+    return y.view(x.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# 7. The benchmark: python kernels_gpu.py [--json PATH] [--quick]   (CUDA only)
 #
 #    For each shape (bf16 rows, k = 8 % of D) every kernel is first checked against its
 #    reference on the benchmark's own input (a wrong kernel is not timed: the run fails), then
@@ -1597,6 +2184,185 @@ def bench_train_step(batch=32, rounds=5, steps=3, variants=TRAIN_VARIANTS, **ove
             for r in _records(f"train_step/{name}/{shape}", ms[name], floor_ms, {"dense/dense (SDPA flash)": ms["dense/dense"]})]
 
 
+# ------------------------------------------------------------------------------------------
+# The TwELL rows: twell_ffn/... and twell_memory/... (CUDA only)
+#
+# 131072 tokens (64 x 2048), d 2048, f 5632, bf16, against the dense ReLU-gated FFN in eager
+# torch (three cuBLAS matmuls, relu and a product) in the same run. Every TwELL result is
+# checked against the dense FFN before it is timed (a wrong kernel is not timed: the run fails).
+#
+# Inputs like a trained L1 model's gate (we have no trained 1.5B model here; notes/papers.md,
+# "L1-induced sparsity (Sakana)" reports ~29 nonzeros of 5632 per token). The gate of token t,
+# neuron j is built as
+#     z_tj = n_tj + b_t - theta - delta_j
+#     n_tj = x_t[:d-2] . Wg[:d-2, j] ~ N(0, 1)   (x ~ N(0, 1), Wg ~ N(0, 1 / (d - 2)))
+#     b_t ~ 0.4 Exp(1)        a per-token bias, heavy-tailed: most tokens have a few nonzeros, some hundreds
+#     delta_j ~ N(0, 0.6^2)   a per-neuron offset: some neurons fire far more often than others
+# carried by the last two input dimensions (x[:, d-2] = b_t - theta with Wg[d-2] = 1, x[:, d-1] = 1
+# with Wg[d-1] = -delta). theta is set so that the mean count is f (1 - zeros): at 99.5 % zeros
+# (28 per token) a simulation of this model gives median 12, 99th percentile ~350, and ~0.5 % of
+# tokens with a tile over the 31 slots of C = 8 (the hybrid route). The run prints the measured
+# histogram. Wu ~ N(0, 1/d), Wd ~ N(0, 1/f).
+# ------------------------------------------------------------------------------------------
+
+
+def _l1_like_gate(M, d, f, zeros, gen):
+    """x [M, d], Wg [d, f] bf16 on the GPU whose gate relu(x Wg) is `zeros` zero on average (model above)."""
+    b = 0.4 * torch.empty(M, device="cuda").exponential_(generator=gen)  # [M] per-token bias
+    delta = 0.6 * torch.randn(f, device="cuda", generator=gen)  # [f] per-neuron offset
+    # theta by bisection on the expected count, sum_j P(N(0, 1) > theta + delta_j - b_t), over 4096 tokens
+    bs, lo, hi = b[:4096].double(), -10.0, 10.0
+    for _ in range(40):
+        theta = (lo + hi) / 2
+        nnz = torch.special.ndtr(bs[:, None] - theta - delta.double()[None, :]).sum(1).mean()
+        lo, hi = (theta, hi) if nnz > f * (1 - zeros) else (lo, theta)
+    x = torch.randn(M, d, device="cuda", generator=gen)
+    Wg = torch.randn(d, f, device="cuda", generator=gen) / math.sqrt(d - 2)
+    x[:, d - 2], Wg[d - 2] = b - theta, 1.0
+    x[:, d - 1], Wg[d - 1] = 1.0, -delta
+    return x.bfloat16(), Wg.bfloat16()
+
+
+def _dense_ffn(x, Wg, Wu, Wd):
+    """The baseline: the ReLU-gated FFN in eager torch, y = (relu(x Wg) * (x Wu)) Wd (cuBLAS), bf16."""
+    return (F.relu(x @ Wg) * (x @ Wu)) @ Wd
+
+
+def _check_ffn(name, y, x, Wg, Wu, Wd):
+    """Fail unless y is the dense FFN within what differently ordered float32 sums allow:
+    |y - y_dense| <= 2^-5 sum_j |h_j Wd[j, i]| + 2^-7 |y_dense| per entry (g, u and h may each
+    round one bf16 ulp, 2^-7 relative, apart; y as well). A dropped or doubled entry moves y_i by
+    a whole term of that sum, far more than 1/32 of it for a row with a few dozen terms."""
+    g, u = F.relu(x @ Wg), x @ Wu
+    ref = ((g * u) @ Wd).float()
+    bound = (g * u).abs().float() @ Wd.abs().float() * 2.0**-5 + ref.abs() * 2.0**-7
+    bad = ~((y.float() - ref).abs() <= bound)
+    if bad.any():
+        raise AssertionError(f"{name}: {int(bad.sum())} entries of {y.numel()} differ from the dense FFN beyond "
+                             "2^-5 sum|h Wd| + 2^-7 |y|; a wrong kernel is not timed")
+
+
+def _peak_mb(fn):
+    """MB allocated by one call at its peak, above what was allocated before it (its output included)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
+
+
+def _count_histogram(counts, f):
+    """Print the per-token nonzero counts as a histogram on powers of two."""
+    edges = [0, 1, 8, 16, 32, 64, 128, 256, 512, 1024, f + 1]
+    c = counts.float()
+    print(f"  nonzeros per token: mean {c.mean():.1f}, median {c.median():.0f}, 99th percentile "
+          f"{c.quantile(0.99):.0f}, max {c.max():.0f} (of f = {f})")
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        k = int(((counts >= lo) & (counts < hi)).sum())
+        label = f"{lo}" if hi == lo + 1 else f"{lo}..{hi - 1}"
+        print(f"    {label:>12}: {k:>7} tokens {100 * k / counts.numel():6.2f} %  {'#' * round(60 * k / counts.numel())}")
+
+
+def _tune(name, cfg, options, fn):
+    """Time fn under each option (a dict merged into the module's cfg dict); keep the fastest."""
+    base, times = dict(cfg), {}
+    for opt in options:
+        cfg.update(opt)
+        try:
+            times[tuple(opt.items())] = _ms(fn)
+        except Exception as e:  # noqa: BLE001 (an option the GPU cannot run is reported, not fatal)
+            print(f"  {name} {opt}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}")
+        cfg.clear()
+        cfg.update(base)
+    if not times:  # none ran: keep the defaults
+        return
+    best = min(times, key=times.get)
+    cfg.update(dict(best))
+    print(f"  {name}: " + ", ".join(f"{dict(k)} {t:.3f} ms" for k, t in times.items()) + f" -> {dict(best)}")
+
+
+def bench_twell(quick=False, tune=True):
+    """twell_ffn/... and twell_memory/... records (for kernels_gpu._records and _print_table)."""
+    M, d, f = (4 * 2048 if quick else 64 * 2048), 2048, 5632
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    Wu = (torch.randn(d, f, device="cuda", generator=gen) / math.sqrt(d)).bfloat16()
+    Wd = (torch.randn(f, d, device="cuda", generator=gen) / math.sqrt(f)).bfloat16()
+    recs, shape = [], f"{M}x{d}x{f}/bf16"
+    print(f"[twell {shape}] gate model: see _l1_like_gate")
+    for zeros in (0.995, 0.99, 0.98, 0.95):
+        x, Wg = _l1_like_gate(M, d, f, zeros, gen)
+        Wg, WuT, Wd = prepare_twell_gpu(Wg, Wu, Wd)
+        counts = (F.relu(x @ Wg) != 0).sum(1)  # [M] nonzeros per token, from the dense gate
+        t_dense = _ms(lambda: _dense_ffn(x, Wg, Wu, Wd))
+        t_gate = _ms(lambda: x @ Wg)  # the gate matmul TwELL cannot skip: the floor
+        for C in ((8,) if zeros > 0.985 else (8, 4)):
+            # the producer alone first, so that cap holds every overflowing row (more would be an error)
+            n_over = int(twell_gate_pack_gpu(x, Wg, 256, C)[1].sum())
+            cap = max(min(M, max(CAP_MIN, -(-M // CAP_DIV))), -(-n_over * 5 // 4))
+            run = lambda: twell_ffn_gpu(x, Wg, Wu, Wd, 256, C, cap=cap, WuT=WuT)  # noqa: E731
+            print(f"  zeros {100 * zeros:.1f} %, C = {C}: {n_over} tokens overflow ({100 * n_over / M:.2f} %), cap {cap}")
+            if zeros == 0.995 and C == 8:
+                _count_histogram(counts, f)
+                if tune and not quick:
+                    _tune("producer", PRODUCE_CFG, [dict(BM=bm, num_warps=w, num_stages=s) for bm in (32, 64, 128)
+                                                    for w in (4, 8) for s in (3, 4)], lambda: twell_gate_pack_gpu(x, Wg))
+                    _tune("consumer", CONSUME_CFG, [dict(E=e, num_warps=w) for e in (2, 4, 8) for w in (2, 4, 8)], run)
+            _check_ffn(f"twell_ffn_gpu zeros {zeros} C {C}", run(), x, Wg, Wu, Wd)
+            torch.cuda.synchronize()  # a failed device-side check would surface here, before any timing
+            name = f"twell_ffn/{shape}/zeros{100 * zeros:.1f}/C{C}"
+            recs += _records(name, _ms(run), t_gate, {"dense ReLU-gated FFN (eager torch, cuBLAS)": t_dense})
+            if zeros == 0.995 and C == 8:
+                recs += _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape)
+    return recs
+
+
+def _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape):
+    """At 99.5 % zeros, C = 8: the words against spark.twell_pack, the producer and consumer
+    alone, packed and peak memory, and decode-sized calls."""
+    M, d, f = x.shape[0], x.shape[1], Wg.shape[1]
+    recs = []
+    # words: the producer against spark.twell_pack of cuBLAS's gate, on 4096 rows. Both round the
+    # same float32 value to bf16, but the two matmuls sum in other orders: an entry within float32
+    # rounding of a bf16 boundary (or of 0) may differ, so we require 99 % identical, not 100 %.
+    packed, over = twell_gate_pack_gpu(x[:4096], Wg)
+    ref, ref_over = spark.twell_pack(F.relu(x[:4096] @ Wg))
+    same = float((packed.view(torch.int32) == ref.view(torch.int32)).float().mean())
+    same_over = float((over == ref_over).float().mean())
+    print(f"  producer vs spark.twell_pack (4096 rows): {100 * same:.3f} % of words, {100 * same_over:.2f} % of flags identical")
+    if same < 0.99 or same_over < 0.99:
+        raise AssertionError("the producer's words differ from spark.twell_pack's beyond rounding; not timed")
+    packed, over = twell_gate_pack_gpu(x, Wg)
+    stat = torch.cat([over.int(), over.new_zeros(3, dtype=torch.int32)])  # its counter grows each call: unused here
+    p32 = packed.view(torch.int32)
+    recs += _records(f"twell_ffn/producer/{shape}", _ms(lambda: twell_gate_pack_gpu(x, Wg)), t_gate,
+                     {"cuBLAS relu(x @ Wg) (dense g)": _ms(lambda: F.relu(x @ Wg))})
+    g = F.relu(x @ Wg)  # the consumer's dense counterpart starts from a given g
+    recs += _records(f"twell_ffn/consumer/{shape}", _ms(lambda: _consume(x, p32, stat, WuT, Wd, 256, 8, 0)),
+                     t_gate, {"cuBLAS (g * (x @ Wu)) @ Wd, g given": _ms(lambda: (g * (x @ Wu)) @ Wd)})
+    del g
+    # memory: the packed gate against dense bf16 g (by construction C / 2 = 4x), and the peak of each call
+    mb_packed, mb_dense = packed.numel() * 4 / 2**20, M * f * 2 / 2**20
+    peak_ours, peak_dense = _peak_mb(run), _peak_mb(lambda: _dense_ffn(x, Wg, Wu, Wd))
+    print(f"  memory: packed g {mb_packed:.0f} MB vs dense bf16 g {mb_dense:.0f} MB; peak of the call "
+          f"{peak_ours:.0f} MB (TwELL) vs {peak_dense:.0f} MB (dense), outputs included")
+    # the table prints these in its microsecond columns: ms fields hold GB, so "us" reads MB
+    recs += _records(f"twell_memory/packed_g_MB/{shape}", mb_packed / 1024, mb_packed / 1024, {"dense bf16 g": mb_dense / 1024})
+    recs += _records(f"twell_memory/peak_of_call_MB/{shape}", peak_ours / 1024, peak_ours / 1024,
+                     {"dense FFN (eager torch)": peak_dense / 1024})
+    # decode: the first m tokens (their counts printed); default cap (= m: every row could overflow)
+    for m in (1, 2, 4, 8, 16, 32, 64):
+        xm = x[:m].contiguous()
+        _check_ffn(f"twell_ffn_gpu decode M={m}", twell_ffn_gpu(xm, Wg, Wu, Wd, WuT=WuT), xm, Wg, Wu, Wd)
+        torch.cuda.synchronize()
+        recs += _records(f"twell_ffn/decode/M{m}/{d}x{f}/bf16", _ms(lambda: twell_ffn_gpu(xm, Wg, Wu, Wd, WuT=WuT)),
+                         _ms(lambda: xm @ Wg), {"dense ReLU-gated FFN (eager torch, cuBLAS)": _ms(lambda: _dense_ffn(xm, Wg, Wu, Wd))})
+    print(f"  decode tokens' nonzeros (first 64): {counts[:64].tolist()}")
+    return recs
+
+
 def _print_table(recs):
     print(f"\n{'kernel':<46} {'baseline':<52} {'base us':>9} {'ours us':>9} {'speedup':>8} {'limit':>7} {'of limit':>9}")
     for r in recs:
@@ -1606,9 +2372,10 @@ def _print_table(recs):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Triton statistical top-k and gelu_topk_mul vs torch: time, speedup, limit.")
+    ap = argparse.ArgumentParser(description="kernels_gpu.py's kernels against their baselines: time, speedup, limit.")
     ap.add_argument("--json", metavar="PATH", help="also write the table as a JSON list of records")
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run; its numbers mean little)")
+    ap.add_argument("--only", choices=("topk", "train_step", "twell"), help="one part of the benchmark")
     args = ap.parse_args(argv)
     if triton is None or not torch.cuda.is_available():
         print("kernels_gpu.py: the benchmark needs a CUDA GPU and triton; none here "
@@ -1617,8 +2384,11 @@ def main(argv=None):
     shapes = [(1024, 16384), (2048, 3000)] if args.quick else [(8192, 16384), (8192, 13824), (32768, 3000), (2048, 65536)]
     machine = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     print(f"machine: {', '.join(f'{k} {v}' for k, v in machine.items())}, bf16 rows, k = 8 % of D")
-    recs = [r for R, D in shapes for r in bench_shape(R, D)]
-    recs += bench_train_step(**(dict(batch=2, n_layer=2, block_size=256, attn_k=64) if args.quick else {}))
+    recs = [r for R, D in shapes for r in bench_shape(R, D)] if args.only in (None, "topk") else []
+    if args.only in (None, "train_step"):
+        recs += bench_train_step(**(dict(batch=2, n_layer=2, block_size=256, attn_k=64) if args.quick else {}))
+    if args.only in (None, "twell"):
+        recs += bench_twell(quick=args.quick)
     _print_table(recs)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
