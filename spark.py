@@ -60,8 +60,8 @@ import torch.nn.functional as F
 
 from topk import check_k, exact_topk, exact_topk_np, statistical_topk, statistical_topk_np
 
-FFN_KINDS = ("dense", "relu", "topk", "stat_topk", "spark", "relu_l1")  # "dense" = GeGLU, "relu" = ReLU-gated
-ATTN_KINDS = ("dense", "spark")
+FFN_KINDS = ("dense", "relu", "topk", "stat_topk", "spark", "relu_l1", "terraformer", "lte")  # "dense" = GeGLU, "relu" = ReLU-gated
+ATTN_KINDS = ("dense", "spark", "polar")
 
 # ------------------------------------------------------------------------------------------
 # 0. Activations and argument checks
@@ -808,6 +808,313 @@ class SparkAttention(Attention):
 
 
 # ------------------------------------------------------------------------------------------
+# 4b. More ways to skip work, each a NumPy reference, a torch function and a module
+# (notes/papers.md, "Other systems", digests the three papers.)
+#
+# - Terraformer's sparse FFN ("Sparse is Enough in Scaling Transformers", Jaszczur et al., NeurIPS
+#   2021, arXiv 2111.12763, its sparse feedforward layer): a low-rank controller picks ONE neuron
+#   in every block of `block` neurons; decoding reads only those columns and rows.
+# - LTE ("Learn To be Efficient", Zheng et al., NeurIPS 2024, arXiv 2402.06126: its expert
+#   grouping, sigmoid routing and two-stage training): FFN neurons in experts, a sigmoid router
+#   with a threshold, and an efficiency loss that pushes the routing scores down.
+# - Polar Sparsity (Shrestha et al., NeurIPS 2025, arXiv 2505.14884, its selective head
+#   attention): a router per layer keeps h_top heads (KV groups under grouped-query attention);
+#   the others output 0. Its point: head sparsity survives batching, FFN sparsity does not.
+#
+# Dimension letters as above, plus
+#     M    tokens, all leading axes flattened       r    Terraformer controller rank
+#     nb   Terraformer blocks, ceil(f / block)      E    LTE experts
+#     Hr   Polar routed units: H (heads) or Hkv (KV groups); U = H // Hr query heads per unit
+#
+# Where the papers are silent we choose, say so at the line, and test it:
+# - Terraformer: the FFN is the paper's two-matrix ReLU form y = (relu(x W1) * onehot) W2, and f
+#   is chosen so that 2 d f + r (d + f) is the 3 d d_ff of a GeGLU (terraformer_width); when block
+#   does not divide f the last block is narrower; the controller has no bias; training noise and
+#   straight-through gradient as below (terraformer_ffn).
+# - LTE: contiguous experts (sizes differ by at most one); the two stages folded into one
+#   (lte_ffn); an expert runs when its score is strictly above eta.
+# - Polar: routing per query token (a decode step has one token per sequence: the paper's [B,
+#   h_top] table); KV groups under grouped-query attention; the router's recipe in PolarAttention.
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Terraformer's sparse FFN (arXiv 2111.12763; notes/papers.md, "Other systems")
+# ------------------------------------------------------------------------------------------
+
+
+def _check_terraformer(x, W1, W2, M1, M2, block, noise):
+    """x [..., d], W1 [d, f], W2 [f, d], M1 [d, r], M2 [r, f], 1 <= block <= f, noise None or [..., f]."""
+    d, f, r = x.shape[-1], W1.shape[-1], M1.shape[-1]
+    if W1.shape != (d, f) or W2.shape != (f, d) or M1.shape != (d, r) or M2.shape != (r, f) or f == 0:
+        raise ValueError(f"terraformer shapes: expected x [..., d], W1 [d, f], W2 [f, d], M1 [d, r], M2 [r, f]; got "
+                         f"x {tuple(x.shape)}, W1 {tuple(W1.shape)}, W2 {tuple(W2.shape)}, M1 {tuple(M1.shape)}, "
+                         f"M2 {tuple(M2.shape)}")
+    _check_int("block", block, 1, f)
+    if noise is not None and noise.shape != x.shape[:-1] + (f,):
+        raise ValueError(f"noise must be [..., f] = {tuple(x.shape[:-1]) + (f,)}, got {tuple(noise.shape)}")
+    return f, -(-f // block)  # f, nb = ceil(f / block)
+
+
+def terraformer_width(d, d_ff, rank, block):
+    """f of a Terraformer FFN with the parameters of a GeGLU of width d_ff: the whole number of
+    blocks nearest to 2 d f + r (d + f) = 3 d d_ff (at least one). The controller's r (d + f)
+    is paid for by a narrower f: d 128, d_ff 512, r 16, block 16 -> f 720, +0.65 % parameters."""
+    return block * max(1, round((3 * d * d_ff - rank * d) / ((2 * d + rank) * block)))
+
+
+def terraformer_ffn_np(x, W1, W2, M1, M2, block, noise=None):
+    """Terraformer's sparse FFN at inference: one neuron per block, only its weights read.
+
+    The controller scores the f neurons through a rank-r bottleneck, c = x M1 M2; neurons
+    [j block, (j+1) block) form block j and only its highest-scoring neuron j* fires:
+        y = sum_j relu(x . W1[:, j*]) W2[j*]          (nb columns of W1, nb rows of W2 read)
+    noise (training, [..., f]) is added to c before the choice; ties go to the lower index.
+    x [..., d] -> y [..., d]
+    """
+    f, nb = _check_terraformer(x, W1, W2, M1, M2, block, noise)
+    xs = x.reshape(-1, x.shape[-1])  # [M, d]
+    # c = x M1 M2 (+ noise): r (d + f) multiply-adds, the controller's cost
+    c = xs @ M1 @ M2 + (0 if noise is None else noise.reshape(-1, f))  # [M, f]
+    # a narrower last block is padded with -inf, which never wins
+    c = np.pad(c, ((0, 0), (0, nb * block - f)), constant_values=-np.inf).reshape(len(xs), nb, block)
+    # j* = j block + argmax over the block of c
+    idx = c.argmax(-1) + np.arange(nb) * block  # [M, nb] global column of each block's winner
+    # h_j* = relu(x . W1[:, j*])
+    h = relu_np(np.einsum("md,dmn->mn", xs, W1[:, idx]))  # [M, nb]
+    # y = sum_j h_j* W2[j*]
+    return np.einsum("mn,mnd->md", h, W2[idx]).reshape(x.shape)  # [..., d]
+
+
+def terraformer_ffn(x, W1, W2, M1, M2, block, noise=None, *, return_act=False):
+    """Torch version of terraformer_ffn_np, the training form.   x [..., d] -> y [..., d]
+
+    All f neurons are computed and multiplied by the one-hot mask m (a decode kernel reads the
+    nb chosen ones only). Straight-through: m = onehot + p - p.detach(), p = softmax(c) within
+    each block, so the forward value is the one-hot exactly and the controller learns from the
+    softmax's gradient. The module passes noise = tau g, g ~ Gumbel(0, 1), tau = 0.1: the paper
+    is silent on the temperature; 0.1, and the noise scaled by tau rather than the logits divided
+    by it, follow the authors' released code (trax, SparseFF). That code also trains a share of
+    the batches on the soft mask p; we never do, so training runs exactly the inference forward.
+    A chosen neuron with x . W1[:, j*] <= 0 outputs 0 and teaches the controller nothing
+    (dL/dm_j = relu(x W1)_j dL/dh_j): the achieved density is below 1 / block (a 600-step run
+    of the tiny GPT: ~30 % of the chosen neurons fired).
+    return_act: also h = relu(x W1) * m [..., f], nonzero in at most one neuron per block.
+    """
+    f, nb = _check_terraformer(x, W1, W2, M1, M2, block, noise)
+    # c = x M1 M2, padded to whole blocks with -inf: [..., nb, block]
+    c = F.pad((x @ M1) @ M2, (0, nb * block - f), value=-math.inf).unflatten(-1, (nb, block))
+    z = c if noise is None else c + F.pad(noise, (0, nb * block - f)).unflatten(-1, (nb, block))
+    # m = onehot(argmax z) + p - p.detach(), p = softmax(c) per block
+    p = torch.softmax(c, dim=-1)  # [..., nb, block]
+    m = (F.one_hot(z.argmax(-1), block).to(p.dtype) + p - p.detach()).flatten(-2)[..., :f]  # [..., f]
+    # h = relu(x W1) * m;  y = h W2
+    h = F.relu(x @ W1) * m  # [..., f]
+    return (h @ W2, h) if return_act else h @ W2
+
+
+class TerraformerFFN(nn.Module):
+    """Terraformer's sparse FFN (terraformer_ffn). W1 [d, f], W2 [f, d], controller M1 [d, rank],
+    M2 [rank, f]: 2 d f + rank (d + f) parameters (GPT picks f with terraformer_width). In
+    training mode each forward draws fresh Gumbel noise (scale tau) for the choice."""
+
+    def __init__(self, d, f, block, rank, tau=0.1):
+        super().__init__()
+        _check_int("d", d, 1)
+        _check_int("f", f, 1)
+        _check_int("block", block, 1, f)
+        _check_int("rank", rank, 1)
+        self.block, self.tau = block, tau
+        self.W1, self.W2, self.M1, self.M2 = _param(d, f), _param(f, d), _param(d, rank), _param(rank, f)
+        self.last_act = None
+
+    def forward(self, x):  # [..., d] -> [..., d]
+        noise = None
+        if self.training:  # g = -log(-log u), u clamped so that g stays finite
+            u = torch.rand(x.shape[:-1] + self.W2.shape[:1], dtype=x.dtype, device=x.device).clamp(1e-6, 1 - 1e-6)
+            noise = -self.tau * torch.log(-torch.log(u))  # [..., f]
+        y, h = terraformer_ffn(x, self.W1, self.W2, self.M1, self.M2, self.block, noise, return_act=True)
+        self.last_act = h.detach()
+        return y
+
+
+# ------------------------------------------------------------------------------------------
+# LTE, Learn To be Efficient (arXiv 2402.06126; notes/papers.md, "Other systems")
+# ------------------------------------------------------------------------------------------
+
+
+def _check_lte(x, Wg, Wu, Wd, Wr, n_experts, eta):
+    """A gated FFN's shapes, 1 <= n_experts <= f, Wr [d, n_experts], 0 <= eta < 1."""
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    _check_int("n_experts", n_experts, 1, Wg.shape[1])
+    if Wr.shape != (x.shape[-1], n_experts):
+        raise ValueError(f"Wr must be [d, n_experts] = {(x.shape[-1], n_experts)}, got {tuple(Wr.shape)}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta < 1.0:
+        raise ValueError(f"eta must be a number in [0, 1) (a sigmoid score threshold), got {eta!r}")
+
+
+def lte_ffn_np(x, Wg, Wu, Wd, Wr, n_experts, eta):
+    """LTE's FFN at inference, on a GELU-gated FFN.   x [..., d] -> (y [..., d], eff scalar)
+
+    Neurons form n_experts contiguous experts I_i (sizes differ by at most one: the paper
+    clusters a trained model's neurons, a model trained from scratch has no grouping to find).
+        s = sigmoid(x Wr)                                   [..., E] independent scores
+        y = sum over i with s_i > eta of (gelu(x Wg_I) * (x Wu_I)) Wd_I    (active experts only)
+        eff = mean of s over tokens and experts             (the efficiency loss)
+    """
+    _check_lte(x, Wg, Wu, Wd, Wr, n_experts, eta)
+    xs = x.reshape(-1, x.shape[-1])  # [M, d]
+    # s = sigmoid(x Wr), as 0.5 (1 + tanh(z / 2)): no overflow for large |z|
+    s = 0.5 * (1.0 + np.tanh(xs @ Wr / 2))  # [M, E]
+    experts = np.array_split(np.arange(Wg.shape[1]), n_experts)  # E index arrays, contiguous
+    y = np.zeros(xs.shape, np.result_type(xs, Wd))  # [M, d]
+    for m in range(len(xs)):
+        cols = np.concatenate([experts[i] for i in np.flatnonzero(s[m] > eta)] + [np.zeros(0, int)])
+        # y = (gelu(x Wg_I) * (x Wu_I)) Wd_I over I, the neurons of the active experts
+        y[m] = (gelu_np(xs[m] @ Wg[:, cols]) * (xs[m] @ Wu[:, cols])) @ Wd[cols]
+    return y.reshape(x.shape), s.mean()
+
+
+def lte_ffn(x, Wg, Wu, Wd, Wr, n_experts, eta, *, return_act=False):
+    """Torch version of lte_ffn_np.   x [..., d] -> (y [..., d], eff scalar tensor with gradient)
+
+    The paper trains in two stages: first soft routing, y = sum_i s_i E_i(x), with the
+    efficiency loss; then a hard threshold, 1{s_i > eta}, with the router frozen. We fold them
+    into one stage, a straight-through mask: m = 1{s > eta} + s - s.detach() has the value of
+    the threshold (training runs the inference forward) and the gradient of the soft routing,
+    so router and model train together with no stage switch. The paper's separability loss
+    (scores away from eta) has no job left and is left out.
+    return_act: also a = gelu(x Wg) * (x Wu) * m [..., f], zero outside the active experts.
+    """
+    _check_lte(x, Wg, Wu, Wd, Wr, n_experts, eta)
+    f = Wg.shape[1]
+    s = torch.sigmoid(x @ Wr)  # [..., E]
+    m = (s > eta).to(s.dtype) + s - s.detach()  # [..., E] value 0/1, gradient ds
+    # expert of each neuron: f // E + 1 neurons for the first f % E experts, f // E for the rest
+    sizes = torch.tensor([f // n_experts + (i < f % n_experts) for i in range(n_experts)], device=x.device)
+    # a = gelu(x Wg) * (x Wu) * m[expert(n)]
+    a = F.gelu(x @ Wg, approximate="tanh") * (x @ Wu) * m[..., torch.repeat_interleave(sizes)]  # [..., f]
+    return (a @ Wd, s.mean(), a) if return_act else (a @ Wd, s.mean())
+
+
+class LteFFN(nn.Module):
+    """LTE on a GELU-gated FFN (lte_ffn). Wg, Wu [d, f], Wd [f, d], router Wr [d, n_experts]:
+    3 d f + d E parameters (E = f / 32 experts of the paper's 32 neurons: +1 %). The efficiency
+    term of the last forward is left in `last_eff` (with its graph) for GPT.forward to add to
+    the loss, weighted, as relu_l1's L1 term is."""
+
+    def __init__(self, d, f, n_experts, eta=0.5):
+        super().__init__()
+        _check_int("d", d, 1)
+        _check_int("f", f, 1)
+        _check_int("n_experts", n_experts, 1, f)
+        self.n_experts, self.eta = n_experts, eta
+        self.Wg, self.Wu, self.Wd, self.Wr = _param(d, f), _param(d, f), _param(f, d), _param(d, n_experts)
+        self.last_act = self.last_eff = None
+
+    def forward(self, x):  # [..., d] -> [..., d]
+        y, self.last_eff, a = lte_ffn(x, self.Wg, self.Wu, self.Wd, self.Wr, self.n_experts, self.eta, return_act=True)
+        self.last_act = a.detach()
+        return y
+
+
+# ------------------------------------------------------------------------------------------
+# Polar Sparsity: selective head attention (arXiv 2505.14884; notes/papers.md, "Other systems")
+# ------------------------------------------------------------------------------------------
+
+
+def _check_polar(q, k, v, router_logits, h_top):
+    """Attention shapes, router_logits [B, T, Hr] with Hr = H or Hkv, 1 <= h_top <= Hr -> U = H // Hr."""
+    _check_attn_shapes(q, k, v)
+    (B, H, T, _), Hkv = q.shape, k.shape[1]
+    if router_logits.ndim != 3 or tuple(router_logits.shape[:2]) != (B, T) or router_logits.shape[2] not in (H, Hkv):
+        raise ValueError(f"router_logits must be [B, T, H] (heads) or [B, T, Hkv] (KV groups) with B={B}, T={T}, "
+                         f"H={H}, Hkv={Hkv}; got {tuple(router_logits.shape)}")
+    _check_int("h_top", h_top, 1, router_logits.shape[2])
+    return H // router_logits.shape[2]
+
+
+def polar_attention_np(q, k, v, router_logits, h_top):
+    """Selective head attention, causal, only the selected units computed.   -> [B, H, T, hd]
+
+    q [B, H, T, hd], k v [B, Hkv, S, hd] (query i at position S - T + i), router_logits
+    [B, T, Hr]. Each query token keeps the h_top units with the largest logits (ties: the lower
+    index); a unit is a query head (Hr = H) or a KV group, its G query heads (Hr = Hkv: K and V
+    of a group are read once for all of its heads, what a decode kernel wants). The heads of the
+    other units output 0; the output projection then multiplies zeros (a kernel skips those rows).
+    """
+    U = _check_polar(q, k, v, router_logits, h_top)
+    B, H, T, hd = q.shape
+    S, G = k.shape[2], H // k.shape[1]
+    out = np.zeros_like(q)  # [B, H, T, hd], 0 for every unselected head
+    for b in range(B):
+        for i in range(T):
+            n = S - T + i + 1  # keys visible to query i
+            for u in np.argsort(-router_logits[b, i], kind="stable")[:h_top]:  # the selected units
+                for h in range(u * U, (u + 1) * U):  # their query heads
+                    s = k[b, h // G, :n] @ q[b, h, i] / math.sqrt(hd)  # [n]
+                    out[b, h, i] = softmax_np(s) @ v[b, h // G, :n]  # [hd]
+    return out
+
+
+def polar_keep(scores, h_top):
+    """1.0 at the h_top largest scores of each row, else 0.0.   [..., Hr] -> [..., Hr]"""
+    return torch.zeros_like(scores).scatter_(-1, torch.topk(scores, h_top, dim=-1).indices, 1.0)
+
+
+def polar_attention(q, k, v, router_logits, h_top, *, dropout_p=0.0, return_dense=False):
+    """Torch version of polar_attention_np, the training form.   -> [B, H, T, hd]
+
+    Every head is computed (SDPA) and the unselected ones multiplied by 0: training needs all
+    of them for the router's targets (PolarAttention); the split-KV decode kernel computes only
+    the selected ones. No gradient reaches router_logits through the hard selection.
+    return_dense: also every head's output before the selection, [B, H, T, hd].
+    """
+    U = _check_polar(q, k, v, router_logits, h_top)
+    o = attention(q, k, v, causal=True, dropout_p=dropout_p)  # [B, H, T, hd]
+    keep = polar_keep(router_logits.detach(), h_top).repeat_interleave(U, dim=-1)  # [B, T, H]
+    out = o * keep.transpose(1, 2)[..., None].to(o.dtype)  # [B, H, T, hd]
+    return (out, o) if return_dense else out
+
+
+class PolarAttention(Attention):
+    """Attention with a head router (polar_attention): Attention's weights plus router
+    Linear(d, Hkv) with bias, (d + 1) Hkv parameters: it routes KV groups, h_top of Hkv per
+    token (heads when Hkv = H, as the paper's multi-head models; groups under GQA, as its GQA
+    kernel). K and V of every group are still computed and cached for every token (QKV stay
+    dense): a group skipped at token t may be picked at t + 1 and needs t's keys.
+
+    The router's recipe (the paper trains it on a frozen dense model to predict the heads with
+    the largest outputs; we train both at once): target = 1 for the h_top groups whose G heads'
+    outputs have the largest norm (all heads are computed anyway), 0 for the others, detached;
+    `last_aux` = binary cross-entropy of the router's logits against it, which GPT.forward adds
+    to the loss, weighted. The router reads x.detach(), so that loss trains the router only;
+    the model trains through whichever heads the router keeps (in training as at inference).
+    last_density = kept heads / H = h_top / Hkv.
+    """
+
+    def __init__(self, d, n_head, n_kv_head, head_dim, h_top, bias=False, dropout=0.0):
+        super().__init__(d, n_head, n_kv_head, head_dim, bias=bias, dropout=dropout)
+        _check_int("h_top", h_top, 1, n_kv_head)
+        self.h_top = h_top
+        self.router = nn.Linear(d, n_kv_head)  # bias: a group may be worth keeping for every token
+        self.last_aux = None
+
+    def forward(self, x, cache=None):  # [B, T, d] -> [B, T, d]
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cache)
+        logits = self.router(x.detach())  # [B, T, Hkv]
+        p = self.dropout if self.training else 0.0
+        o, dense = polar_attention(q, k, v, logits, self.h_top, dropout_p=p, return_dense=True)
+        # target: the h_top groups of largest output norm, sum over their G heads and hd of o^2
+        norm2 = dense.detach().unflatten(1, (self.Hkv, -1)).square().sum((2, 4)).transpose(1, 2)  # [B, T, Hkv]
+        self.last_aux = F.binary_cross_entropy_with_logits(logits, polar_keep(norm2, self.h_top))
+        self.last_density = self.h_top / self.Hkv
+        o = o.transpose(1, 2).reshape(B, T, self.H * self.hd)  # [B, T, H hd]
+        return self.resid_drop(self.o_proj(o))  # [B, T, d]
+
+
+# ------------------------------------------------------------------------------------------
 # 5. The configuration, the GPT, and the decode loop
 # ------------------------------------------------------------------------------------------
 
@@ -838,6 +1145,13 @@ class GPTConfig:
     attn_r: int | None = None  # r: predictor dims of Spark attention, in [1, hd-1]; None -> hd // 2
     head_dim: int | None = None  # hd; None -> d_model // n_head (Gemma-2 2B needs 256 != 2304 / 8)
     l1: float = 5e-3  # lambda of ffn="relu_l1" (Sakana: 2e-5 at 1.5B)
+    terra_block: int = 8  # Terraformer: neurons per block, one fires (paper: 32)
+    terra_rank: int = 16  # Terraformer: controller rank (paper: 64)
+    lte_experts: int | None = None  # LTE: experts E; None -> max(1, d_ff // 32), the paper's 32 neurons each
+    lte_eta: float = 0.5  # LTE: an expert runs when sigmoid(x Wr) > eta (the paper's 0.5)
+    lte_eff: float = 1e-2  # LTE: weight of the efficiency loss
+    polar_top: int | None = None  # Polar: KV groups (heads when Hkv = H) kept per token; None -> max(1, Hkv // 2)
+    polar_aux: float = 1.0  # Polar: weight of the router's loss (it trains the router only)
     dropout: float = 0.0  # dropout on attention weights and residual branches
     bias: bool = False  # biases in LayerNorms and attention projections (FFNs never have them)
 
@@ -865,8 +1179,18 @@ class GPTConfig:
             _check_int("attn_r", self.attn_r, 1, self.hd - 1)
         elif self.attn == "spark" and self.hd < 2:
             raise ValueError(f"attn='spark' needs a head size >= 2 (r in [1, hd-1]), got {self.hd}")
-        if not isinstance(self.l1, (int, float)) or not 0.0 <= self.l1 < math.inf:
-            raise ValueError(f"l1 must be a finite number >= 0, got {self.l1!r}")
+        for name in ("l1", "lte_eff", "polar_aux"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        _check_int("terra_block", self.terra_block, 1)
+        _check_int("terra_rank", self.terra_rank, 1)
+        if self.lte_experts is not None:
+            _check_int("lte_experts", self.lte_experts, 1, self.d_ff)
+        if isinstance(self.lte_eta, bool) or not isinstance(self.lte_eta, (int, float)) or not 0.0 <= self.lte_eta < 1.0:
+            raise ValueError(f"lte_eta must be a number in [0, 1), got {self.lte_eta!r}")
+        if self.polar_top is not None:
+            _check_int("polar_top", self.polar_top, 1, self.n_kv_head)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.bias, bool):
@@ -880,7 +1204,10 @@ class GPTConfig:
 
     @property
     def ffn_width(self):
-        """f of this variant: d_ff, or round(1.5 d_ff) for Spark (two matrices instead of three)."""
+        """f of this variant: d_ff, or round(1.5 d_ff) for Spark (two matrices instead of three), or
+        Terraformer's width of equal parameters (terraformer_width)."""
+        if self.ffn == "terraformer":
+            return terraformer_width(self.d_model, self.d_ff, self.terra_rank, self.terra_block)
         return round(1.5 * self.d_ff) if self.ffn == "spark" else self.d_ff
 
     @property
@@ -896,6 +1223,14 @@ class GPTConfig:
     def attn_r_(self):
         return self.attn_r if self.attn_r is not None else self.hd // 2
 
+    @property
+    def lte_experts_(self):
+        return self.lte_experts or max(1, self.d_ff // 32)
+
+    @property
+    def polar_top_(self):
+        return self.polar_top or max(1, self.n_kv_head // 2)
+
 
 def make_ffn(c):
     """The FFN module of a config (all variants have 3 d f parameters, Spark up to rounding)."""
@@ -905,6 +1240,10 @@ def make_ffn(c):
         return TopkFFN(c.d_model, c.d_ff, c.ffn_k, "exact" if c.ffn == "topk" else "statistical")
     if c.ffn == "spark":
         return SparkFFN(c.d_model, c.ffn_width, c.ffn_k, c.ffn_r_)
+    if c.ffn == "terraformer":
+        return TerraformerFFN(c.d_model, c.ffn_width, c.terra_block, c.terra_rank)
+    if c.ffn == "lte":
+        return LteFFN(c.d_model, c.d_ff, c.lte_experts_, c.lte_eta)
     return ReluL1FFN(c.d_model, c.d_ff)
 
 
@@ -916,6 +1255,8 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(c.d_model, bias=c.bias)
         if c.attn == "spark":
             self.attn = SparkAttention(c.d_model, c.n_head, c.n_kv_head, c.hd, c.attn_k, c.attn_r_, c.bias, c.dropout)
+        elif c.attn == "polar":
+            self.attn = PolarAttention(c.d_model, c.n_head, c.n_kv_head, c.hd, c.polar_top_, c.bias, c.dropout)
         else:
             self.attn = Attention(c.d_model, c.n_head, c.n_kv_head, c.hd, c.bias, c.dropout)
         self.ln_2 = nn.LayerNorm(c.d_model, bias=c.bias)
@@ -997,7 +1338,8 @@ class GPT(nn.Module):
     """A small GPT whose FFN and attention are chosen by GPTConfig.ffn / .attn.
 
     model(idx, targets=None) -> (logits [B, T, V], loss or None)
-    loss = cross-entropy (targets -1 are ignored) + l1 * mean over layers of the L1 term (relu_l1).
+    loss = cross-entropy (targets -1 are ignored) + l1 * mean over layers of the L1 term (relu_l1),
+    + lte_eff * mean efficiency term (lte), + polar_aux * mean router loss (polar).
     """
 
     def __init__(self, config):
@@ -1021,7 +1363,7 @@ class GPT(nn.Module):
         out_std = 0.02 / math.sqrt(2 * c.n_layer)
         for blk in self.blocks:
             nn.init.normal_(blk.attn.o_proj.weight, std=out_std)
-            nn.init.normal_(blk.ffn.V if c.ffn == "spark" else blk.ffn.Wd, std=out_std)
+            nn.init.normal_(getattr(blk.ffn, {"spark": "V", "terraformer": "W2"}.get(c.ffn, "Wd")), std=out_std)
 
     def num_params(self):
         """Parameter count (the tied embedding once)."""
@@ -1053,6 +1395,11 @@ class GPT(nn.Module):
             # Sakana: loss = CE + lambda * (sum_f |h| averaged over tokens, then over layers)
             l1 = torch.stack([blk.ffn.last_l1 for blk in self.blocks]).mean()
             loss = loss + self.config.l1 * l1
+        # LTE's efficiency term and Polar's router loss join the loss the same way (mean over layers)
+        if self.config.ffn == "lte":
+            loss = loss + self.config.lte_eff * torch.stack([blk.ffn.last_eff for blk in self.blocks]).mean()
+        if self.config.attn == "polar":
+            loss = loss + self.config.polar_aux * torch.stack([blk.attn.last_aux for blk in self.blocks]).mean()
         return logits, loss
 
     @torch.no_grad()
@@ -1103,7 +1450,9 @@ def count_params(c):
     d, hd = c.d_model, c.hd
     ln = d * (2 if c.bias else 1)
     attn = d * hd * (2 * c.n_head + 2 * c.n_kv_head) + (hd * (c.n_head + 2 * c.n_kv_head) + d if c.bias else 0)
-    ffn = (2 if c.ffn == "spark" else 3) * d * c.ffn_width
+    attn += (d + 1) * c.n_kv_head if c.attn == "polar" else 0  # its router
+    ffn = (2 if c.ffn in ("spark", "terraformer") else 3) * d * c.ffn_width
+    ffn += {"terraformer": c.terra_rank * (d + c.ffn_width), "lte": d * c.lte_experts_}.get(c.ffn, 0)  # controller, router
     return c.vocab_size * d + c.block_size * d + c.n_layer * (2 * ln + attn + ffn) + ln
 
 
@@ -1118,7 +1467,10 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
       topk / stat_topk: gate dense (d f), then up and down for k neurons only (2 k d)
       spark FFN:        predictor dense (r f), then K2 and V for k neurons only (k (d-r) + k d)
       relu_l1:          like topk at the density you measured (relu_l1_density); None -> dense
+      terraformer:      the controller (r (d + f)), then one column of W1 and one row of W2 per block
+      lte:              counted dense plus its router (its density is only known after training)
       spark attention:  K1 of all n tokens (n r), then K2 and V of the kt kept tokens
+      polar attention:  q, k, v and the router dense; mixing and o_proj for the kept heads only
     With grouped-query heads the G query heads of a KV head pick their tokens independently,
     so the K2/V rows a KV head must read are the union of G selections: we count the worst
     case, min(n, G kt) rows ("kv_bytes"), and give the best case, kt rows, as "kv_bytes_best".
@@ -1136,6 +1488,10 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
     elif c.ffn == "spark":
         r, k = c.ffn_r_, c.ffn_k
         ffn_w = r * f + k * (d - r) + k * d  # K1 dense; k columns of K2, k rows of V
+    elif c.ffn == "terraformer":
+        ffn_w = c.terra_rank * (d + f) + 2 * d * -(-f // c.terra_block)  # M1, M2; a W1 column, a W2 row per block
+    elif c.ffn == "lte":
+        ffn_w = 3 * d * f + d * c.lte_experts_  # all experts, and the router Wr
     else:  # relu_l1
         if relu_l1_density is None:
             ffn_w = 3 * d * f
@@ -1145,10 +1501,16 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
             ffn_w = d * f + 2 * round(relu_l1_density * f) * d
     # --- attention projections: q, k, v, o -----------------------------------------------------
     proj_w = d * hd * (2 * H + 2 * Hkv)
+    if c.attn == "polar":  # kept heads Hk: o_proj reads their rows only; the router reads d Hkv
+        Hk = c.polar_top_ * G
+        proj_w = d * hd * (H + 2 * Hkv + Hk) + d * Hkv
     # --- attention mixing: scores and weighted sum over the cache --------------------------------
     if c.attn == "dense":
         mix_flops = H * (2 * n * hd + 2 * n * hd)  # q.K_j and sum_j w_j V_j for n keys, per head
         kv_el = kv_el_best = Hkv * 2 * n * hd  # K and V of every cached token, per KV head
+    elif c.attn == "polar":
+        mix_flops = Hk * 4 * n * hd  # dense attention for the kept heads only
+        kv_el = kv_el_best = c.polar_top_ * 2 * n * hd  # K and V of the kept KV groups
     else:
         r, kt = c.attn_r_, min(c.attn_k, n)
         mix_flops = H * (2 * n * r + 2 * kt * (hd - r) + 2 * kt * hd)  # K1 scores; K2 gate and V for kt

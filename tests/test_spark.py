@@ -554,10 +554,15 @@ def test_parameter_counts_equal_across_variants(base):
         shapes[ffn, attn] = {n: p.shape for n, p in m.named_parameters() if ".ffn." not in n}
     dense = counts["dense", "dense"]
     for key, n in counts.items():
-        assert abs(n - dense) / dense < 0.01, f"{key}: {n} parameters vs dense {dense}"
-        if key[0] != "spark":
+        # section 4b's systems add a router or controller (Polar, LTE: under 1.2 % here) or round
+        # Terraformer's f to whole blocks of equal parameters (within 3.2 % at these tiny sizes,
+        # 0.4 % at the default config's): "within a few per cent", and exact for the others
+        extra = key[0] in ("terraformer", "lte") or key[1] == "polar"
+        assert abs(n - dense) / dense < (0.035 if extra else 0.01), f"{key}: {n} parameters vs dense {dense}"
+        if key[0] not in ("spark", "terraformer", "lte") and key[1] != "polar":
             assert n == dense, key
-        assert shapes[key] == shapes["dense", "dense"], key
+        if key[1] != "polar":  # (Polar's router sits in the attention)
+            assert shapes[key] == shapes["dense", "dense"], key
     assert base.d_ff % 2 == 1 or counts["spark", "spark"] == dense  # 1.5 f is exact for even f
 
 
@@ -576,11 +581,13 @@ def test_default_config_is_the_documented_tiny_model_and_round_trips():
     d = GPTConfig()
     assert dataclasses.asdict(d) == dict(
         vocab_size=84, block_size=64, n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=512, ffn="spark",
-        ffn_density=0.2, ffn_r=None, attn="spark", attn_k=32, attn_r=None, head_dim=None, l1=5e-3, dropout=0.0,
+        ffn_density=0.2, ffn_r=None, attn="spark", attn_k=32, attn_r=None, head_dim=None, l1=5e-3, terra_block=8,
+        terra_rank=16, lte_experts=None, lte_eta=0.5, lte_eff=1e-2, polar_top=None, polar_aux=1.0, dropout=0.0,
         bias=False)
     assert d.hd == 32 and d.ffn_r_ == 64 and d.attn_r_ == 16
     assert d.ffn_width == 768 and d.ffn_k == round(0.2 * 768) == 154  # Spark: f = 1.5 x 512
     assert dataclasses.replace(d, ffn="relu").ffn_width == 512
+    assert d.lte_experts_ == 16 and d.polar_top_ == 1  # 512 / 32 experts; half of the 2 KV groups
     c = GPTConfig(ffn="relu", attn="dense", ffn_r=10, head_dim=40)
     assert GPTConfig(**dataclasses.asdict(c)) == c
 
@@ -595,6 +602,11 @@ def test_default_config_is_the_documented_tiny_model_and_round_trips():
     (dict(ffn_r=0), "ffn_r"), (dict(ffn_r=32), "ffn_r"), (dict(attn_r=0), "attn_r"), (dict(attn_r=8), "attn_r"),
     (dict(d_model=30), "d_model"), (dict(n_kv_head=3), "n_kv_head"), (dict(attn_k=0), "attn_k"),
     (dict(n_layer=0), "n_layer"), (dict(l1=-1.0), "l1"), (dict(dropout=1.0), "dropout"),
+    # section 4b's fields: a block or rank of 0, more experts than neurons, eta outside [0, 1),
+    # negative loss weights, more kept KV groups than there are (tiny() has 2)
+    (dict(terra_block=0), "terra_block"), (dict(terra_rank=0), "terra_rank"), (dict(lte_experts=49), "lte_experts"),
+    (dict(lte_eta=1.0), "lte_eta"), (dict(lte_eff=-1.0), "lte_eff"), (dict(polar_aux=float("inf")), "polar_aux"),
+    (dict(polar_top=3), "polar_top"),
 ])
 def test_bad_config_raises_value_error(kw, word):
     """Each bad config value is a ValueError naming the field."""

@@ -441,7 +441,7 @@ def test_help_shows_gptconfig_defaults(capsys):
         assert re.search(re.escape(flag) + r"[ ,](?:(?! --(?!no-)[a-z]).)*?\(default: "
                          + re.escape(str(getattr(config, name))) + r"\)", text), flag
     assert "(default: out/tiny)" in text and "--n-kv-head N_KV_HEAD key/value heads (default: 2)" in text
-    assert "{" + ",".join(spark.FFN_KINDS) + "}" in text and "{dense,spark}" in text
+    assert "{" + ",".join(spark.FFN_KINDS) + "}" in text and "{" + ",".join(spark.ATTN_KINDS) + "}" in text
 
 
 # ------------------------------------------------------------------------------------------
