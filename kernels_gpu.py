@@ -61,6 +61,7 @@ Numbers quoted in comments were measured on an NVIDIA H200 (torch 2.11, triton 3
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -1946,7 +1947,1075 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 
 
 # ------------------------------------------------------------------------------------------
-# 7. The benchmark: python kernels_gpu.py [--json PATH] [--quick]   (CUDA only)
+# 7. Spark decoding: the FFN and attention kernels of one new token, dense flash-decoding, and a
+#    whole spark.GPT decoding inside a CUDA graph
+# ------------------------------------------------------------------------------------------
+# The Spark Transformer (arXiv 2506.06644; notes/papers.md, "Spark's headline results") decodes up
+# to 1.40x faster on a GPU with kernels that are not public. Decoding one token is memory-bound:
+# a layer costs the bytes of weights and cache it reads. Spark's sparsity pays only if a kernel
+# reads the predictor in full and then *only* the rows of the survivors, with no host round trip
+# and no sort in between. The kernels here do that:
+#
+#     spark_ffn_decode_gpu(x, K1, K2t, V, k, r)         reference: spark.spark_ffn_np
+#         _ffn_predict_kernel: p = x[:r] K1 for every neuron, and (mean, M2) of each block of p;
+#         _ffn_sparse_kernel:  theta from the block statistics, the survivors of a slice of
+#                              neurons compacted with a cumsum, then u = x[r:] . K2t[j] and
+#                              y_slice = sum_j gelu(p_j - theta) u_j V[j] over the survivors only;
+#         _ffn_reduce_kernel:  y = sum of the slices' partial y, in a fixed order.
+#     spark_attention_decode_gpu(q, k1, k2, v, k_top, r)   reference: spark.spark_attention_np, T = 1
+#         _spark_scores_kernel: s_j = q[:r] . K1_j / sqrt(r), the cache split over all SMs;
+#         _spark_select_kernel: the kt-th largest score per query head by a radix select on the
+#                               float bits (two bits a step), the kept tokens compacted (cumsum);
+#         _spark_gather_kernel: K2 and V of the kept tokens only, partial (m, l, acc) per chunk;
+#         _decode_merge_kernel: out = sum acc / sum l (flash-decoding's merge).
+#     attention_decode_gpu(q, k, v)                     reference: spark.attention_np, T = 1
+#         _attn_split_kernel + _decode_merge_kernel: dense flash-decoding, the same skeleton.
+#     generate_gpu(model, idx, max_new_tokens, ...)     reference: spark.GPT.generate
+#         every decode step one CUDA graph replay (static KV buffers, positions on the device).
+#     bench_decode(quick=False)                         the benchmark rows spark_ffn_decode/...,
+#         spark_attention_decode/..., decode_model/... (CUDA only; checked before timed).
+# tests/test_kernels_gpu_decode.py runs the kernels in Triton's interpreter on the CPU and on a GPU.
+#
+# Dimension letters (kernels_cpu.py's): d model width, f FFN neurons, r predictor slice, k target
+# survivors per token, M tokens in one call (at most MAX_TOKENS per launch), B batch, H query heads,
+# Hkv KV heads, G = H // Hkv, hd head size, n cached tokens (capacity of the cache tensors), kt =
+# min(k_top, visible tokens). Tile letters: BF, BR the predictor tile; FS neurons per sparse program;
+# E rows gathered at once; BK, BD chunks of a row; CH cache tokens per split, BN keys per tile;
+# MP, GP token / head rows padded to 16 (tl.dot's smallest M).
+#
+# Choices
+# - float32, bfloat16 or float16 (x and the weights, or q and the cache, share one dtype); every
+#   sum, statistic, score, softmax and gate in float32. Under Triton's interpreter all tl.dot run
+#   in float32 (kernels_gpu._dot). float64 is refused (the references run it).
+# - No host synchronisation anywhere (every size the host uses is a shape; the numbers of
+#   survivors, of kept tokens and of visible tokens live on the device), so each public function
+#   can be captured in a CUDA graph. Deterministic: no floating-point atomics; every sum runs in
+#   an order fixed by the shapes and the data, so two runs give the same bits.
+# - Several tokens in one FFN call gather the UNION of their survivors (one compaction over the
+#   union mask; a token's non-survivors inside it get a = 0). Cost: each union row is read once
+#   for all tokens, so the rows read grow as f (1 - (1 - k/f)^M): 8 %, 15 %, 28 %, 49 % of f at M
+#   = 1, 2, 4, 8 (k/f = 8 %, independent tokens); walking each token's own list instead would read
+#   M k rows (8, 16, 32, 64 %), worse unless the rows of different tokens share L2.
+# - Spark attention keeps EXACTLY kt tokens per query head, as the reference: all scores above the
+#   kt-th largest value v, then those equal to v in position order (lowest positions first) until
+#   kt are kept. The reference (exact_topk_np: argpartition) keeps an arbitrary kt of a tie, so
+#   with ties only outputs that do not depend on the choice are comparable (tests: tied tokens
+#   with equal keys and values). Scores are float32: two keys whose float64 scores differ by less
+#   than a float32 rounding may swap places at the kt-th rank.
+# - A query sees `lengths[b]` tokens of its sequence's cache (a device tensor, for a decoder whose
+#   cache is a preallocated buffer), all n by default; lengths are not checked (that would be a
+#   host synchronisation) but clamped to [1, n] inside the kernels, so no kernel reads past the cache.
+# - Non-finite inputs: a token whose x holds NaN or +-inf gets an all-NaN row of y (as
+#   spark.spark_ffn_np). Scores must be finite (the selection orders floats by their bits).
+# - Scratch tensors come from torch's caching allocator on every call (inside a CUDA graph, from
+#   its private pool): no global state, so concurrent calls on different streams are safe.
+# Performance notes in comments are estimates from byte counts (bench_decode measures them);
+# nothing here was timed on a GPU yet.
+
+
+# ------------------------------------------------------------------------------------------
+# 7a. Launch settings (first guesses for an NVIDIA H200, 132 SMs; tests lower some of them to
+#    exercise several splits and chunks at small shapes) and argument checks
+# ------------------------------------------------------------------------------------------
+
+MAX_TOKENS = 8  # tokens per FFN launch (MP = 16 rows of tl.dot); more tokens: one launch per 8
+FFN_BF, FFN_BR = 64, 64  # predictor tile: BF neurons x BR of r per step (216 programs at f = 13824)
+FFN_FS = 128  # neurons per sparse program (108 programs at f = 13824, ~10 survivors each at 8 %)
+FFN_E = 16  # survivors gathered at once (tl.dot's smallest N)
+FFN_BK = 256  # chunk of a K2t row (d - r) and of a V row (d)
+TARGET_PROGRAMS = 264  # attention splits aim at two programs per SM of an H200
+MIN_SPLIT = 64  # at least this many cache tokens per split
+ATTN_BN = 32  # keys per tile in the split kernels
+GATHER_E = 16  # kept tokens per gather program (kt 256 -> 16 programs per query head)
+MAX_SELECT_IN_REGISTERS = 32768  # a query head's scores held at once by the select kernel
+SELECT_CHUNK = 4096  # longer caches: chunks re-read from L2 for every step of the search
+COMPACT_CHUNK = 8192  # the select kernel's compaction holds at most this many scores at once
+
+
+def _check_same(where, ref_name, ref, rows, **tensors):
+    """Every tensor: a tensor of ref's dtype on ref's device (and with a contiguous last axis when rows)."""
+    for name, t in tensors.items():
+        _check_x(name, t)
+        if t.dtype != ref.dtype or t.device != ref.device:
+            raise TypeError(f"{where}: {name} must have {ref_name}'s dtype and device ({ref.dtype}, {ref.device}), "
+                            f"got {t.dtype} on {t.device}")
+        if rows and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{where}: {name} must have a contiguous last axis (the kernels read rows); got strides "
+                             f"{tuple(t.stride())}")
+
+
+def _check_inputs(where, rows=True, **tensors):
+    """float32 / bf16 / fp16 tensors of one dtype on one device (CUDA, or the CPU under the
+    interpreter), last axes contiguous when `rows`; float64 gets its own message (the references run it)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            raise TypeError(f"{where}: {name} is float64; the decode kernels take float32, bfloat16 or float16 "
+                            f"(spark.py's references run float64)")
+    (name0, t0), *_ = tensors.items()
+    _check_x(name0, t0)
+    _check_same(where, name0, t0, rows, **tensors)
+
+
+def _shapes(**tensors):
+    return ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+
+
+# ------------------------------------------------------------------------------------------
+# 7b. Spark FFN decode (Spark Transformer, arXiv 2506.06644; notes/papers.md, "Spark FFN").
+#    Reference: spark.spark_ffn_np(x, K1, K2, V, k, r) with K2 = K2t^T.
+#
+#    p = x[:r] K1;  theta = mean(p) + std(p) Q(1 - k/f);  t = max(p - theta, 0)
+#    y = sum over survivors j (p_j > theta) of gelu(t_j) (x[r:] . K2t[j]) V[j]
+#
+#    Bytes read (weights): r f + m (d - r) + m d, m the (union of) survivors, vs 3 d f_gated for
+#    the dense gated FFN of equal parameters: at Gemma-2 2B shapes (d 2304, f 13824, r 1024,
+#    k 1106) 18.1 M vs 63.7 M values, the 3.52x byte limit. FLOPs 2 x the weights read (x M).
+#
+#    Three kernels, no host synchronisation, deterministic:
+#
+#    _ffn_predict_kernel (one program per BF neurons; r in steps of BR):
+#        p[:, cols] = X[:, :r] @ K1[:, cols]                  # tl.dot, tokens padded to 16 rows
+#        store p (float32), and per token the block's mean and M2 (sum of squared deviations,
+#        centred on the block's first entry: a constant row gives M2 = 0 exactly)
+#    _ffn_sparse_kernel (one program per FS neurons):
+#        theta from the NB block statistics (Chan, Golub and LeVeque's merge, centred on block
+#            0's mean: every program computes the same bits, in the same order)
+#        keep_j = any token with p_j > theta                  # the union mask over this slice
+#        pos = cumsum(keep) - 1; list[pos] = j                # compaction, no sort; a global
+#                                                             # scratch the program reads back
+#        for E listed neurons at a time:                      # phase 1: ~8 % of K2t's rows
+#            u = X[:, r:] @ K2t[list]^T;  a = gelu(max(p - theta, 0)) * u      -> scratch
+#        for each chunk of d:                                 # phase 2: ~8 % of V's rows
+#            y_part[:, chunk] = sum over the list of a V[list, chunk]
+#    _ffn_reduce_kernel (one program per BK columns and token):
+#        y = sum over the programs of y_part, in program order
+#
+#    Why per-slice lists rather than one global list: a global compaction needs the survivors'
+#    count of every earlier slice (a second launch, or atomics whose order changes from run to
+#    run). Each slice's list is local, so one launch finds, compacts and gathers. The price is
+#    the partial y of every slice: 2 NS M d float32 values written and read (108 x 2304 x 8 bytes
+#    = 2 MB per token at Gemma-2 2B shapes, 6 % of the weights' 36 MB), and ~8 survivors per
+#    program (each program's row loads are short; many programs keep the memory system busy).
+# ------------------------------------------------------------------------------------------
+
+
+def prepare_spark_ffn_gpu(K1, K2, V):
+    """Re-lay Spark FFN weights for decoding, once: K1 [r, f], K2 [d-r, f], V [f, d]
+    (spark.SparkFFN's parameters) -> (K1 [r, f], K2t [f, d-r], V [f, d]), contiguous, detached,
+    in the order spark_ffn_decode_gpu takes them. K2 is stored transposed so that neuron j's
+    weights are one contiguous row (a gathered row is then whole cache lines)."""
+    _check_inputs("prepare_spark_ffn_gpu", False, K1=K1, K2=K2, V=V)  # (any strides: we copy)
+    if K1.dim() != 2 or K2.dim() != 2 or K2.shape[1] != K1.shape[1] or V.shape != (K1.shape[1], K1.shape[0] + K2.shape[0]):
+        raise ValueError(f"prepare_spark_ffn_gpu: expected K1 [r, f], K2 [d-r, f], V [f, d]; got {_shapes(K1=K1, K2=K2, V=V)}")
+    return K1.detach().contiguous(), K2.detach().t().contiguous(), V.detach().contiguous()
+
+
+# Kernel 1, the predictor GEMV. The tokens are padded to MP = 16 rows so that tl.dot runs on
+# the tensor cores: at M = 1 fifteen rows of products are wasted, but decoding is bound by the
+# r f weights read (28 MB in bf16 at Gemma-2 2B shapes), not by FLOPs. The statistics of each
+# block come free: the block's p is in registers when the program stores it.
+#     for each step of BR input dims:  acc += x[:, step] @ K1[step, cols]      # [MP, BF]
+#     store p = acc;  store per token (mean, M2) of acc's BF values, centred on its first
+@jit
+def _ffn_predict_kernel(
+    X,  # pointer to x [M, d]; token m starts at X + m * stride_xm, entries contiguous
+    K1,  # pointer to K1 [r, f], contiguous: row i (input dim i) at K1 + i * F
+    P,  # pointer to p [M, f] float32, contiguous (written)
+    Part,  # pointer to the block statistics [NB, M, 2] float32, contiguous (written): mean, M2
+    stride_xm,  # elements from one token of x to the next
+    M,  # tokens (1 .. MAX_TOKENS)
+    F: tl.constexpr,  # f (compiled in: one value per layer shape)
+    R: tl.constexpr,  # r
+    MP: tl.constexpr,  # tokens padded to 16 rows
+    BF: tl.constexpr,  # neurons per program
+    BR: tl.constexpr,  # input dims per step
+    PREC: tl.constexpr,  # "ieee" or "tf32" (kernels_gpu._dot)
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, MP)  # [MP] tokens
+    cols = pid * BF + tl.arange(0, BF)  # [BF] neurons
+    kk = tl.arange(0, BR)  # [BR]
+    rmask, cmask = rows < M, cols < F
+    acc = tl.zeros((MP, BF), tl.float32)
+    for r0 in range(0, R, BR):
+        # p += x[:, r0:r0+BR] K1[r0:r0+BR, cols]   (zero padding past r and past M adds nothing)
+        x1 = tl.load(X + rows[:, None] * stride_xm + (r0 + kk)[None, :], mask=rmask[:, None] & (r0 + kk < R)[None, :],
+                     other=0.0)
+        w = tl.load(K1 + (r0 + kk).to(tl.int64)[:, None] * F + cols[None, :],
+                    mask=(r0 + kk < R)[:, None] & cmask[None, :], other=0.0)
+        acc = _dot(x1, w, acc, PREC)
+    mask = rmask[:, None] & cmask[None, :]
+    tl.store(P + rows[:, None] * F + cols[None, :], acc, mask=mask)
+    # the block's statistics, centred on its first entry p0: c = p - p0, mean_c, M2 = sum (c - mean_c)^2
+    n_b = tl.minimum(F - pid * BF, BF).to(tl.float32)
+    p0 = tl.sum(tl.where(tl.arange(0, BF)[None, :] == 0, acc, 0.0), axis=1)  # [MP]
+    c = tl.where(mask, acc - p0[:, None], 0.0)
+    mean_c = tl.sum(c, axis=1) / n_b
+    dev = tl.where(mask, c - mean_c[:, None], 0.0)
+    tl.store(Part + (pid * M + rows) * 2, p0 + mean_c, mask=rmask)
+    tl.store(Part + (pid * M + rows) * 2 + 1, tl.sum(dev * dev, axis=1), mask=rmask)
+
+
+# theta is needed by every program of kernel 2; each merges the NB block statistics itself (a few
+# KB from L2) rather than waiting for a separate launch to do it once. They all sum the same
+# numbers in the same order, so they all find the same bits.
+@jit
+def _ffn_theta(Part, rows, rmask, M, q, F: tl.constexpr, BF: tl.constexpr, NB: tl.constexpr, NBC: tl.constexpr):
+    """theta [MP] of each token from the NB blocks' (mean_b, M2_b), in a fixed order:
+        mean = mean_0 + sum_b n_b (mean_b - mean_0) / f      (centred on block 0: a constant
+        M2   = sum_b M2_b + n_b (mean_b - mean)^2             row keeps mean = p0, M2 = 0 exactly)
+        theta = mean + q sqrt(M2 / f)        (population std; NaN when p holds NaN or +-inf)"""
+    base = tl.load(Part + rows * 2, mask=rmask, other=0.0)  # [MP] block 0's means
+    s1 = tl.zeros_like(base)
+    for b0 in tl.static_range(0, NB, NBC):
+        b = b0 + tl.arange(0, NBC)  # [NBC] blocks
+        msk = rmask[:, None] & (b < NB)[None, :]
+        mb = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0)  # [MP, NBC]
+        nb = tl.minimum(F - b * BF, BF).to(tl.float32)[None, :]
+        s1 += tl.sum(tl.where(msk, nb * (mb - base[:, None]), 0.0), axis=1)
+    mean = base + s1 / F
+    m2 = tl.zeros_like(base)
+    for b0 in tl.static_range(0, NB, NBC):
+        b = b0 + tl.arange(0, NBC)
+        msk = rmask[:, None] & (b < NB)[None, :]
+        mb = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0)
+        m2b = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2 + 1, mask=msk, other=0.0)
+        nb = tl.minimum(F - b * BF, BF).to(tl.float32)[None, :]
+        dm = mb - mean[:, None]
+        m2 += tl.sum(tl.where(msk, m2b + nb * dm * dm, 0.0), axis=1)
+    return mean + q * tl.sqrt(m2 / F)
+
+
+# Kernel 2 (the section's pseudo-code), one program per slice of FS neurons. Both phases walk
+# the program's own list, so the rows it reads are its survivors only: the loads of a row with
+# no survivor are never issued. The scratch a and the list stay in L1/L2 (written and read by
+# this program: a barrier between, so that every thread sees what the others wrote).
+@jit
+def _ffn_sparse_kernel(
+    X,  # pointer to x [M, d]; token m at X + m * stride_xm, entries contiguous
+    K2t,  # pointer to K2t [f, d-r], contiguous: neuron j's row at K2t + j * D2
+    V,  # pointer to V [f, d], contiguous: neuron j's row at V + j * D
+    P,  # pointer to p [M, f] float32 (kernel 1)
+    Part,  # pointer to the block statistics [NB, M, 2] float32 (kernel 1)
+    Idx,  # pointer to the list scratch [NS, FS] int32 (this program's row, written then read)
+    Ascr,  # pointer to the activation scratch [NS, M, FS] float32 (written then read)
+    Ypart,  # pointer to the partial outputs [NS, M, d] float32, contiguous (written)
+    stride_xm,  # elements from one token of x to the next
+    M,  # tokens
+    q,  # Q(1 - k/f) (float32)
+    F: tl.constexpr,  # f
+    D: tl.constexpr,  # d
+    R: tl.constexpr,  # r
+    MP: tl.constexpr,  # tokens padded to 16
+    BF: tl.constexpr,  # kernel 1's neurons per block
+    NB: tl.constexpr,  # kernel 1's blocks, cdiv(f, BF)
+    NBC: tl.constexpr,  # blocks merged at once (a power of two)
+    FS: tl.constexpr,  # neurons per program (a power of two)
+    E: tl.constexpr,  # survivors per step (>= 16)
+    BK: tl.constexpr,  # chunk of a row (>= 16)
+    ALL: tl.constexpr,  # k == f: statistical top-k keeps every neuron unshifted (t = p)
+    PREC: tl.constexpr,  # "ieee" or "tf32" (kernels_gpu._dot)
+):
+    D2: tl.constexpr = D - R
+    pid = tl.program_id(0)
+    rows = tl.arange(0, MP)
+    rmask = rows < M
+    theta = _ffn_theta(Part, rows, rmask, M, q, F, BF, NB, NBC)  # [MP]
+    # a token whose x holds NaN or +-inf gets a NaN row (the reference's): its theta is NaN when
+    # x[:r] is not finite; x[r:] is checked here (d values per token, from L2)
+    bad = theta != theta
+    for d0 in range(0, D, BK):
+        dd = d0 + tl.arange(0, BK)
+        xx = tl.load(X + rows[:, None] * stride_xm + dd[None, :], mask=rmask[:, None] & (dd < D)[None, :],
+                     other=0.0).to(tl.float32)
+        bad = bad | (tl.max(((xx != xx) | (tl.abs(xx) == float("inf"))).to(tl.int32), axis=1) > 0)
+    # this program's survivors: the union over tokens of p_j > theta, compacted with a cumsum
+    j = pid * FS + tl.arange(0, FS)  # [FS] neurons
+    inside = rmask[:, None] & (j < F)[None, :]
+    p = tl.load(P + rows[:, None] * F + j[None, :], mask=inside, other=0.0)  # [MP, FS]
+    if ALL:
+        keep = inside
+    else:
+        keep = inside & (p > theta[:, None])
+    union = tl.max(keep.to(tl.int32), axis=0)  # [FS] 1 where any token keeps neuron j
+    pos = tl.cumsum(union, axis=0) - 1  # [FS] its place in the list
+    n_loc = tl.sum(union, axis=0)  # list length
+    tl.store(Idx + pid * FS + pos, j, mask=union > 0)
+    tl.debug_barrier()  # the list is read back by other threads of this program
+    # phase 1: a = gelu(t) * u for the listed neurons, E at a time
+    for e0 in range(0, n_loc, E):
+        e = e0 + tl.arange(0, E)  # [E] list positions
+        em = e < n_loc
+        jj = tl.load(Idx + pid * FS + e, mask=em, other=0)  # [E] neurons
+        u = tl.zeros((MP, E), tl.float32)
+        # (a loop, not unrolled: unrolled, the compiler hoists every chunk of x[r:] out of the
+        # list loop and keeps them all in registers, 255 registers and spills at d - r = 1280)
+        for k0 in range(0, D2, BK):
+            kk = k0 + tl.arange(0, BK)
+            # u += x[:, r + kk] K2t[jj, kk]^T      (only the listed rows of K2t are read)
+            x2 = tl.load(X + rows[:, None] * stride_xm + R + kk[None, :], mask=rmask[:, None] & (kk < D2)[None, :],
+                         other=0.0)
+            w = tl.load(K2t + jj.to(tl.int64)[:, None] * D2 + kk[None, :], mask=em[:, None] & (kk < D2)[None, :],
+                        other=0.0)  # [E, BK]
+            u = _dot(x2, tl.trans(w), u, PREC)
+        pj = tl.load(P + rows[:, None] * F + jj[None, :], mask=rmask[:, None] & em[None, :], other=0.0)  # [MP, E]
+        # t = statistical_topk(p) = p - theta on the token's survivors, 0 elsewhere (k == f: p)
+        if ALL:
+            t = pj
+        else:
+            t = tl.where(pj > theta[:, None], pj - theta[:, None], 0.0)
+        g, _ = _gelu_tanh(t)
+        # a = gelu(t) * u
+        tl.store(Ascr + (pid * M + rows[:, None]) * FS + e[None, :], g * u, mask=rmask[:, None] & em[None, :])
+    tl.debug_barrier()  # a is read back by other threads
+    # phase 2: y_part = sum over the list of a V[list], one chunk of d at a time
+    for d0 in range(0, D, BK):
+        dd = d0 + tl.arange(0, BK)
+        acc = tl.zeros((MP, BK), tl.float32)
+        for e0 in range(0, n_loc, E):
+            e = e0 + tl.arange(0, E)
+            em = e < n_loc
+            jj = tl.load(Idx + pid * FS + e, mask=em, other=0)
+            a = tl.load(Ascr + (pid * M + rows[:, None]) * FS + e[None, :], mask=rmask[:, None] & em[None, :], other=0.0)
+            vt = tl.load(V + jj.to(tl.int64)[:, None] * D + dd[None, :], mask=em[:, None] & (dd < D)[None, :],
+                         other=0.0)  # [E, BK]: only the listed rows of V are read
+            # acc += a V   (a rounded to V's dtype for the tensor cores, as the dense bf16 FFN rounds h)
+            acc = _dot(a.to(vt.dtype), vt, acc, PREC)
+        acc = tl.where(bad[:, None], float("nan"), acc)
+        tl.store(Ypart + (pid * M + rows[:, None]) * D + dd[None, :], acc, mask=rmask[:, None] & (dd < D)[None, :])
+
+
+# Kernel 3: y[m, cols] = sum over the NS slices of y_part[s, m, cols], the slices in order.
+# It reads 4 NS M d bytes (1 MB per token at Gemma-2 2B shapes) and writes y.
+@jit
+def _ffn_reduce_kernel(
+    Ypart,  # pointer to the partial outputs [NS, M, d] float32 (kernel 2)
+    Y,  # pointer to y [M, d], x's dtype, contiguous (written)
+    M,  # tokens
+    NS,  # partials (kernel 2's programs)
+    D: tl.constexpr,  # d
+    SB: tl.constexpr,  # partials summed at once
+    BK: tl.constexpr,  # columns per program
+):
+    pid_d, m = tl.program_id(0), tl.program_id(1)
+    dd = pid_d * BK + tl.arange(0, BK)
+    acc = tl.zeros((BK,), tl.float32)
+    for s0 in range(0, NS, SB):
+        s = s0 + tl.arange(0, SB)
+        # y = sum_s y_part[s]: a fixed order, so the same bits on every run
+        part = tl.load(Ypart + (s[:, None] * M + m) * D + dd[None, :], mask=(s < NS)[:, None] & (dd < D)[None, :],
+                       other=0.0)
+        acc += tl.sum(part, axis=0)
+    tl.store(Y + m * D + dd, acc.to(Y.dtype.element_ty), mask=dd < D)
+
+
+# The launches. Every size comes from the shapes (f, d, r, M), never from the data, so the same
+# three launches are valid for any x: a CUDA graph can replay them. Scratch, float32:
+#     p [M, f], block statistics [NB, M, 2], list [NS, FS] (int32), a [NS, M, FS], y_part [NS, M, d]
+# at Gemma-2 2B shapes and M = 1: 55 KB, 1.7 KB, 55 KB, 55 KB and 1 MB.
+def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
+    """The three kernels on X [M, d] (M <= MAX_TOKENS, unit stride along d) into Y [M, d]."""
+    M, d = X.shape
+    f = V.shape[0]
+    dev, f32 = X.device, torch.float32
+    BR = min(FFN_BR, _pad16(r))
+    NB = triton.cdiv(f, FFN_BF)
+    FS = min(FFN_FS, _pad16(f))
+    NS = triton.cdiv(f, FS)
+    BK = min(FFN_BK, _pad16(d))
+    P = torch.empty(M, f, dtype=f32, device=dev)
+    part = torch.empty(NB, M, 2, dtype=f32, device=dev)
+    idx = torch.empty(NS, FS, dtype=torch.int32, device=dev)
+    ascr = torch.empty(NS, M, FS, dtype=f32, device=dev)
+    ypart = torch.empty(NS, M, d, dtype=f32, device=dev)
+    prec = _precision(X)
+    _ffn_predict_kernel[(NB,)](X, K1, P, part, X.stride(0), M, F=f, R=r, MP=16, BF=FFN_BF, BR=BR, PREC=prec, num_warps=4)
+    q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
+    _ffn_sparse_kernel[(NS,)](X, K2t, V, P, part, idx, ascr, ypart, X.stride(0), M, q, F=f, D=d, R=r, MP=16,
+                              BF=FFN_BF, NB=NB, NBC=min(256, triton.next_power_of_2(NB)), FS=FS, E=FFN_E,
+                              BK=BK, ALL=k == f, PREC=prec, num_warps=4)
+    _ffn_reduce_kernel[(triton.cdiv(d, BK), M)](ypart, Y, M, NS, D=d, SB=32, BK=BK, num_warps=4)
+
+
+@torch.no_grad()
+def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
+    """Spark FFN for decoding in Triton; computes spark.spark_ffn_np(x, K1, K2t^T, V, k, r).
+
+    x [d] or [M, d] (any leading shape) in the weights' dtype; K1 [r, f], K2t [f, d-r], V [f, d]
+    from prepare_spark_ffn_gpu -> y, x's shape and dtype. k: target survivors per token
+    (statistical top-k, soft threshold, fill 0; k == f keeps every neuron unshifted, as topk),
+    r: predictor slice. Several tokens gather the union of their survivors (module docstring);
+    more than MAX_TOKENS tokens run MAX_TOKENS at a time.
+    """
+    where = "spark_ffn_decode_gpu"
+    _check_inputs(where, x=x, K1=K1, K2t=K2t, V=V)
+    if x.dim() == 0 or K1.dim() != 2 or K2t.dim() != 2 or V.dim() != 2:
+        raise ValueError(f"{where}: expected x [..., d], K1 [r, f], K2t [f, d-r], V [f, d]; got {_shapes(x=x, K1=K1, K2t=K2t, V=V)}")
+    d, f = x.shape[-1], V.shape[0]
+    spark._check_int("r", r, 1, d - 1)
+    if K1.shape != (r, f) or K2t.shape != (f, d - r) or V.shape != (f, d):
+        raise ValueError(f"{where}: with x [..., d={d}], r={r}, f={f} expected K1 [r, f] = {(r, f)}, K2t [f, d-r] = "
+                         f"{(f, d - r)} (K2 transposed: use prepare_spark_ffn_gpu), V [f, d] = {(f, d)}; got "
+                         f"{_shapes(K1=K1, K2t=K2t, V=V)}")
+    if not (K1.is_contiguous() and K2t.is_contiguous() and V.is_contiguous()):
+        raise ValueError(f"{where}: K1, K2t and V must be contiguous (a strided view such as K2.t() is not a "
+                         f"prepared layout: use prepare_spark_ffn_gpu)")
+    check_k(k, f)
+    X = x.reshape(-1, d)  # [M, d] (a view when possible; the last axis is contiguous)
+    Y = torch.empty(X.shape, dtype=x.dtype, device=x.device)
+    for m0 in range(0, X.shape[0], MAX_TOKENS):
+        _spark_ffn_launch(X[m0:m0 + MAX_TOKENS], K1, K2t, V, k, r, Y[m0:m0 + MAX_TOKENS])
+    return Y.view(x.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# 7c. Attention decode: one new query per sequence against a KV cache (Spark Transformer, arXiv
+#    2506.06644, Spark attention; notes/papers.md, "Spark attention"; flash-decoding's split).
+#    Reference: spark.spark_attention_np(q, k, v, k_top, r) and spark.attention_np with T = 1.
+#
+#    At batch 1 a layer has B Hkv = 4 KV heads: one program per head would leave 128 of an
+#    H200's 132 SMs idle. So the cache is split into chunks of CH tokens (CH chosen from the
+#    shapes so that about TARGET_PROGRAMS programs run) and each program handles one chunk of
+#    one KV head for its G query heads (one read of the chunk serves them all).
+#
+#    Dense (attention_decode_gpu), two kernels:
+#        _attn_split_kernel:  per chunk, flash attention's running (m, l, acc) over its tiles:
+#                             s = q K^T / sqrt(hd), m' = max(m, max s), p = exp(s - m'),
+#                             l = l e^(m - m') + sum p, acc = acc e^(m - m') + p V
+#        _decode_merge_kernel: M = max_c m_c; out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
+#        Bytes: 2 n hd per KV head (all of K and V). FLOPs 4 n hd per query head.
+#
+#    Spark (spark_attention_decode_gpu), four kernels:
+#        _spark_scores_kernel: per chunk, s_j = q[:r] . K1_j / sqrt(r) -> a float32 scratch
+#                              S [B H, n] (4 bytes per score: 1/16 of what K1 costs at r = 128 bf16)
+#        _spark_select_kernel: per query head, over its n scores (in registers up to
+#                              MAX_SELECT_IN_REGISTERS): m = max s; the kt-th largest by a radix
+#                              select; the kept tokens compacted (cumsum) into a list, ascending
+#        _spark_gather_kernel: per GATHER_E listed tokens of a query head: K2_j and V_j of those
+#                              tokens only, w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r)),
+#                              l = sum e^(s_j - m), acc = sum w_j V_j
+#        _decode_merge_kernel: as dense (every chunk has the same m, so out = sum acc / sum l)
+#        Values read per KV head: n r + up to G kt (2 hd - r), vs 2 n hd dense; at n = 8192, hd 256,
+#        r 128, kt 256, G 2: 1.05 M + 0.20 M vs 4.19 M, 3.3x fewer. Plus 8 G n bytes of float32
+#        scores written and read back (131 KB per KV head there, 5 % of the bf16 bytes read).
+#
+#    The radix select (as kernels_gpu's _spark_attn_thr_kernel, two bits a step): with order
+#    keys (kernels_gpu._float_of_key) the greatest key P such that at least kt scores are
+#    >= float(P) is the kt-th largest score. Per step, three candidates P | 01, P | 10, P | 11 on
+#    the next two bits are counted in one sweep (three independent sums: one round of block
+#    reductions instead of two); the search stops as soon as count(s >= float(P)) == kt.
+#        P = 0; n_ge = n
+#        for step in 0 .. 15 while n_ge != kt:
+#            for c in (P|11, P|10, P|01) << (30 - 2 step): cnt_c = count(s >= float(c))
+#            P, n_ge = the largest candidate with cnt_c >= kt (or P unchanged)
+#        v = min(s >= float(P))                   # the kt-th largest value
+#        keep = s > v, then the first kt - count(s > v) of the s == v in position order
+#    Cost: up to 16 sweeps over the n scores of a head (registers), ~10 for random scores.
+# ------------------------------------------------------------------------------------------
+
+
+def prepare_spark_kv_gpu(k, v, r):
+    """Split a KV cache for Spark attention decoding: k, v [B, Hkv, n, hd] ->
+    (k1 [B, Hkv, n, r], k2 [B, Hkv, n, hd - r], v [B, Hkv, n, hd]), contiguous copies: the score
+    kernel streams k1 (r values per token) without dragging the other hd - r along."""
+    _check_inputs("prepare_spark_kv_gpu", False, k=k, v=v)  # (any strides: we copy)
+    if k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"prepare_spark_kv_gpu: expected k and v [B, Hkv, n, hd], got {_shapes(k=k, v=v)}")
+    spark._check_int("r", r, 1, k.shape[-1] - 1)
+    return k[..., :r].contiguous(), k[..., r:].contiguous(), v.contiguous()
+
+
+def _check_decode(where, q, caches, lengths):
+    """q [B, H, 1, hd] or [B, H, hd]; caches {name: (tensor, width)} [B, Hkv, n, width]. -> (B, H, Hkv, n, hd)"""
+    _check_inputs(where, q=q, **{name: t for name, (t, _) in caches.items()})
+    if not (q.dim() == 3 or (q.dim() == 4 and q.shape[2] == 1)):
+        raise ValueError(f"{where}: q must be [B, H, 1, hd] or [B, H, hd] (one new token per sequence), got {tuple(q.shape)}")
+    B, H, hd = q.shape[0], q.shape[1], q.shape[-1]
+    first = next(iter(caches.values()))[0]
+    Hkv, n = (first.shape[1], first.shape[2]) if first.dim() == 4 else (0, 0)
+    for name, (t, width) in caches.items():
+        if t.dim() != 4 or tuple(t.shape) != (B, Hkv, n, width):
+            raise ValueError(f"{where}: with q {tuple(q.shape)} expected {name} [B, Hkv, n, {width}] = "
+                             f"{(B, Hkv, n, width)}; got {tuple(t.shape)}")
+    if Hkv == 0 or H % Hkv != 0 or n == 0 or B == 0:
+        raise ValueError(f"{where}: need B >= 1, H ({H}) a multiple of Hkv ({Hkv}) and a cache of n >= 1 tokens "
+                         f"(n = {n})")
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) \
+                or tuple(lengths.shape) != (B,) or lengths.device != q.device:
+            raise ValueError(f"{where}: lengths must be an int32 or int64 tensor [B] = [{B}] on q's device "
+                             f"{q.device}, got {getattr(lengths, 'dtype', type(lengths).__name__)} "
+                             f"{tuple(getattr(lengths, 'shape', ()))}")
+    return B, H, Hkv, n, hd
+
+
+def _split(n, groups):
+    """Tokens per split CH (a power of two >= MIN_SPLIT) and the number of splits, so that about
+    TARGET_PROGRAMS programs cover `groups` KV heads x the cache (shapes only, no data)."""
+    want = max(1, TARGET_PROGRAMS // max(1, groups))  # splits per KV head
+    CH = max(MIN_SPLIT, ATTN_BN, triton.next_power_of_2(triton.cdiv(n, want)))
+    return CH, triton.cdiv(n, CH)
+
+
+def _len_args(lengths, q):
+    """(pointer, HAS_LEN) for the kernels: int32 lengths on the device, or q as an unused pointer."""
+    if lengths is None:
+        return q, False
+    return (lengths if lengths.dtype == torch.int32 else lengths.to(torch.int32)), True
+
+
+@jit
+def _visible(Len, b, N, HAS_LEN: tl.constexpr):
+    """Tokens of sequence b's cache its query sees: lengths[b] clamped to [1, n], or n."""
+    if HAS_LEN:
+        return tl.minimum(tl.maximum(tl.load(Len + b), 1), N)
+    else:
+        # a 0-d int32 tensor even when N == 1, which the compiler specializes into a Python constant
+        return tl.zeros((), tl.int32) + N
+
+
+# Dense flash-decoding, one program per (split of CH tokens, KV head); its G query heads are the
+# rows of one tl.dot, so the chunk of K and V is read once for all of them.
+#     m = -inf; l = 0; acc = 0                                # per query head
+#     for each tile of BN visible tokens in the split:
+#         s = q K_tile^T / sqrt(hd);  m' = max(m, max s)
+#         l = l e^(m - m') + sum e^(s - m');  acc = acc e^(m - m') + e^(s - m') V_tile;  m = m'
+#     store (m, l, acc) of the split        (an empty split stores m = -inf, l = 0, acc = 0)
+@jit
+def _attn_split_kernel(
+    Q,  # pointer to q [B, H, hd]: element [b, h, c] at Q + b * stride_qb + h * stride_qh + c
+    K,  # pointer to k [B, Hkv, n, hd]: element [b, g, t, c] at K + b * stride_kb + g * stride_kh + t * stride_kt + c
+    V,  # pointer to v [B, Hkv, n, hd]: element [b, g, t, c] at V + b * stride_vb + g * stride_vh + t * stride_vt + c
+    Len,  # pointer to lengths [B] int32 (read when HAS_LEN)
+    Mp,  # pointer to the partial maxima [B H, NCH] float32 (written)
+    Lp,  # pointer to the partial sums [B H, NCH] float32 (written)
+    Accp,  # pointer to the partial outputs [B H, NCH, hd] float32 (written)
+    stride_qb, stride_qh,  # elements between consecutive batches, heads of q
+    stride_kb, stride_kh, stride_kt,  # between consecutive batches, KV heads, tokens of k
+    stride_vb, stride_vh, stride_vt,  # the same for v
+    H,  # query heads
+    G,  # query heads per KV head
+    N,  # cache capacity n
+    NCH,  # splits per KV head
+    scale,  # 1 / sqrt(hd)
+    HD: tl.constexpr,  # hd
+    HDP: tl.constexpr,  # hd padded to a power of two >= 16
+    GP: tl.constexpr,  # G padded to a power of two >= 16
+    CH: tl.constexpr,  # tokens per split
+    BN: tl.constexpr,  # keys per tile
+    HAS_LEN: tl.constexpr,  # lengths given
+    PREC: tl.constexpr,  # "ieee" or "tf32" (kernels_gpu._dot)
+):
+    c, bg = tl.program_id(0), tl.program_id(1)  # split, b * Hkv + KV head
+    Hkv = H // G
+    b, kvh = bg // Hkv, bg % Hkv
+    n_b = _visible(Len, b, N, HAS_LEN)
+    g = tl.arange(0, GP)
+    gm = g < G
+    h = kvh * G + g  # [GP] the query heads of this KV head
+    cols = tl.arange(0, HDP)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + cols[None, :],
+                mask=gm[:, None] & (cols < HD)[None, :], other=0.0)  # [GP, HDP]
+    Kh = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh  # k[b, kvh, 0, 0]
+    Vh = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    m = tl.full((GP,), float("-inf"), tl.float32)
+    l_sum = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, HDP), tl.float32)
+    for t0 in range(c * CH, tl.minimum((c + 1) * CH, n_b), BN):
+        t = t0 + tl.arange(0, BN)
+        # s = q K^T / sqrt(hd), -inf past the visible tokens (every tile has one visible key: m' is finite)
+        s = _scores(q, _load_tile(Kh, t, n_b, stride_kt, 0, HD, HDP), scale, PREC)  # [GP, BN]
+        s = tl.where((t < n_b)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)  # rescales what was summed under the old max (0 at the first tile)
+        p = tl.exp(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        vt = _load_tile(Vh, t, n_b, stride_vt, 0, HD, HDP)  # [BN, HDP]
+        # acc = acc e^(m - m') + p V   (p in V's dtype for the tensor cores, as flash attention)
+        acc = _dot(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
+        m = m_new
+    row = (b * H + h).to(tl.int64) * NCH + c  # [GP] index into the [B H, NCH] partials
+    tl.store(Mp + row, m, mask=gm)
+    tl.store(Lp + row, l_sum, mask=gm)
+    tl.store(Accp + row[:, None] * HD + cols[None, :], acc, mask=gm[:, None] & (cols < HD)[None, :])
+
+
+# The merge, one program per query head: the partials of its splits (or gather chunks) are
+# rescaled to their common max and added, in split order.
+#     M = max_c m_c;  out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
+@jit
+def _decode_merge_kernel(
+    Mp,  # pointer to the partial maxima [B H, NCH] float32 (-inf: an empty split)
+    Lp,  # pointer to the partial sums [B H, NCH] float32
+    Accp,  # pointer to the partial outputs [B H, NCH, hd] float32
+    Out,  # pointer to out [B, H, hd]: element [b, h, c] at Out + (b H + h) hd + c (written, q's dtype)
+    NCH,  # partials per query head
+    HD: tl.constexpr,  # hd
+    HDP: tl.constexpr,  # hd padded to a power of two
+    CB: tl.constexpr,  # partials merged at once
+):
+    bh = tl.program_id(0)
+    cc = tl.arange(0, CB)
+    cols = tl.arange(0, HDP)
+    base = bh.to(tl.int64) * NCH
+    # M = max_c m_c
+    mx = tl.full((), float("-inf"), tl.float32)
+    for c0 in range(0, NCH, CB):
+        mx = tl.maximum(mx, tl.max(tl.load(Mp + base + c0 + cc, mask=c0 + cc < NCH, other=float("-inf")), axis=0))
+    # out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c   (in split order: the same bits every run)
+    l_sum = tl.zeros((), tl.float32)
+    acc = tl.zeros((HDP,), tl.float32)
+    for c0 in range(0, NCH, CB):
+        cm = c0 + cc < NCH
+        sc = tl.exp(tl.load(Mp + base + c0 + cc, mask=cm, other=float("-inf")) - mx)  # [CB] 0 for empty splits
+        l_sum += tl.sum(sc * tl.load(Lp + base + c0 + cc, mask=cm, other=0.0), axis=0)
+        part = tl.load(Accp + (base + c0 + cc)[:, None] * HD + cols[None, :], mask=cm[:, None] & (cols < HD)[None, :],
+                       other=0.0)
+        acc += tl.sum(sc[:, None] * part, axis=0)
+    tl.store(Out + bh.to(tl.int64) * HD + cols, (acc / l_sum).to(Out.dtype.element_ty), mask=cols < HD)
+
+
+def _merge(mp, lp, accp, B, H, hd, dtype):
+    """Launch the merge on partials [B H, NCH, ...]. -> out [B, H, hd] in dtype"""
+    out = torch.empty(B, H, hd, dtype=dtype, device=mp.device)
+    _decode_merge_kernel[(B * H,)](mp, lp, accp, out, mp.shape[1], HD=hd, HDP=_pad16(hd), CB=16, num_warps=4)
+    return out
+
+
+@torch.no_grad()
+def attention_decode_gpu(q, k, v, *, lengths=None):
+    """Dense attention of one new token per sequence over its cache (flash-decoding in Triton);
+    computes spark.attention_np with T = 1.   q [B, H, 1, hd] or [B, H, hd], k v [B, Hkv, n, hd]
+    (views into bigger buffers are read in place when their last axis is contiguous) -> q's shape.
+    lengths: optional int32/int64 tensor [B] on the device, the tokens each query sees (module docstring).
+    """
+    _check_inputs("attention_decode_gpu", q=q)
+    hd = q.shape[-1]
+    B, H, Hkv, n, hd = _check_decode("attention_decode_gpu", q, {"k": (k, hd), "v": (v, hd)}, lengths)
+    qv = q.reshape(B, H, hd)
+    G = H // Hkv
+    CH, NCH = _split(n, B * Hkv)
+    f32 = torch.float32
+    mp = torch.empty(B * H, NCH, dtype=f32, device=q.device)
+    lp = torch.empty(B * H, NCH, dtype=f32, device=q.device)
+    accp = torch.empty(B * H, NCH, hd, dtype=f32, device=q.device)
+    lens, has_len = _len_args(lengths, q)
+    _attn_split_kernel[(NCH, B * Hkv)](
+        qv, k, v, lens, mp, lp, accp, qv.stride(0), qv.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), H, G, n, NCH, 1.0 / math.sqrt(hd), HD=hd, HDP=_pad16(hd), GP=_pad16(G),
+        CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len, PREC=_precision(q), num_warps=4)
+    return _merge(mp, lp, accp, B, H, hd, q.dtype).view(q.shape)
+
+
+# Spark pass 1, one program per (split, KV head), as the dense split kernel but reading only the
+# first r columns (k1) and storing the scores instead of using them:
+#     for each tile of BN visible tokens:  S[query head, tokens] = q[:, :r] k1_tile^T / sqrt(r)
+@jit
+def _spark_scores_kernel(
+    Q,  # pointer to q [B, H, hd]: element [b, h, c] at Q + b * stride_qb + h * stride_qh + c (columns < r read)
+    K1,  # pointer to k1 [B, Hkv, n, r]: element [b, g, t, c] at K1 + b * stride_kb + g * stride_kh + t * stride_kt + c
+    S,  # pointer to the scores [B H, n] float32, contiguous (written for the visible tokens)
+    Len,  # pointer to lengths [B] int32 (read when HAS_LEN)
+    stride_qb, stride_qh,  # elements between consecutive batches, heads of q
+    stride_kb, stride_kh, stride_kt,  # between consecutive batches, KV heads, tokens of k1
+    H,  # query heads
+    G,  # query heads per KV head
+    N,  # cache capacity n
+    scale1,  # 1 / sqrt(r)
+    R: tl.constexpr,  # r
+    R1: tl.constexpr,  # r padded to a power of two >= 16
+    GP: tl.constexpr,  # G padded likewise
+    CH: tl.constexpr,  # tokens per split
+    BN: tl.constexpr,  # keys per tile
+    HAS_LEN: tl.constexpr,  # lengths given
+    PREC: tl.constexpr,  # "ieee" or "tf32" (kernels_gpu._dot)
+):
+    c, bg = tl.program_id(0), tl.program_id(1)
+    Hkv = H // G
+    b, kvh = bg // Hkv, bg % Hkv
+    n_b = _visible(Len, b, N, HAS_LEN)
+    g = tl.arange(0, GP)
+    gm = g < G
+    h = kvh * G + g
+    cols = tl.arange(0, R1)
+    q1 = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + cols[None, :],
+                 mask=gm[:, None] & (cols < R)[None, :], other=0.0)  # [GP, R1]
+    Kh = K1 + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    S_rows = S + (b * H + h).to(tl.int64)[:, None] * N  # [GP, 1] each query head's score row
+    for t0 in range(c * CH, tl.minimum((c + 1) * CH, n_b), BN):
+        t = t0 + tl.arange(0, BN)
+        # s_j = q[:r] . K1_j / sqrt(r) for the G query heads at once (one read of the tile)
+        s = _scores(q1, _load_tile(Kh, t, n_b, stride_kt, 0, R, R1), scale1, PREC)  # [GP, BN]
+        tl.store(S_rows + t[None, :], s, mask=gm[:, None] & (t < n_b)[None, :])
+
+
+@jit
+def _select_counts(s, c1, c2, c3):
+    """How many of s are >= each candidate (float32 sums: exact up to 2^24 scores)."""
+    return (tl.sum(tl.where(s >= c1, 1.0, 0.0), axis=0), tl.sum(tl.where(s >= c2, 1.0, 0.0), axis=0),
+            tl.sum(tl.where(s >= c3, 1.0, 0.0), axis=0))
+
+
+# Spark pass 2, one program per query head (the section's pseudo-code). Everything it reads is
+# the head's row of S (4 n bytes, just written, so in L2); everything it writes is the list of
+# kt positions and scores, the max and kt. The sweeps of the search run on registers.
+@jit
+def _spark_select_kernel(
+    S,  # pointer to the scores [B H, n] float32 (entries of the visible tokens)
+    Idx,  # pointer to the kept list [B H, KT] int32 (written: the first kt entries, ascending positions)
+    Ssel,  # pointer to their scores [B H, KT] float32 (written)
+    Mx,  # pointer to each query head's max score [B H] float32 (written)
+    Kt,  # pointer to each query head's kept count kt [B H] int32 (written)
+    Len,  # pointer to lengths [B] int32 (read when HAS_LEN)
+    H,  # query heads
+    N,  # cache capacity n
+    KT,  # row length of Idx and Ssel, min(k_top, n)
+    k_top,  # tokens kept per query at most
+    BLOCK: tl.constexpr,  # scores held at once (a power of two)
+    ONE_BLOCK: tl.constexpr,  # all n scores in registers (else chunks re-read from L2 every sweep)
+    CBLOCK: tl.constexpr,  # scores compacted at once (<= BLOCK; smaller: chunks re-read from L2 once)
+    HAS_LEN: tl.constexpr,  # lengths given
+):
+    bh = tl.program_id(0)
+    n_b = _visible(Len, bh // H, N, HAS_LEN)
+    kt = tl.minimum(n_b, k_top)
+    ktf = kt.to(tl.float32)
+    need = n_b > k_top  # else every visible token is kept
+    row = S + bh.to(tl.int64) * N
+    cols = tl.arange(0, BLOCK)
+    if ONE_BLOCK:
+        s_all = tl.load(row + cols, mask=cols < n_b, other=float("-inf"))  # [BLOCK]
+    # m = max_j s_j
+    m = tl.full((), float("-inf"), tl.float32)
+    for start in range(0, n_b, BLOCK):
+        if ONE_BLOCK:
+            s = s_all
+        else:
+            s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+        m = tl.maximum(m, tl.max(s, axis=0))
+    # radix select, two bits a step (section header); padding (-inf) never decides a step
+    P = tl.full((), 0, tl.int32)
+    n_ge = n_b.to(tl.float32)  # scores >= float(P); P = 0 stands for "all visible"
+    n_open = (need & (n_ge != ktf)).to(tl.int32)
+    for step in range(16):
+        if n_open > 0:
+            lb = 30 - 2 * step  # the two bits decided now: lb + 1 and lb
+            C1 = P | (tl.full((), 1, tl.int32) << lb)
+            C2 = P | (tl.full((), 2, tl.int32) << lb)
+            C3 = P | (tl.full((), 3, tl.int32) << lb)  # (int32 shifts: 3 << 30 wraps to the sign bit, as wanted)
+            c1, c2, c3 = _float_of_key(C1), _float_of_key(C2), _float_of_key(C3)
+            n1 = tl.zeros((), tl.float32)
+            n2 = tl.zeros((), tl.float32)
+            n3 = tl.zeros((), tl.float32)
+            for start in range(0, n_b, BLOCK):
+                if ONE_BLOCK:
+                    s = s_all
+                else:
+                    s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+                a1, a2, a3 = _select_counts(s, c1, c2, c3)
+                n1 += a1
+                n2 += a2
+                n3 += a3
+            # the largest candidate that still has >= kt scores at or above it (counts fall as C grows)
+            P = tl.where(n3 >= ktf, C3, tl.where(n2 >= ktf, C2, tl.where(n1 >= ktf, C1, P)))
+            n_ge = tl.where(n3 >= ktf, n3, tl.where(n2 >= ktf, n2, tl.where(n1 >= ktf, n1, n_ge)))
+            n_open = (need & (n_ge != ktf)).to(tl.int32)
+    # v = the kt-th largest visible score (without a search, t0 = -inf: v = the smallest)
+    t0 = tl.where(need, _float_of_key(P), float("-inf"))
+    v = tl.full((), float("inf"), tl.float32)
+    for start in range(0, n_b, BLOCK):
+        if ONE_BLOCK:
+            s = s_all
+        else:
+            s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+        v = tl.minimum(v, tl.min(tl.where((s >= t0) & (start + cols < n_b), s, float("inf")), axis=0))
+    n_gt = tl.zeros((), tl.int32)
+    for start in range(0, n_b, BLOCK):
+        if ONE_BLOCK:
+            s = s_all
+        else:
+            s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+        n_gt += tl.sum(((s > v) & (start + cols < n_b)).to(tl.int32), axis=0)
+    quota = kt - n_gt  # ties at v to keep, lowest positions first
+    # compaction: keep = s > v, or s == v within the quota; list position = running count of keeps.
+    # Two cumsums hold two more ints per score: over 32768 scores in registers that spilled, so
+    # long rows are compacted in chunks of CBLOCK, re-read once from L1 / L2.
+    ties = tl.zeros((), tl.int32)
+    kept = tl.zeros((), tl.int32)
+    out = bh.to(tl.int64) * KT
+    ccols = tl.arange(0, CBLOCK)
+    for start in range(0, n_b, CBLOCK):
+        if ONE_BLOCK and CBLOCK == BLOCK:
+            s = s_all
+        else:
+            s = tl.load(row + start + ccols, mask=start + ccols < n_b, other=float("-inf"))
+        valid = start + ccols < n_b
+        tie = valid & (s == v)
+        rank = ties + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties so far
+        keep = valid & ((s > v) | (tie & (rank <= quota)))
+        pos = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        in_list = keep & (pos < KT)  # (always, by construction; a guard so that no bug writes past the list)
+        tl.store(Idx + out + pos, start + ccols, mask=in_list)
+        tl.store(Ssel + out + pos, s, mask=in_list)
+        ties += tl.sum(tie.to(tl.int32), axis=0)
+        kept += tl.sum(keep.to(tl.int32), axis=0)
+    tl.store(Mx + bh, m)
+    tl.store(Kt + bh, kt)
+
+
+# Spark pass 3, one program per (GATHER_E listed tokens, query head):
+#     j = list[chunk];  e_j = exp(s_j - m);  g_j = softplus(q[r:] . K2_j / sqrt(hd - r))
+#     store (m, l = sum e_j, acc = sum e_j g_j V_j)
+# One query row, so the products are plain multiply-and-sum on the CUDA cores (a tl.dot would
+# pad it to 16 rows). The listed rows are the only K2 and V rows any Spark kernel reads.
+@jit
+def _spark_gather_kernel(
+    Q,  # pointer to q [B, H, hd]: element [b, h, c] at Q + b * stride_qb + h * stride_qh + c (columns >= r read)
+    K2,  # pointer to k2 [B, Hkv, n, hd - r]: element [b, g, t, c] at K2 + b * stride_2b + g * stride_2h + t * stride_2t + c
+    V,  # pointer to v [B, Hkv, n, hd]: element [b, g, t, c] at V + b * stride_vb + g * stride_vh + t * stride_vt + c
+    Idx,  # pointer to the kept list [B H, KT] int32 (select kernel)
+    Ssel,  # pointer to the kept scores [B H, KT] float32
+    Mx,  # pointer to the max scores [B H] float32
+    Kt,  # pointer to the kept counts [B H] int32
+    Mp,  # pointer to the partial maxima [B H, NCH] float32 (written: every chunk gets the head's max)
+    Lp,  # pointer to the partial sums [B H, NCH] float32 (written)
+    Accp,  # pointer to the partial outputs [B H, NCH, hd] float32 (written)
+    stride_qb, stride_qh,  # elements between consecutive batches, heads of q
+    stride_2b, stride_2h, stride_2t,  # between consecutive batches, KV heads, tokens of k2
+    stride_vb, stride_vh, stride_vt,  # the same for v
+    H,  # query heads
+    G,  # query heads per KV head
+    KT,  # row length of the lists
+    NCH,  # chunks per query head, cdiv(KT, E)
+    scale2,  # 1 / sqrt(hd - r)
+    HD: tl.constexpr,  # hd
+    R: tl.constexpr,  # r
+    R2: tl.constexpr,  # hd - r padded to a power of two >= 16
+    HDP: tl.constexpr,  # hd padded likewise
+    E: tl.constexpr,  # listed tokens per program
+):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    kvh = h // G
+    kt = tl.load(Kt + bh)
+    e = c * E + tl.arange(0, E)
+    em = e < kt  # past kt (a short cache, or the last chunk): nothing is read
+    j = tl.load(Idx + bh.to(tl.int64) * KT + e, mask=em, other=0).to(tl.int64)  # [E] token positions
+    s = tl.load(Ssel + bh.to(tl.int64) * KT + e, mask=em, other=float("-inf"))
+    m = tl.load(Mx + bh)
+    c2 = tl.arange(0, R2)
+    cv = tl.arange(0, HDP)
+    q2 = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + R + c2, mask=c2 < HD - R,
+                 other=0.0).to(tl.float32)  # [R2]
+    k2 = tl.load(K2 + b.to(tl.int64) * stride_2b + kvh.to(tl.int64) * stride_2h + j[:, None] * stride_2t + c2[None, :],
+                 mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
+    # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
+    ew = tl.where(em, tl.exp(s - m), 0.0)
+    w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2)
+    vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
+                 mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
+    row = bh.to(tl.int64) * NCH + c
+    tl.store(Mp + row, m)
+    tl.store(Lp + row, tl.sum(ew, axis=0))
+    # acc = sum_j w_j V_j
+    tl.store(Accp + row * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
+
+
+@torch.no_grad()
+def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
+    """Spark attention for one new token per sequence in Triton; computes
+    spark.spark_attention_np(q, k, v, k_top, r) with T = 1, where k = cat(k1, k2) on the last axis.
+
+    q [B, H, 1, hd] or [B, H, hd]; k1 [B, Hkv, n, r], k2 [B, Hkv, n, hd - r], v [B, Hkv, n, hd]
+    (prepare_spark_kv_gpu, or views into bigger buffers with a contiguous last axis) -> q's shape.
+    A query that sees at most k_top tokens attends to all of them. Exactly min(k_top, visible)
+    tokens per query head (ties: lowest positions first; module docstring). lengths: optional
+    int32/int64 tensor [B] on the device, the tokens each query sees.
+    """
+    where = "spark_attention_decode_gpu"
+    _check_inputs(where, q=q)
+    hd = q.shape[-1]
+    spark._check_int("r", r, 1, hd - 1)
+    spark._check_int("k_top", k_top, 1)
+    B, H, Hkv, n, hd = _check_decode(where, q, {"k1": (k1, r), "k2": (k2, hd - r), "v": (v, hd)}, lengths)
+    qv = q.reshape(B, H, hd)
+    G = H // Hkv
+    dev, f32 = q.device, torch.float32
+    lens, has_len = _len_args(lengths, q)
+    prec = _precision(q)
+    # 1. scores, the cache split over the SMs
+    CH, NS = _split(n, B * Hkv)
+    S = torch.empty(B * H, n, dtype=f32, device=dev)
+    _spark_scores_kernel[(NS, B * Hkv)](
+        qv, k1, S, lens, qv.stride(0), qv.stride(1), k1.stride(0), k1.stride(1), k1.stride(2), H, G, n,
+        1.0 / math.sqrt(r), R=r, R1=_pad16(r), GP=_pad16(G), CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len, PREC=prec,
+        num_warps=4)
+    # 2. the selection, one program per query head
+    KT = min(k_top, n)
+    idx = torch.empty(B * H, KT, dtype=torch.int32, device=dev)
+    ssel = torch.empty(B * H, KT, dtype=f32, device=dev)
+    mx = torch.empty(B * H, dtype=f32, device=dev)
+    kt = torch.empty(B * H, dtype=torch.int32, device=dev)
+    one = triton.next_power_of_2(n) <= MAX_SELECT_IN_REGISTERS
+    block = triton.next_power_of_2(n) if one else SELECT_CHUNK
+    _spark_select_kernel[(B * H,)](S, idx, ssel, mx, kt, lens, H, n, KT, k_top, BLOCK=block, ONE_BLOCK=one,
+                                   CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
+                                   num_warps=min(16, max(4, block // 1024)))
+    # 3. K2 and V of the kept tokens, GATHER_E per program; 4. the merge
+    NCH = triton.cdiv(KT, GATHER_E)
+    mp = torch.empty(B * H, NCH, dtype=f32, device=dev)
+    lp = torch.empty(B * H, NCH, dtype=f32, device=dev)
+    accp = torch.empty(B * H, NCH, hd, dtype=f32, device=dev)
+    _spark_gather_kernel[(NCH, B * H)](
+        qv, k2, v, idx, ssel, mx, kt, mp, lp, accp, qv.stride(0), qv.stride(1), k2.stride(0), k2.stride(1), k2.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), H, G, KT, NCH, 1.0 / math.sqrt(hd - r), HD=hd, R=r, R2=_pad16(hd - r),
+        HDP=_pad16(hd), E=GATHER_E, num_warps=4)
+    return _merge(mp, lp, accp, B, H, hd, q.dtype).view(q.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# 7d. Decoding a spark.GPT with these kernels inside a CUDA graph: generate_gpu
+#
+#    The loop is spark.decode_loop, GPT.generate's (same sampling, same random numbers, same
+#    window rebuild past block_size); we hand it our prefill and our step. Why a graph: a decode
+#    step of a 26-layer model launches ~10 kernels per layer; launched from Python each costs
+#    several us of host time, more than many of the kernels take. Captured once, a step is one
+#    graph launch. A graph replays fixed pointers and shapes, so:
+#    - the KV cache is a static buffer of block_size tokens per layer (k1, k2, v split at r for
+#      Spark attention; k, v for dense), written in place at the new position (index_copy_ with
+#      the position as a device tensor), and the kernels read all block_size rows' worth of
+#      programs with `lengths` = n + 1 telling them how many tokens are real;
+#    - the new token and its position are static device tensors, refilled before each replay;
+#    - the logits are a static output, cloned for the caller (the next replay overwrites them).
+#    The prefill (the prompt, and the rebuild when the window slides) runs the model's own
+#    forward (GPT._run) eagerly and copies its caches into the static buffers.
+#    FFNs: SparkFFN -> spark_ffn_decode_gpu (weights re-laid once), GatedFFN -> spark.gated_ffn
+#    (cuBLAS GEMVs), the other kinds -> their module (dense compute in torch).
+# ------------------------------------------------------------------------------------------
+
+
+# Each layer's FFN as a function of h [B, d]: prepared once, when the decoder is built, so that
+# the graph captures only the kernels (no re-layout per step).
+def _ffn_kernel_gpu(ffn):
+    """The decode function of one layer's FFN module, its weights re-laid once: h [B, d] -> [B, d]."""
+    if isinstance(ffn, spark.SparkFFN):
+        w, k, r = prepare_spark_ffn_gpu(ffn.K1, ffn.K2, ffn.V), ffn.k, ffn.r
+        return lambda h: spark_ffn_decode_gpu(h, *w, k, r)
+    if isinstance(ffn, spark.GatedFFN):
+        return lambda h: spark.gated_ffn(h, ffn.Wg, ffn.Wu, ffn.Wd, ffn.act)
+    return ffn
+
+
+class _GraphDecoder:
+    """Static buffers of one model at batch B, and (with graph=True) the CUDA graph of one step."""
+
+    def __init__(self, model, B, graph):
+        c, w = model.config, model.wte.weight
+        self.model, self.use_graph, self.graph, self.logits = model, graph, None, None
+        self.layers = []
+        for blk in model.blocks:
+            att = blk.attn
+            is_spark = isinstance(att, spark.SparkAttention)
+            widths = {"k1": att.r, "k2": att.hd - att.r, "v": att.hd} if is_spark else {"k": att.hd, "v": att.hd}
+            # [B, Hkv, block_size, width] per cached part, zero beyond what prefill and steps write
+            bufs = {name: torch.zeros(B, att.Hkv, c.block_size, wd, dtype=w.dtype, device=w.device)
+                    for name, wd in widths.items()}
+            self.layers.append({"blk": blk, "spark": is_spark, "ffn": _ffn_kernel_gpu(blk.ffn), **bufs})
+        self.tok = torch.zeros(B, dtype=torch.long, device=w.device)  # [B] the new token
+        self.pos = torch.zeros(1, dtype=torch.long, device=w.device)  # [1] its position n
+        self.lengths = torch.ones(B, dtype=torch.int32, device=w.device)  # [B] n + 1 visible tokens
+
+    def _parts(self, layer, k, v):
+        """What a layer caches of keys k, values v [..., hd]: (k1, k2, v) split at r, or (k, v)."""
+        if layer["spark"]:
+            r = layer["blk"].attn.r
+            return {"k1": k[..., :r], "k2": k[..., r:], "v": v}
+        return {"k": k, "v": v}
+
+    @torch.no_grad()
+    def prefill(self, window):
+        """window [B, T] through the model's own forward; its caches copied into ours. -> logits [B, V]"""
+        caches = [{} for _ in self.layers]
+        logits = self.model._run(window, caches)[:, -1]  # fills caches[i]["k"], ["v"] [B, Hkv, T, hd]
+        T = window.shape[1]
+        for layer, cache in zip(self.layers, caches):
+            for name, t in self._parts(layer, cache["k"], cache["v"]).items():
+                layer[name][:, :, :T].copy_(t)
+        return logits
+
+    def _step(self):
+        """One decode step on the static buffers (the body the graph captures). -> logits [B, V]"""
+        model, B = self.model, self.tok.shape[0]
+        x = model.wte(self.tok) + model.wpe(self.pos)  # [B, d]
+        for layer in self.layers:
+            blk, att = layer["blk"], layer["blk"].attn
+            h = blk.ln_1(x)  # [B, d]
+            q = att.q_proj(h).view(B, att.H, att.hd)  # [B, H, hd]
+            k, v = att.k_proj(h).view(B, att.Hkv, 1, att.hd), att.v_proj(h).view(B, att.Hkv, 1, att.hd)
+            for name, t in self._parts(layer, k, v).items():
+                layer[name].index_copy_(2, self.pos, t)  # the new token's row at position n, in place
+            if layer["spark"]:
+                o = spark_attention_decode_gpu(q, layer["k1"], layer["k2"], layer["v"], att.k_top, att.r,
+                                               lengths=self.lengths)
+            else:
+                o = attention_decode_gpu(q, layer["k"], layer["v"], lengths=self.lengths)  # [B, H, hd]
+            x = x + att.o_proj(o.reshape(B, -1))  # [B, d]
+            x = x + layer["ffn"](blk.ln_2(x))  # [B, d]
+        return model.ln_f(x) @ model.wte.weight.T  # [B, V]
+
+    @torch.no_grad()  # (also when called directly, as the benchmark does: nothing for autograd to record)
+    def step(self, tok, n):
+        """tok [B, 1] at position n (n tokens cached). -> logits [B, V] (a fresh tensor)"""
+        # the step's inputs go into the static tensors the graph reads (three small device writes;
+        # the host never waits for the GPU)
+        self.tok.copy_(tok[:, 0])
+        self.pos.fill_(n)
+        self.lengths.fill_(n + 1)
+        if not self.use_graph:
+            return self._step()
+        if self.graph is None:
+            # warm-up on a side stream (compiles the Triton kernels; CUDA graphs want it), then capture.
+            # The warm-up writes the same cache row the replay writes: the step is idempotent.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._step()
+        self.graph.replay()
+        return self.logits.clone()
+
+
+@torch.no_grad()
+def generate_gpu(model, idx, max_new_tokens, temperature=1.0, top_k=None, *, return_logits=False, graph=None):
+    """spark.GPT.generate with the GPU decode kernels, one CUDA graph replay per token:
+    idx [B, T] -> [B, T + max_new_tokens] (and the logits each token was drawn from, [B, new, V]).
+
+    Same arguments and the same loop (spark.decode_loop) as GPT.generate, so with the same torch
+    seed it returns the same tokens, up to float rounding deciding a near-tie (the kernels sum in
+    another order; greedy decoding is the robust comparison). temperature 0 = greedy.
+    graph: capture the step in a CUDA graph (default: on CUDA; the interpreter runs it eagerly).
+    """
+    if not isinstance(model, spark.GPT):
+        raise TypeError(f"generate_gpu: model must be a spark.GPT, got {type(model).__name__}")
+    spark.check_generate_args(model.config, idx, max_new_tokens, temperature, top_k)
+    if model.training and model.config.dropout > 0:
+        raise ValueError("generate_gpu: model is in training mode with dropout; call model.eval() first")
+    _check_inputs("generate_gpu", model=model.wte.weight)
+    if idx.device != model.wte.weight.device:
+        raise ValueError(f"generate_gpu: idx must be on the model's device {model.wte.weight.device}, got {idx.device}")
+    on_cuda = model.wte.weight.is_cuda
+    if graph and not on_cuda:
+        raise ValueError("generate_gpu: graph=True needs a model on a CUDA device")
+    dec = _GraphDecoder(model, idx.shape[0], on_cuda if graph is None else graph)
+    return spark.decode_loop(dec.prefill, dec.step, idx, max_new_tokens, temperature, top_k, model.config.block_size,
+                             return_logits)
+
+
+# ------------------------------------------------------------------------------------------
+# 8. The benchmark: python kernels_gpu.py [--json PATH] [--quick]   (CUDA only)
 #
 #    For each shape (bf16 rows, k = 8 % of D) every kernel is first checked against its
 #    reference on the benchmark's own input (a wrong kernel is not timed: the run fails), then
@@ -2363,6 +3432,179 @@ def _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape):
     return recs
 
 
+# ------------------------------------------------------------------------------------------
+# The decode rows: bench_decode(quick=False)   (CUDA only)
+#
+#    Every kernel is checked against its reference (float64 torch on the same bf16 values) on
+#    the benchmark's own inputs before it is timed; a wrong kernel fails the run. Then baseline
+#    and ours are timed in CUDA graphs (triton.testing.do_bench_cudagraph, median), on 8 copies
+#    of the weights or caches taken in turn: one copy of a layer's FFN is 127 MB and a 32K-token
+#    cache 134 MB, against 60 MB of L2, so no call finds its bytes in cache from the last one
+#    (a decoding model streams the other layers' weights between two visits of a layer).
+#    Each row: ms, speedup, and the byte limit: t_baseline x bytes_ours / bytes_baseline (the
+#    speedup if ours streamed its bytes as fast as the baseline streams its own), with both
+#    sides' TB/s. Shapes: Gemma-2 2B (arXiv 2408.00118), spark.gemma2_2b_config.
+# ------------------------------------------------------------------------------------------
+
+COPIES = 8
+
+
+def _cycled(fn, copies):
+    """A function calling fn(copy) on the next copy each time: a graph captured from n calls
+    holds calls on every copy in turn."""
+    it = itertools.cycle(copies)
+    return lambda: fn(*next(it))
+
+
+def _byte_records(name, ours_ms, bytes_ours, baselines):
+    """_records rows with the byte limit and TB/s. baselines {label: (ms, bytes)}."""
+    recs = []
+    for label, (t, nbytes) in baselines.items():
+        for rec in _records(name, ours_ms, t * bytes_ours / nbytes, {label: t}):
+            rec.update(bytes=bytes_ours, baseline_bytes=nbytes, TBps=bytes_ours / ours_ms / 1e9,
+                       baseline_TBps=nbytes / t / 1e9)
+            print(f"  {name} vs {label}: {t * 1e3:.1f} us ({nbytes / 1e6:.1f} MB, {rec['baseline_TBps']:.2f} TB/s) -> "
+                  f"{ours_ms * 1e3:.1f} us ({bytes_ours / 1e6:.1f} MB, {rec['TBps']:.2f} TB/s): "
+                  f"{rec['speedup']:.2f}x, byte limit {rec['limit']:.2f}x")
+            recs.append(rec)
+    return recs
+
+
+def _randn(gen, *shape, std=1.0, dtype=torch.bfloat16):
+    return (torch.randn(*shape, device="cuda", generator=gen) * std).to(dtype)
+
+
+def bench_spark_ffn_decode(M, d=2304, f_gated=9216, r=1024, density=0.08, dtype=torch.bfloat16):
+    """Spark FFN decode (f = 1.5 f_gated) vs the dense GeGLU of equal parameters, M tokens."""
+    f = round(1.5 * f_gated)
+    k = max(1, round(density * f))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dense = [tuple(_randn(gen, a, b, std=a ** -0.5, dtype=dtype) for a, b in ((d, f_gated), (d, f_gated), (f_gated, d)))
+             for _ in range(COPIES)]
+    sparse = [prepare_spark_ffn_gpu(_randn(gen, r, f, std=r ** -0.5, dtype=dtype),
+                                    _randn(gen, d - r, f, std=(d - r) ** -0.5, dtype=dtype),
+                                    _randn(gen, f, d, std=f ** -0.5, dtype=dtype)) for _ in range(COPIES)]
+    x = _randn(gen, M, d, dtype=dtype)
+    K1, K2t, V = sparse[0]
+    ref = spark.spark_ffn(x.double(), K1.double(), K2t.double().t(), V.double(), k, r)
+    # bf16 output and bf16 a before the V product: one bf16 rounding each (2^-9), against float64
+    _check(f"spark_ffn_decode/M{M}", spark_ffn_decode_gpu(x, K1, K2t, V, k, r), ref,
+           2.0**-7 * float(ref.abs().max()), 2.0**-7)
+    # The baseline: the dense GeGLU of equal parameters (3 d f_gated = 2 d f) as torch runs it,
+    # three cuBLAS GEMVs and two elementwise kernels, in a CUDA graph like ours. It reads
+    # 3 d f_gated weights; ours r f + m (2 d - r), m the survivors gathered (their union at M > 1).
+    gated = lambda x, Wg, Wu, Wd: (F.gelu(x @ Wg, approximate="tanh") * (x @ Wu)) @ Wd  # noqa: E731
+    t_dense = _ms(_cycled(lambda *w: gated(x, *w), dense))
+    t_ours = _ms(_cycled(lambda *w: spark_ffn_decode_gpu(x, *w, k, r), sparse))
+    # neurons actually gathered: the union of the M tokens' survivors
+    m = float((statistical_topk(x.double()[:, :r] @ K1.double(), k) > 0).any(0).sum())
+    el = x.element_size()
+    bytes_ours, bytes_dense = (r * f + m * (2 * d - r)) * el, 3 * d * f_gated * el
+    return _byte_records(f"spark_ffn_decode/d{d}_f{f}_r{r}_k{k}/M{M}", t_ours, bytes_ours,
+                         {f"dense GeGLU f {f_gated} (torch, CUDA graph)": (t_dense, bytes_dense)})
+
+
+def bench_spark_attention_decode(n, H=8, Hkv=4, hd=256, k_top=256, r=128, dtype=torch.bfloat16):
+    """Spark attention decode vs SDPA and vs our dense flash-decoding, batch 1, one new token."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kv = [(_randn(gen, 1, Hkv, n, hd, dtype=dtype), _randn(gen, 1, Hkv, n, hd, dtype=dtype)) for _ in range(COPIES)]
+    split = [prepare_spark_kv_gpu(k, v, r) for k, v in kv]
+    q = _randn(gen, 1, H, 1, hd, dtype=dtype)
+    k0, v0 = kv[0]
+    ref = spark.attention(q.double(), k0.double(), v0.double())
+    _check(f"attention_decode n{n}", attention_decode_gpu(q, k0, v0), ref, 2.0**-7 * float(ref.abs().max()), 2.0**-7)
+    ref = spark.spark_attention(q.double(), k0.double(), v0.double(), k_top, r)
+    _check(f"spark_attention_decode n{n}", spark_attention_decode_gpu(q, *split[0], k_top, r), ref,
+           2.0**-7 * float(ref.abs().max()), 2.0**-7)
+    # Two baselines over the same caches: torch's SDPA (dense, its own decode kernel choice) and our
+    # dense flash-decoding, which shares the Spark kernels' split, merge and launch count: the
+    # honest measure of what the sparsity itself buys.
+    sdpa = lambda k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    t_sdpa, t_flash = _ms(_cycled(sdpa, kv)), _ms(_cycled(lambda k, v: attention_decode_gpu(q, k, v), kv))
+    t_ours = _ms(_cycled(lambda k1, k2, v: spark_attention_decode_gpu(q, k1, k2, v, k_top, r), split))
+    el, kt, G = q.element_size(), min(k_top, n), H // Hkv
+    dense_bytes = 2 * Hkv * n * hd * el
+    ours_bytes = Hkv * (n * r + min(n, G * kt) * (2 * hd - r)) * el  # count_costs' worst case (union of G selections)
+    return _byte_records(f"spark_attention_decode/n{n}_H{H}_Hkv{Hkv}_hd{hd}_k{k_top}_r{r}", t_ours, ours_bytes,
+                         {"SDPA (torch, dense)": (t_sdpa, dense_bytes),
+                          "attention_decode_gpu (ours, dense flash-decoding)": (t_flash, dense_bytes)})
+
+
+# The whole-model rows are checked in two ways before anything is timed: the token-for-token
+# comparison below (a small float32 model: exact greedy agreement is meaningful there), and
+# finite logits from the Gemma-shaped model itself (its bf16 greedy tokens may legitimately
+# differ from GPT.generate's at a near-tie, so they are not compared).
+def _model_check(tiny):
+    """generate_gpu's greedy tokens equal GPT.generate's on train_tiny's model (float32, 2-D
+    weights at 10x the init scale so that greedy decoding has no near-ties), a whole window."""
+    torch.manual_seed(0)
+    model = spark.GPT(tiny).cuda().eval()
+    for p in model.parameters():
+        p.data.mul_(10.0 if p.dim() == 2 else 1.0)
+    idx = torch.zeros(2, 3, dtype=torch.long, device="cuda")
+    new = tiny.block_size  # past block_size: the window slides and prefill rebuilds
+    if not torch.equal(model.generate(idx, new, temperature=0), generate_gpu(model, idx, new, temperature=0)):
+        raise AssertionError(f"decode_model: generate_gpu's greedy tokens differ from GPT.generate's ({tiny.ffn}/"
+                             f"{tiny.attn}); not timed")
+
+
+def bench_decode_model(n_ctx=8192, n_layer=26, dtype=torch.bfloat16):
+    """Tokens per second of a Gemma-2-2B-shaped spark.GPT (random weights, batch 1, n_ctx - 1
+    cached tokens + the new one), Spark FFN and attention vs the dense model of equal parameters,
+    both decoded by generate_gpu's graph step."""
+    for ffn, attn in (("spark", "spark"), ("dense", "dense")):
+        _model_check(spark.GPTConfig(ffn=ffn, attn=attn))
+    ms, costs = {}, {}
+    for kind in ("dense", "spark"):
+        cfg = spark.gemma2_2b_config(ffn=kind, attn=kind, n_layer=n_layer, block_size=n_ctx)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = spark.GPT(cfg).to(dtype).eval()
+        # the decoder's static cache is filled with random keys and values (their values do not
+        # change what a step reads), then one step at position n_ctx - 1 captures the graph
+        dec = _GraphDecoder(model, 1, True)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for layer in dec.layers:  # random cache contents: a full window, as after a long prompt
+            for name in ("k", "k1", "k2", "v"):
+                if name in layer:
+                    layer[name].copy_(_randn(gen, *layer[name].shape, dtype=dtype))
+        tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        logits = dec.step(tok, n_ctx - 1)  # captures the graph; one replay
+        if not torch.isfinite(logits).all():
+            raise AssertionError(f"decode_model {kind}: non-finite logits; not timed")
+        # one replay = one token through all layers and the LM head; do_bench flushes L2 between
+        # replays (irrelevant here: a step streams GBs of weights)
+        ms[kind] = triton.testing.do_bench(dec.graph.replay, rep=500, return_mode="median")
+        costs[kind] = spark.count_costs(cfg, n_ctx)
+        del model, dec
+        torch.cuda.empty_cache()
+    name = f"decode_model/gemma2-2b_L{n_layer}/n{n_ctx}/B1/{str(dtype).removeprefix('torch.')}"
+    recs = _byte_records(name, ms["spark"], costs["spark"]["decode_bytes"],
+                         {"dense model (generate_gpu: cuBLAS GEMVs + attention_decode_gpu)":
+                          (ms["dense"], costs["dense"]["decode_bytes"])})
+    for rec in recs:
+        rec.update(tokens_per_s=1e3 / ms["spark"], baseline_tokens_per_s=1e3 / ms["dense"])
+    print(f"  {name}: {1e3 / ms['dense']:.0f} -> {1e3 / ms['spark']:.0f} tokens/s; count_costs byte limit "
+          f"{costs['dense']['decode_bytes'] / costs['spark']['decode_bytes']:.2f}x")
+    return recs
+
+
+def bench_decode(quick=False):
+    """All decode rows: spark_ffn_decode/..., spark_attention_decode/..., decode_model/... (CUDA only).
+
+    FFN at batch 1, 2, 4, 8; attention at n = 1024 .. 32768; the whole model at context 8192.
+    quick: fewer shapes and a 4-layer model at context 2048 (a smoke run; its numbers mean little).
+    """
+    if triton is None or not torch.cuda.is_available():
+        print("bench_decode needs a CUDA GPU and triton; tests/test_kernels_gpu_decode.py runs the kernels in the interpreter")
+        return []
+    recs = [r for M in ((1, 4) if quick else (1, 2, 4, 8)) for r in bench_spark_ffn_decode(M)]
+    recs += [r for n in ((1024, 8192) if quick else (1024, 2048, 4096, 8192, 16384, 32768))
+             for r in bench_spark_attention_decode(n)]
+    recs += bench_decode_model(**(dict(n_layer=4, n_ctx=2048) if quick else {}))
+    return recs
+
+
 def _print_table(recs):
     print(f"\n{'kernel':<46} {'baseline':<52} {'base us':>9} {'ours us':>9} {'speedup':>8} {'limit':>7} {'of limit':>9}")
     for r in recs:
@@ -2375,7 +3617,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="kernels_gpu.py's kernels against their baselines: time, speedup, limit.")
     ap.add_argument("--json", metavar="PATH", help="also write the table as a JSON list of records")
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run; its numbers mean little)")
-    ap.add_argument("--only", choices=("topk", "train_step", "twell"), help="one part of the benchmark")
+    ap.add_argument("--only", choices=("topk", "train_step", "twell", "decode"), help="one part of the benchmark")
     args = ap.parse_args(argv)
     if triton is None or not torch.cuda.is_available():
         print("kernels_gpu.py: the benchmark needs a CUDA GPU and triton; none here "
@@ -2389,6 +3631,8 @@ def main(argv=None):
         recs += bench_train_step(**(dict(batch=2, n_layer=2, block_size=256, attn_k=64) if args.quick else {}))
     if args.only in (None, "twell"):
         recs += bench_twell(quick=args.quick)
+    if args.only in (None, "decode"):
+        recs += bench_decode(quick=args.quick)
     _print_table(recs)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
