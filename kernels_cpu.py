@@ -877,11 +877,7 @@ def generate_cpu(model, idx, max_new_tokens, temperature=1.0, top_k=None, *, ret
     order of additions can do; greedy decoding is the robust comparison). temperature 0 = greedy.
     return_logits: also the logits each new token was drawn from, [B, max_new_tokens, V].
     """
-    if not isinstance(model, spark.GPT):
-        raise TypeError(f"generate_cpu: model must be a spark.GPT, got {type(model).__name__}")
-    spark.check_generate_args(model.config, idx, max_new_tokens, temperature, top_k)
-    if model.training and model.config.dropout > 0:
-        raise ValueError("generate_cpu: model is in training mode with dropout; call model.eval() first")
+    spark.check_decoder_args("generate_cpu", model, idx, max_new_tokens, temperature, top_k)
     _check_tensors("generate_cpu", model=model.wte.weight)
     # per layer: its block, its FFN kernel, whether its attention is Spark's (and, once filled, its caches)
     layers = [{"blk": b, "ffn": _ffn_kernel(b.ffn), "spark": isinstance(b.attn, spark.SparkAttention)} for b in model.blocks]

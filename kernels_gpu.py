@@ -2998,11 +2998,7 @@ def generate_gpu(model, idx, max_new_tokens, temperature=1.0, top_k=None, *, ret
     another order; greedy decoding is the robust comparison). temperature 0 = greedy.
     graph: capture the step in a CUDA graph (default: on CUDA; the interpreter runs it eagerly).
     """
-    if not isinstance(model, spark.GPT):
-        raise TypeError(f"generate_gpu: model must be a spark.GPT, got {type(model).__name__}")
-    spark.check_generate_args(model.config, idx, max_new_tokens, temperature, top_k)
-    if model.training and model.config.dropout > 0:
-        raise ValueError("generate_gpu: model is in training mode with dropout; call model.eval() first")
+    spark.check_decoder_args("generate_gpu", model, idx, max_new_tokens, temperature, top_k)
     _check_inputs("generate_gpu", model=model.wte.weight)
     if idx.device != model.wte.weight.device:
         raise ValueError(f"generate_gpu: idx must be on the model's device {model.wte.weight.device}, got {idx.device}")

@@ -1445,6 +1445,16 @@ class GPT(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 
+def check_decoder_args(where, model, idx, max_new_tokens, temperature, top_k):
+    """What a decoder outside GPT (kernels_cpu.generate_cpu, kernels_gpu.generate_gpu) checks
+    first: a spark.GPT, not training with dropout, and check_generate_args's arguments."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"{where}: model must be a spark.GPT, got {type(model).__name__}")
+    check_generate_args(model.config, idx, max_new_tokens, temperature, top_k)
+    if model.training and model.config.dropout > 0:
+        raise ValueError(f"{where}: model is in training mode with dropout; call model.eval() first")
+
+
 def count_params(c):
     """Parameters of GPT(c), by arithmetic (so we can count Gemma-2 2B without building it)."""
     d, hd = c.d_model, c.hd
