@@ -511,7 +511,7 @@ def train(args, state=None, on_step=lambda step, model: None):
         return None
     val_loss, stats = run_eval(args.max_steps, args.final_eval_iters)
     return {"args": args, "config": dataclasses.asdict(config), "history": history, "model": model,
-            "tokenizer": data["tokenizer"], "val_loss": val_loss, **stats}
+            "tokenizer": data["tokenizer"], "val_tokens": data["val"], "val_loss": val_loss, **stats}
 
 
 # ------------------------------------------------------------------------------------------
@@ -535,7 +535,12 @@ def sample_text(model, tokenizer, args):
 # Every variant trains with the same data, seed, steps and (up to Spark's rounding) parameter
 # count. Exact top-k trains too: it is the quality reference for statistical top-k, and its step
 # time is the cost statistical top-k avoids. relu_l1 is measured against the plain ReLU model.
-VARIANTS = ["dense/dense", "topk/dense", "stat_topk/dense", "spark/dense", "spark/spark", "relu/dense", "relu_l1/dense"]
+VARIANTS = ["dense/dense", "topk/dense", "stat_topk/dense", "spark/dense", "spark/spark", "relu/dense", "relu_l1/dense",
+            "terraformer/dense", "lte/dense", "dense/polar"]
+# Polar Sparsity's point, measured on the trained models: the neurons an FFN needs for a batch of
+# B tokens (one per sequence, as in decoding) are the UNION of each token's, which grows with B,
+# while a head router's choice is per sequence and costs h_top / Hkv of the heads at any B.
+UNION_BATCHES, UNION_DRAWS = (1, 2, 4, 8, 16, 32, 64), 20
 BENCH_ROUNDS, BENCH_STEPS = 10, 10
 
 
@@ -595,6 +600,20 @@ def compare_table(results, bench):
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def union_density(model, tokens, args):
+    """[len(UNION_BATCHES)]: fraction of FFN neurons nonzero for at least one of B tokens drawn at
+    random from 64 validation windows (mean over layers and UNION_DRAWS draws), for each B."""
+    model.eval()
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    x, _ = get_batch(tokens, 64, model.config.block_size, gen)  # [64, T]
+    model(x.to(next(model.parameters()).device))
+    acts = [blk.ffn.last_act.flatten(0, -2) != 0 for blk in model.blocks]  # per layer [64 T, f] bool
+    model.train()
+    return [float(np.mean([a[torch.randperm(len(a), generator=gen)[:B]].any(0).float().mean().item()
+                           for a in acts for _ in range(UNION_DRAWS)])) for B in UNION_BATCHES]
+
+
 def plot_compare(results):
     """notes/figures/train_tiny_loss.png (validation loss over training) and train_tiny_density.png
     (the FFN density of each layer at the end, on a log axis so that relu_l1's ~3 % shows beside
@@ -615,8 +634,17 @@ def plot_compare(results):
     ax2.yaxis.set_major_formatter("{x:g}")  # 10, not 10^1; the minor ticks 2 .. 9, 20 .. 90 likewise
     ax2.yaxis.set_minor_formatter("{x:g}")
     os.makedirs(FIGURES_DIR, exist_ok=True)
-    paths = [os.path.join(FIGURES_DIR, f"train_tiny_{name}.png") for name in ("loss", "density")]
-    for ax, path in zip((ax1, ax2), paths):
+    paths = [os.path.join(FIGURES_DIR, f"train_tiny_{name}.png") for name in ("loss", "density", "union")]
+    ax3 = Figure(figsize=(7, 4), layout="tight").subplots()  # the union of active neurons against the batch
+    for name, r in results.items():
+        if "union" in r:
+            ax3.plot(UNION_BATCHES, 100 * np.array(r["union"]), marker="o", ms=3, label=f"{name}: FFN neurons, union")
+        if r["config"]["attn"] == "polar":
+            ax3.plot(UNION_BATCHES, [100 * np.mean(r["attn_density"])] * len(UNION_BATCHES), ls="--",
+                     label=f"{name}: attention heads kept per sequence")
+    ax3.set(xscale="log", title="work needed for a batch of B decoded tokens", xlabel="batch B (sequences)",
+            ylabel="active (%)", xticks=UNION_BATCHES, xticklabels=UNION_BATCHES)
+    for ax, path in zip((ax1, ax2, ax3), paths):
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, not over it
         ax.figure.savefig(path, dpi=110, bbox_inches="tight")
     return paths
@@ -628,12 +656,16 @@ def compare(args):
     for name in args.variants:
         log(f"\n=== compare: {name} ===")
         ffn, attn = name.split("/")
-        results[name] = train(argparse.Namespace(**{**vars(args), "ffn": ffn, "attn": attn, "out": None}))
+        results[name] = r = train(argparse.Namespace(**{**vars(args), "ffn": ffn, "attn": attn, "out": None}))
+        if ffn in ("relu", "relu_l1", "stat_topk", "spark"):  # sparse FFNs a decode kernel could skip neurons of
+            r["union"] = union_density(r["model"], r["val_tokens"], args)
     bench = bench_steps({n: spark.GPT(r["model"].config) for n, r in results.items()}, args)
     figures, table = plot_compare(results), compare_table(results, bench)
+    union = "\n".join(f"  {n}: " + ", ".join(f"{100 * u:.0f} %" for u in r["union"]) for n, r in results.items() if "union" in r)
     log(f"\nMeasured on {machine()}, {time.strftime('%Y-%m-%d %H:%M')}, {(time.time() - t0) / 60:.1f} min in all; "
         f"{args.max_steps} steps of {args.batch_size} x {args.block_size} tokens; step time: median of {BENCH_ROUNDS} "
-        f"interleaved rounds of {BENCH_STEPS} steps.\n\n{table}\n\nwrote {', '.join(map(os.path.relpath, figures))}")
+        f"interleaved rounds of {BENCH_STEPS} steps.\n\n{table}\n\nFFN neurons active in the union of B tokens, "
+        f"B = {', '.join(map(str, UNION_BATCHES))}:\n{union}\n\nwrote {', '.join(map(os.path.relpath, figures))}")
     return {"results": results, "bench_ms": bench, "table": table, "figures": figures}
 
 

@@ -453,22 +453,28 @@ def test_compare_prints_one_table_and_writes_figures(tiny, monkeypatch, capsys):
     """--compare trains each FFN/ATTN pair with the same flags and prints ONE markdown table (with
     the machine it ran on), rows in the order given: the dense row is the 1.00x reference of the
     step-time column, the ReLU rows show their share of exact zeros, relu_l1 is compared with
-    relu/dense (the model its penalty sparsifies). It writes the two figures and no checkpoints.
+    relu/dense (the model its penalty sparsifies). It writes the three figures and no checkpoints.
     A short benchmark (1 round of 2 steps) keeps the test fast; the numbers are not checked."""
     monkeypatch.setattr(tt, "BENCH_ROUNDS", 1)
     monkeypatch.setattr(tt, "BENCH_STEPS", 2)
     no_sample = TINY[:TINY.index("--sample-tokens")]  # --compare samples nothing, so it refuses that flag
-    out = tt.main(["--compare", "--variants", "dense/dense,relu/dense,relu_l1/dense", "--data", tiny,
+    out = tt.main(["--compare", "--variants", "dense/dense,relu/dense,relu_l1/dense,dense/polar", "--data", tiny,
                    "--max-steps", "30"] + no_sample)
     printed = capsys.readouterr().out
     assert printed.count("| variant |") == 1 and out["table"] in printed and "Measured on" in printed
     rows = out["table"].splitlines()[2:]
-    assert [r.split(" | ")[0] for r in rows] == ["| dense/dense", "| relu/dense", "| relu_l1/dense"]
+    assert [r.split(" | ")[0] for r in rows] == ["| dense/dense", "| relu/dense", "| relu_l1/dense", "| dense/polar"]
     assert "1.00x" in rows[0] and "% zeros)" in rows[1] and "vs relu/dense" in rows[2]
     assert not os.path.exists("out")  # --compare writes no checkpoints
     for path in out["figures"]:
         assert os.path.getsize(path) > 5000
-    assert sorted(os.listdir(tt.FIGURES_DIR)) == ["train_tiny_density.png", "train_tiny_loss.png"]
+    assert sorted(os.listdir(tt.FIGURES_DIR)) == ["train_tiny_density.png", "train_tiny_loss.png", "train_tiny_union.png"]
+    # the union of active neurons over B tokens: one value per batch size, in (0, 1], never shrinking
+    # as B grows (up to the sampling of the draws); only the ReLU FFNs have one here
+    unions = {n: r["union"] for n, r in out["results"].items() if "union" in r}
+    assert sorted(unions) == ["relu/dense", "relu_l1/dense"]
+    for u in unions.values():
+        assert len(u) == len(tt.UNION_BATCHES) and 0 < u[0] <= u[-1] <= 1
 
 
 # ------------------------------------------------------------------------------------------
