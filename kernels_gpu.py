@@ -1,6 +1,8 @@
-"""kernels_gpu.py: statistical top-k on the GPU in Triton, forward and backward, the fused
-activation of the Spark FFN and Gemma 3n, gelu(statistical_topk(p)) * u, and Spark attention
-for training, which never stores its [T, S] scores.
+"""kernels_gpu.py: the GPU half of spark, in Triton. For training: statistical top-k, forward and
+backward, the fused activation of the Spark FFN and Gemma 3n, gelu(statistical_topk(p)) * u, and
+Spark attention, which never stores its [T, S] scores. For inference: TwELL, the L1-sparse FFN
+whose gate is packed inside its own matmul, and Spark decoding (FFN and attention of one new
+token, and a whole model in a CUDA graph).
 
 Statistical top-k (Spark Transformer, arXiv 2506.06644, statistical top-k; notes/papers.md,
 "Statistical top-k (Spark)") thresholds each row z of length D at
@@ -36,10 +38,16 @@ The kernels, each with the reference it must match (same argument names and orde
     spark_attention_gpu(q, k, v, k_top, r)        reference: spark.spark_attention (and _np)
         _spark_attn_thr_kernel: each query's threshold (its kt-th score), max and softmax sum;
         _spark_attn_fwd_kernel: the output; _spark_attn_bwd_dq_kernel, _spark_attn_bwd_dkdv_kernel.
-tests/test_kernels_gpu.py and tests/test_kernels_gpu_attention.py run them in Triton's
-interpreter on the CPU (CI) and on a GPU. `python kernels_gpu.py [--json PATH] [--quick]` is the
-benchmark (CUDA only): the kernels against their baselines, and whole training steps of a
-GPT-2-small-sized model (rows train_step/...).
+    twell_ffn_gpu(x, Wg, Wu, Wd, tile, C)         reference: spark.twell_ffn (and _np)      section 6
+        _twell_produce_kernel (gate matmul + packing), _twell_consume_kernel, the dense route.
+    spark_ffn_decode_gpu(x, K1, K2t, V, k, r)     reference: spark.spark_ffn_np              section 7
+    spark_attention_decode_gpu(q, k1, k2, v, k_top, r), attention_decode_gpu(q, k, v),
+    generate_gpu(model, idx, max_new_tokens, ...)  references: spark_attention_np, attention_np, GPT.generate
+tests/test_kernels_gpu*.py run them in Triton's interpreter on the CPU (CI) and on a GPU.
+`python kernels_gpu.py [--json PATH] [--quick] [--only PART]` is the benchmark (CUDA only): the
+kernels against their baselines, whole training steps of a GPT-2-small-sized model (rows
+train_step/...), TwELL (twell_ffn/..., twell_memory/...) and decoding (spark_ffn_decode/...,
+spark_attention_decode/..., decode_model/...).
 
 Dimension letters
     D   row length (FFN width f, or number of keys n)        R   number of rows (all leading dims)
