@@ -2482,29 +2482,34 @@ def _visible(Len, b, N, HAS_LEN: tl.constexpr):
         return tl.zeros((), tl.int32) + N
 
 
-# Dense flash-decoding, one program per (split of CH tokens, KV head); its G query heads are the
-# rows of one tl.dot, so the chunk of K and V is read once for all of them.
-#     m = -inf; l = 0; acc = 0                                # per query head
+# One program per (split of CH tokens, sequence b, unit j): unit j is KV head j (dense) or the
+# group in slot j of heads[b] (HAS_HEADS). Its G query heads are the rows of one tl.dot, so the
+# chunk of K and V is read once for all of them.
+#     g = heads[b, j] (clamped into [0, Hkv)) or j
+#     m = -inf; l = 0; acc = 0                                # per query head of g
 #     for each tile of BN visible tokens in the split:
 #         s = q K_tile^T / sqrt(hd);  m' = max(m, max s)
 #         l = l e^(m - m') + sum e^(s - m');  acc = acc e^(m - m') + e^(s - m') V_tile;  m = m'
-#     store (m, l, acc) of the split        (an empty split stores m = -inf, l = 0, acc = 0)
+#     store (m, l, acc) at partial rows (b NU + j) G + i  (an empty split: m = -inf, l = 0, acc = 0)
 @jit
 def _attn_split_kernel(
     Q,  # pointer to q [B, H, hd]: element [b, h, c] at Q + b * stride_qb + h * stride_qh + c
     K,  # pointer to k [B, Hkv, n, hd]: element [b, g, t, c] at K + b * stride_kb + g * stride_kh + t * stride_kt + c
     V,  # pointer to v [B, Hkv, n, hd]: element [b, g, t, c] at V + b * stride_vb + g * stride_vh + t * stride_vt + c
     Len,  # pointer to lengths [B] int32 (read when HAS_LEN)
-    Mp,  # pointer to the partial maxima [B H, NCH] float32 (written)
-    Lp,  # pointer to the partial sums [B H, NCH] float32 (written)
-    Accp,  # pointer to the partial outputs [B H, NCH, hd] float32 (written)
+    Heads,  # pointer to heads [B, HT] int32/int64: [b, j] at Heads + b * stride_hb + j * stride_hj (HAS_HEADS)
+    Mp,  # pointer to the partial maxima [B NU G, NCH] float32 (written)
+    Lp,  # pointer to the partial sums [B NU G, NCH] float32 (written)
+    Accp,  # pointer to the partial outputs [B NU G, NCH, hd] float32 (written)
     stride_qb, stride_qh,  # elements between consecutive batches, heads of q
     stride_kb, stride_kh, stride_kt,  # between consecutive batches, KV heads, tokens of k
     stride_vb, stride_vh, stride_vt,  # the same for v
+    stride_hb, stride_hj,  # between consecutive sequences, slots of heads
     H,  # query heads
     G,  # query heads per KV head
+    NU,  # units per sequence: Hkv, or HT with a table
     N,  # cache capacity n
-    NCH,  # splits per KV head
+    NCH,  # splits per unit
     scale,  # 1 / sqrt(hd)
     HD: tl.constexpr,  # hd
     HDP: tl.constexpr,  # hd padded to a power of two >= 16
@@ -2512,11 +2517,18 @@ def _attn_split_kernel(
     CH: tl.constexpr,  # tokens per split
     BN: tl.constexpr,  # keys per tile
     HAS_LEN: tl.constexpr,  # lengths given
+    HAS_HEADS: tl.constexpr,  # a table of groups given (Polar); else unit j is KV head j
     PREC: tl.constexpr,  # "ieee" or "tf32" (kernels_gpu._dot)
 ):
-    c, bg = tl.program_id(0), tl.program_id(1)  # split, b * Hkv + KV head
+    c, bj = tl.program_id(0), tl.program_id(1)  # split, b * NU + unit
     Hkv = H // G
-    b, kvh = bg // Hkv, bg % Hkv
+    b, j = bj // NU, bj % NU
+    if HAS_HEADS:
+        # the group in slot j, clamped so that a bad entry reads a real group (the merge flags it)
+        kvh = tl.load(Heads + b.to(tl.int64) * stride_hb + j * stride_hj).to(tl.int32)
+        kvh = tl.minimum(tl.maximum(kvh, 0), Hkv - 1)
+    else:
+        kvh = j
     n_b = _visible(Len, b, N, HAS_LEN)
     g = tl.arange(0, GP)
     gm = g < G
@@ -2542,52 +2554,111 @@ def _attn_split_kernel(
         # acc = acc e^(m - m') + p V   (p in V's dtype for the tensor cores, as flash attention)
         acc = _dot(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
         m = m_new
-    row = (b * H + h).to(tl.int64) * NCH + c  # [GP] index into the [B H, NCH] partials
+    row = (bj.to(tl.int64) * G + g) * NCH + c  # [GP] partial rows (b NU + j) G + i (dense: b H + h), split c
     tl.store(Mp + row, m, mask=gm)
     tl.store(Lp + row, l_sum, mask=gm)
     tl.store(Accp + row[:, None] * HD + cols[None, :], acc, mask=gm[:, None] & (cols < HD)[None, :])
 
 
-# The merge, one program per query head: the partials of its splits (or gather chunks) are
-# rescaled to their common max and added, in split order.
-#     M = max_c m_c;  out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
+# The merge, one program per output head (b, h): the partials of its splits (or gather chunks)
+# are rescaled to their common max and added, in split order. With a table, the partials are
+# those of h's slot, and a head whose group is not in the table gets 0.
+#     j = slot of h // G in heads[b] (or none); partials of row (b HT + j) G + h % G (dense: b H + h)
+#     M = max_c m_c;  out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c    (0 when no slot)
+#     NaN in every head of b when heads[b] has an entry outside [0, Hkv) or a repeat
 @jit
 def _decode_merge_kernel(
-    Mp,  # pointer to the partial maxima [B H, NCH] float32 (-inf: an empty split)
-    Lp,  # pointer to the partial sums [B H, NCH] float32
-    Accp,  # pointer to the partial outputs [B H, NCH, hd] float32
+    Mp,  # pointer to the partial maxima [rows, NCH] float32 (-inf: an empty split)
+    Lp,  # pointer to the partial sums [rows, NCH] float32
+    Accp,  # pointer to the partial outputs [rows, NCH, hd] float32
     Out,  # pointer to out [B, H, hd]: element [b, h, c] at Out + (b H + h) hd + c (written, q's dtype)
+    Heads,  # pointer to heads [B, HT]: element [b, j] at Heads + b * stride_hb + j * stride_hj (HAS_HEADS)
+    stride_hb, stride_hj,  # elements between consecutive sequences, slots of heads
     NCH,  # partials per query head
+    H,  # query heads
+    G,  # query heads per KV head
+    HT,  # slots per sequence in heads
     HD: tl.constexpr,  # hd
     HDP: tl.constexpr,  # hd padded to a power of two
     CB: tl.constexpr,  # partials merged at once
+    HTP: tl.constexpr,  # HT padded to a power of two >= 16
+    HAS_HEADS: tl.constexpr,  # a table given (Polar): partial rows by slot, 0 for heads not kept
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0)  # b * H + h
+    if HAS_HEADS:
+        b, h = bh // H, bh % H
+        jj = tl.arange(0, HTP)
+        jm = jj < HT
+        groups = tl.load(Heads + b.to(tl.int64) * stride_hb + jj * stride_hj, mask=jm, other=-1)  # [HTP] heads[b]
+        j = tl.max(tl.where(jm & (groups == h // G), jj, -1), axis=0)  # h's slot; -1: its group is not kept
+        sel = j >= 0
+        nch = tl.where(sel, NCH, 0)  # partials to merge: none for a head not kept
+        base = ((b.to(tl.int64) * HT + tl.maximum(j, 0)) * G + h % G) * NCH
+        # an invalid row: an entry outside [0, Hkv), or an entry equal to an earlier one
+        bad = tl.sum((jm & ((groups < 0) | (groups >= H // G))).to(tl.int32), axis=0)
+        rep = (groups[:, None] == groups[None, :]) & (jj[:, None] < jj[None, :]) & jm[None, :]  # [HTP, HTP]
+        bad += tl.sum(tl.sum(rep.to(tl.int32), axis=1), axis=0)
+    else:
+        sel = bh >= 0  # (always true)
+        nch = NCH
+        base = bh.to(tl.int64) * NCH
     cc = tl.arange(0, CB)
     cols = tl.arange(0, HDP)
-    base = bh.to(tl.int64) * NCH
     # M = max_c m_c
     mx = tl.full((), float("-inf"), tl.float32)
     for c0 in range(0, NCH, CB):
-        mx = tl.maximum(mx, tl.max(tl.load(Mp + base + c0 + cc, mask=c0 + cc < NCH, other=float("-inf")), axis=0))
+        mx = tl.maximum(mx, tl.max(tl.load(Mp + base + c0 + cc, mask=c0 + cc < nch, other=float("-inf")),
+                                   axis=0))
+    mx = tl.where(sel, mx, 0.0)  # a head not kept has no partials: 0 keeps its sums at 0, not NaN
     # out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c   (in split order: the same bits every run)
     l_sum = tl.zeros((), tl.float32)
     acc = tl.zeros((HDP,), tl.float32)
     for c0 in range(0, NCH, CB):
-        cm = c0 + cc < NCH
+        cm = c0 + cc < nch
         sc = tl.exp(tl.load(Mp + base + c0 + cc, mask=cm, other=float("-inf")) - mx)  # [CB] 0 for empty splits
         l_sum += tl.sum(sc * tl.load(Lp + base + c0 + cc, mask=cm, other=0.0), axis=0)
         part = tl.load(Accp + (base + c0 + cc)[:, None] * HD + cols[None, :], mask=cm[:, None] & (cols < HD)[None, :],
                        other=0.0)
         acc += tl.sum(sc[:, None] * part, axis=0)
-    tl.store(Out + bh.to(tl.int64) * HD + cols, (acc / l_sum).to(Out.dtype.element_ty), mask=cols < HD)
+    out = acc / tl.where(sel, l_sum, 1.0)  # a head not kept: 0 / 1 = 0 exactly
+    if HAS_HEADS:
+        out = tl.where(bad > 0, float("nan"), out)
+    tl.store(Out + bh.to(tl.int64) * HD + cols, out.to(Out.dtype.element_ty), mask=cols < HD)
 
 
-def _merge(mp, lp, accp, B, H, hd, dtype):
-    """Launch the merge on partials [B H, NCH, ...]. -> out [B, H, hd] in dtype"""
+def _merge(mp, lp, accp, B, H, hd, dtype, heads=None, G=1):
+    """Launch the merge on partials [B H, NCH, ...], or [B HT G, NCH, ...] with heads [B, HT] (G
+    query heads per group). -> out [B, H, hd] in dtype"""
     out = torch.empty(B, H, hd, dtype=dtype, device=mp.device)
-    _decode_merge_kernel[(B * H,)](mp, lp, accp, out, mp.shape[1], HD=hd, HDP=_pad16(hd), CB=16, num_warps=4)
+    tab = mp if heads is None else heads  # (without a table: a pointer the kernel never reads)
+    HT = 1 if heads is None else heads.shape[1]
+    _decode_merge_kernel[(B * H,)](mp, lp, accp, out, tab, tab.stride(0), tab.stride(1), mp.shape[1], H, G, HT,
+                                   HD=hd, HDP=_pad16(hd), CB=16, HTP=_pad16(HT),
+                                   HAS_HEADS=heads is not None, num_warps=4)
     return out
+
+
+def _flash_decode(q, k, v, lengths, heads):
+    """Split-KV flash decoding of every KV group (heads None) or of the groups in heads [B, HT]
+    (the others' query heads 0), arguments already checked. -> q's shape"""
+    B, H, hd = q.shape[0], q.shape[1], q.shape[-1]
+    Hkv, n = k.shape[1], k.shape[2]
+    qv = q.reshape(B, H, hd)
+    G = H // Hkv
+    NU = Hkv if heads is None else heads.shape[1]  # groups computed per sequence
+    CH, NCH = _split(n, B * NU)
+    f32 = torch.float32
+    mp = torch.empty(B * NU * G, NCH, dtype=f32, device=q.device)
+    lp = torch.empty(B * NU * G, NCH, dtype=f32, device=q.device)
+    accp = torch.empty(B * NU * G, NCH, hd, dtype=f32, device=q.device)
+    lens, has_len = _len_args(lengths, q)
+    tab = qv if heads is None else heads  # (without a table: a pointer the kernel never reads)
+    _attn_split_kernel[(NCH, B * NU)](
+        qv, k, v, lens, tab, mp, lp, accp, qv.stride(0), qv.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), tab.stride(0), tab.stride(1), H, G, NU, n, NCH, 1.0 / math.sqrt(hd),
+        HD=hd, HDP=_pad16(hd), GP=_pad16(G), CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len,
+        HAS_HEADS=heads is not None, PREC=_precision(q), num_warps=4)
+    return _merge(mp, lp, accp, B, H, hd, q.dtype, heads, G).view(q.shape)
 
 
 @torch.no_grad()
@@ -2595,24 +2666,12 @@ def attention_decode_gpu(q, k, v, *, lengths=None):
     """Dense attention of one new token per sequence over its cache (flash-decoding in Triton);
     computes spark.attention_np with T = 1.   q [B, H, 1, hd] or [B, H, hd], k v [B, Hkv, n, hd]
     (views into bigger buffers are read in place when their last axis is contiguous) -> q's shape.
-    lengths: optional int32/int64 tensor [B] on the device, the tokens each query sees (module docstring).
+    lengths: optional int32/int64 tensor [B] on the device, the tokens each query sees.
     """
     _check_inputs("attention_decode_gpu", q=q)
     hd = q.shape[-1]
-    B, H, Hkv, n, hd = _check_decode("attention_decode_gpu", q, {"k": (k, hd), "v": (v, hd)}, lengths)
-    qv = q.reshape(B, H, hd)
-    G = H // Hkv
-    CH, NCH = _split(n, B * Hkv)
-    f32 = torch.float32
-    mp = torch.empty(B * H, NCH, dtype=f32, device=q.device)
-    lp = torch.empty(B * H, NCH, dtype=f32, device=q.device)
-    accp = torch.empty(B * H, NCH, hd, dtype=f32, device=q.device)
-    lens, has_len = _len_args(lengths, q)
-    _attn_split_kernel[(NCH, B * Hkv)](
-        qv, k, v, lens, mp, lp, accp, qv.stride(0), qv.stride(1), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), H, G, n, NCH, 1.0 / math.sqrt(hd), HD=hd, HDP=_pad16(hd), GP=_pad16(G),
-        CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len, PREC=_precision(q), num_warps=4)
-    return _merge(mp, lp, accp, B, H, hd, q.dtype).view(q.shape)
+    _check_decode("attention_decode_gpu", q, {"k": (k, hd), "v": (v, hd)}, lengths)
+    return _flash_decode(q, k, v, lengths, None)
 
 
 # Spark pass 1, one program per (split, KV head), as the dense split kernel but reading only the
@@ -3016,6 +3075,92 @@ def generate_gpu(model, idx, max_new_tokens, temperature=1.0, top_k=None, *, ret
     dec = _GraphDecoder(model, idx.shape[0], on_cuda if graph is None else graph)
     return spark.decode_loop(dec.prefill, dec.step, idx, max_new_tokens, temperature, top_k, model.config.block_size,
                              return_logits)
+
+
+# ------------------------------------------------------------------------------------------
+# 7e. Polar selective head attention decode (arXiv 2505.14884, selective head attention;
+#    notes/papers.md, "Other systems"). Reference: spark.polar_attention_np with T = 1.
+#
+#    Section 7c's flash-decoding over a table of kept groups instead of every group:
+#        heads [B, HT]: the KV groups sequence b keeps (int32 or int64, any order, distinct)
+#        _attn_split_kernel, one program per (split c, sequence b, slot j):
+#            g = heads[b, j];  (m, l, acc) of the G query heads of g over split c of K[b, g], V[b, g]
+#            -> partial row (b HT + j) G + i, i < G      (dense: j = g, NU = Hkv: row b H + h)
+#        _decode_merge_kernel, one program per output head (b, h):
+#            j = the slot with heads[b, j] == h // G, if any
+#            out[b, h] = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c   if there is one, else 0
+#    The merge runs over all B H output heads so that it also writes the skipped heads' zeros
+#    (no memset, no scatter: one launch); each program finds its slot by comparing its group
+#    with the HT entries of its sequence (one load of HT <= Hkv integers).
+#
+#    Bytes: 2 n hd per kept group (its K and V, read once for its G query heads, tl.dot with G
+#    padded to GP = 16 rows), vs 2 n hd per group dense; plus float32 partials, 2 (hd + 2) per kept
+#    query head and split, written and read. At B 16, H = Hkv 32, n 2048, hd 128, bf16, HT 16:
+#    134 MB of cache vs 268 MB (the 2x byte limit), partials 0.27 MB. FLOPs: 4 n hd per kept
+#    query head. Splits: _split(n, B HT), about TARGET_PROGRAMS programs over the kept groups.
+#
+#    Buffers: the partials (B HT G NCH (hd + 2) floats) and out are torch.empty with sizes from
+#    the shapes alone. In a CUDA graph (how decoding runs: kernels_gpu.generate_gpu) they are
+#    allocated once, at capture, and every replay reuses those addresses; in eager calls torch's
+#    caching allocator hands back the same blocks (no cudaMalloc after the first call).
+#
+#    Bad tables. Shapes, dtype and device are checked on the host. The values (every entry in
+#    [0, Hkv), none repeated within a sequence: the router's top-h_top never repeats, and a repeat
+#    would compute a group twice while keeping fewer than h_top) cannot be read on a GPU without
+#    a host synchronisation, which this section never does. So: a CPU table (the interpreter) is
+#    checked on the host, an error naming heads; on a GPU the merge kernel checks each sequence's
+#    row and writes NaN over every head of a sequence whose row is invalid (loud, no sync, works
+#    inside a graph); the split kernel clamps an entry into [0, Hkv), so nothing is read outside
+#    the cache.
+# ------------------------------------------------------------------------------------------
+
+
+def _check_heads(where, heads, B, Hkv, device):
+    """heads: an int32/int64 tensor [B, HT] with 1 <= HT <= Hkv on q's device; a CPU table's values
+    too (in [0, Hkv), no repeat within a row). A GPU table's values are the merge kernel's to flag."""
+    if not isinstance(heads, torch.Tensor) or heads.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{where}: heads must be an int32 or int64 tensor [B, h_top] of KV-group indices, got "
+                        f"{getattr(heads, 'dtype', type(heads).__name__)}")
+    if heads.dim() != 2 or heads.shape[0] != B or not 1 <= heads.shape[1] <= Hkv:
+        raise ValueError(f"{where}: heads must be [B, h_top] = [{B}, h_top] with 1 <= h_top <= Hkv = {Hkv}, "
+                         f"got {tuple(heads.shape)}")
+    if heads.device != device:
+        raise ValueError(f"{where}: heads must be on q's device {device}, got {heads.device}")
+    if heads.device.type != "cpu":
+        return  # (reading the values would make the host wait for the GPU: module comment, "Bad tables")
+    out = ((heads < 0) | (heads >= Hkv)).any(1)
+    if out.any():
+        b = int(out.nonzero()[0])
+        raise ValueError(f"{where}: heads must hold KV-group indices in [0, Hkv = {Hkv}); sequence {b} has "
+                         f"{heads[b].tolist()}")
+    s = heads.sort(dim=1).values
+    rep = (s[:, 1:] == s[:, :-1]).any(1)
+    if rep.any():
+        b = int(rep.nonzero()[0])
+        raise ValueError(f"{where}: heads must not repeat a KV group within a sequence (a top-h_top "
+                         f"selection never does); sequence {b} has {heads[b].tolist()}")
+
+
+@torch.no_grad()
+def polar_attention_decode_gpu(q, k, v, heads, *, lengths=None):
+    """Selective head attention of one new token per sequence (Polar Sparsity, arXiv 2505.14884),
+    split-KV flash decoding over the kept KV groups only; computes spark.polar_attention_np with
+    T = 1 and router logits whose h_top largest entries of sequence b are heads[b].
+
+    q [B, H, 1, hd] or [B, H, hd], k v [B, Hkv, n, hd] (views with a contiguous last axis are read
+    in place), heads [B, h_top] int32 or int64 on q's device: the KV groups sequence b keeps (with
+    Hkv = H these are heads; under grouped-query attention each serves its G = H / Hkv query
+    heads), any order, distinct, 1 <= h_top <= Hkv -> q's shape, the query heads of the other
+    groups exactly 0. lengths: optional int32/int64 tensor [B], the tokens each query sees
+    (clamped to [1, n]). A GPU table with an entry outside [0, Hkv) or a repeat gives NaN in every
+    head of its sequence (no host synchronisation; a CPU table raises; section comment above).
+    """
+    where = "polar_attention_decode_gpu"
+    _check_inputs(where, q=q)
+    hd = q.shape[-1]
+    B, H, Hkv, n, hd = _check_decode(where, q, {"k": (k, hd), "v": (v, hd)}, lengths)
+    _check_heads(where, heads, B, Hkv, q.device)
+    return _flash_decode(q, k, v, lengths, heads)
 
 
 # ------------------------------------------------------------------------------------------
@@ -3609,6 +3754,80 @@ def bench_decode(quick=False):
     return recs
 
 
+# ------------------------------------------------------------------------------------------
+# Benchmark (CUDA only): polar_attention_decode/... rows, as kernels_gpu's bench_decode.
+#    Shape: batch 16, H = Hkv = 32 heads, 2048 cached tokens, hd 128, bf16 (a 7B-class layer's
+#    attention in decode), each sequence keeping its own random h_top groups. Baselines over the
+#    same caches: our kernel with the table of every group (what the table alone buys), our dense
+#    attention_decode_gpu (no table: what looking the table up costs), and torch's SDPA over
+#    every head (q [B, H, 1, hd]). CUDA graphs (_ms), caches cycled over COPIES copies (each
+#    537 MB, far above the 50 MB L2). Byte limit: Hkv / h_top (the kept fraction of the cache);
+#    SDPA itself on a contiguous half of the heads measured 1.92x (notes/papers.md, "Other systems").
+# ------------------------------------------------------------------------------------------
+
+
+def bench_polar_decode(B=16, H=32, Hkv=32, n=2048, hd=128, keeps=(0.25, 0.5, 0.75, 1.0), dtype=torch.bfloat16):
+    """Rows polar_attention_decode/B.._H.._Hkv.._n.._hd.._dtype/keepP for each kept fraction in keeps,
+    each checked against spark.polar_attention (float64) before it is timed."""
+    if triton is None or not torch.cuda.is_available():
+        print("bench_polar_decode needs a CUDA GPU and triton; tests/test_kernels_gpu_polar.py runs the kernels in the "
+              "interpreter")
+        return []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kv = [(_randn(gen, B, Hkv, n, hd, dtype=dtype), _randn(gen, B, Hkv, n, hd, dtype=dtype)) for _ in range(COPIES)]
+    q = _randn(gen, B, H, 1, hd, dtype=dtype)
+    every = torch.arange(Hkv, dtype=torch.int32, device="cuda").repeat(B, 1)  # [B, Hkv] the table of all groups
+    sdpa = lambda k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=H != Hkv)  # noqa: E731
+    el = q.element_size()
+    shape = f"B{B}_H{H}_Hkv{Hkv}_n{n}_hd{hd}_{str(dtype).removeprefix('torch.')}"
+    dense_bytes = 2 * B * Hkv * n * hd * el  # K and V of every group
+    base = {"polar_attention_decode_gpu, every group (ours)":
+            (_ms(_cycled(lambda k, v: polar_attention_decode_gpu(q, k, v, every), kv)), dense_bytes),
+            "attention_decode_gpu (ours, dense, no table)":
+            (_ms(_cycled(lambda k, v: attention_decode_gpu(q, k, v), kv)), dense_bytes),
+            "SDPA every head (torch)": (_ms(_cycled(sdpa, kv)), dense_bytes)}
+    recs = []
+    for keep in keeps:
+        HT = max(1, round(keep * Hkv))
+        # a random set of HT groups per sequence and per copy (a router's choice differs by sequence)
+        tables = [torch.rand(B, Hkv, generator=gen, device="cuda").argsort(dim=1)[:, :HT].int() for _ in range(COPIES)]
+        k0, v0 = kv[0]
+        logits = torch.zeros(B, 1, Hkv, dtype=torch.float64, device="cuda").scatter_(2, tables[0][:, None].long(), 1.0)
+        ref = spark.polar_attention(q.double(), k0.double(), v0.double(), logits, HT)
+        # bf16: p rounded to bf16 before the product with V (2^-9 of sum p |v|) and out stored in bf16
+        _check(f"polar_attention_decode keep {HT}/{Hkv}", polar_attention_decode_gpu(q, k0, v0, tables[0]), ref,
+               2.0**-7 * float(v0.abs().max()), 2.0**-7)
+        del ref, logits
+        polar = lambda k, v, hs: polar_attention_decode_gpu(q, k, v, hs)  # noqa: E731
+        t = _ms(_cycled(polar, [(*c, hs) for c, hs in zip(kv, tables)]))
+        name = f"polar_attention_decode/{shape}/keep{round(100 * HT / Hkv)}"
+        for rec in _byte_records(name, t, 2 * B * HT * n * hd * el, base):
+            recs.append({**rec, "keep": HT / Hkv, "h_top": HT})
+    return recs
+
+
+def plot_polar(records, path):
+    """The speedup of polar_attention_decode over each baseline against the fraction of KV groups
+    kept (the rows of bench_polar_decode), with the byte limit Hkv / h_top; writes path."""
+    from matplotlib.figure import Figure  # (no pyplot: nothing is shown, so no GUI backend is needed)
+
+    rows = [r for r in records if r["name"].startswith("polar_attention_decode/")]
+    ax = Figure(figsize=(7, 4), layout="tight").subplots()
+    for label in dict.fromkeys(r["baseline"] for r in rows):  # (in first-seen order)
+        x, s = zip(*sorted((100 * r["keep"], r["speedup"]) for r in rows if r["baseline"] == label))
+        ax.plot(x, s, marker="o", ms=4, label=f"vs {label}")
+    x, lim = zip(*sorted({(100 * r["keep"], r["limit"]) for r in rows}))
+    ax.plot(x, lim, ls="--", color="0.4", label="byte limit (cache bytes read)")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    ax.set(title=f"Polar decode, {rows[0]['name'].split('/')[1]}{gpu}", xlabel="KV groups kept per sequence (%)",
+           ylabel="speedup (x)", xticks=x, ylim=(0, None))
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    ax.figure.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"wrote {path}")
+    return path
+
+
 def _print_table(recs):
     print(f"\n{'kernel':<46} {'baseline':<52} {'base us':>9} {'ours us':>9} {'speedup':>8} {'limit':>7} {'of limit':>9}")
     for r in recs:
@@ -3621,7 +3840,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="kernels_gpu.py's kernels against their baselines: time, speedup, limit.")
     ap.add_argument("--json", metavar="PATH", help="also write the table as a JSON list of records")
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run; its numbers mean little)")
-    ap.add_argument("--only", choices=("topk", "train_step", "twell", "decode"), help="one part of the benchmark")
+    ap.add_argument("--only", choices=("topk", "train_step", "twell", "decode", "polar"), help="one part of the benchmark")
     args = ap.parse_args(argv)
     if triton is None or not torch.cuda.is_available():
         print("kernels_gpu.py: the benchmark needs a CUDA GPU and triton; none here "
@@ -3637,6 +3856,10 @@ def main(argv=None):
         recs += bench_twell(quick=args.quick)
     if args.only in (None, "decode"):
         recs += bench_decode(quick=args.quick)
+    if args.only in (None, "polar"):
+        polar = bench_polar_decode(**(dict(B=4, n=512) if args.quick else {}))
+        recs += polar
+        plot_polar(polar, os.path.join(os.path.dirname(os.path.abspath(__file__)), "notes", "figures", "polar_decode.png"))
     _print_table(recs)
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
