@@ -1115,6 +1115,198 @@ class PolarAttention(Attention):
 
 
 # ------------------------------------------------------------------------------------------
+# D2DMoE, Dense to Dynamic-k MoE (arXiv 2310.04361; notes/papers.md, "Other systems")
+# ------------------------------------------------------------------------------------------
+# Not a new pretraining but a conversion of a trained ReLU-gated FFN, y = (relu(x Wg) * (x Wu)) Wd:
+#   1. group its f neurons into E experts of neurons that fire together (the paper's expert
+#      clustering, after MoEfication);
+#   2. train a small router to predict the norm of each expert's output, a regression with an
+#      MSE loss (its expert norm prediction: no softmax, no top-k during training);
+#   3. at inference run only the experts whose predicted norm is at least tau times the largest
+#      one (its dynamic-k expert selection): a token with many active neurons gets many experts.
+# The paper's first step, fine-tuning the dense model with a sparsity regulariser, is what
+# ffn="relu_l1" (Sakana's L1) trains from the start: "relu" and "relu_l1" models both convert.
+#
+# Dimension letters as above, plus  E experts,  R router hidden width,  N sample tokens.
+#
+# Where the paper is silent (or we simplify), we choose:
+# - groups is an int array [f], the expert of each neuron; experts need not be contiguous (a
+#   kernel would permute the neurons once so that each expert is a slice; the math does not care).
+# - Clustering: the paper clusters the first layer's weight vectors (MoEfication's balanced
+#   k-means); we cluster what "fire together" means directly, the 0/1 patterns relu(x Wg) > 0 of
+#   the neurons over N sample tokens, with a balanced k-means (sizes differ by at most one) whose
+#   assignment is greedy, started from the neurons sorted by firing rate: deterministic, no seed.
+# - Router: n = max(relu(x Wr1) Wr2, 0), two layers without biases (as our FFNs), R = d // 4
+#   (+2.3 % parameters at d 128, f 512, E 16). Trained on the raw relu(x Wr1) Wr2 (a clamp would
+#   stop the gradient of a negative guess); the clamp at 0 (a norm is never negative) makes
+#   tau = 0 run every expert, the dense FFN exactly.
+# - The executed experts' outputs are summed unweighted: the router only selects.
+# - Adam, lr 1e-2, 300 steps of 1024 sample tokens, on the norms divided by their RMS (folded back
+#   into Wr2 after); the samples are all collected from the dense model before any layer is
+#   converted (each router sees its layer's dense inputs).
+# - A token whose predictions are all <= 0 runs every expert (0 >= tau 0): the safe side; with the
+#   scaling above, 0-6 % of the tokens of an L1-sparse tiny GPT's layers, none of a plain ReLU one.
+# ------------------------------------------------------------------------------------------
+
+
+def _check_d2dmoe(x, Wg, Wu, Wd, groups, Wr1, Wr2, tau):
+    """A gated FFN's shapes, Wr1 [d, R], Wr2 [R, E], groups int [f] in [0, E), 0 <= tau <= 1 -> E."""
+    _check_ffn_weights(x, Wg, Wu, Wd)
+    d, f, E = x.shape[-1], Wg.shape[1], Wr2.shape[-1]
+    if Wr1.ndim != 2 or Wr2.ndim != 2 or Wr1.shape[0] != d or Wr2.shape[0] != Wr1.shape[1] or 0 in Wr2.shape:
+        raise ValueError(f"router shapes: expected Wr1 [d, R], Wr2 [R, E] with d={d}, R, E >= 1; got "
+                         f"Wr1 {tuple(Wr1.shape)}, Wr2 {tuple(Wr2.shape)}")
+    if not isinstance(groups, (np.ndarray, torch.Tensor)) or groups.shape != (f,) or "int" not in str(groups.dtype) \
+            or (f and not 0 <= int(groups.min()) <= int(groups.max()) < E):
+        raise ValueError(f"groups must be an int array [f] = [{f}] of expert ids in [0, E) = [0, {E}), got "
+                         f"{getattr(groups, 'dtype', type(groups).__name__)} {tuple(getattr(groups, 'shape', ()))}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be a number in [0, 1] (a fraction of the largest predicted norm), got {tau!r}")
+    return E
+
+
+def d2dmoe_ffn_np(x, Wg, Wu, Wd, groups, Wr1, Wr2, tau):
+    """D2DMoE's FFN at inference.   x [..., d] -> (y [..., d], keep [..., E] bool: the executed experts)
+
+        n    = max(relu(x Wr1) Wr2, 0)                     [..., E] predicted expert output norms
+        keep = n_e >= tau max_e n_e                        dynamic-k: at least one expert per token
+        y    = sum over e with keep_e of (relu(x Wg_e) * (x Wu_e)) Wd_e     (only their neurons)
+    Wg_e is Wg's columns, Wd_e Wd's rows, of the neurons i with groups[i] = e.
+    """
+    E = _check_d2dmoe(x, Wg, Wu, Wd, groups, Wr1, Wr2, tau)
+    xs = x.reshape(-1, x.shape[-1])  # [M, d]
+    # n = max(relu(x Wr1) Wr2, 0)
+    n = np.maximum(relu_np(xs @ Wr1) @ Wr2, 0.0)  # [M, E]
+    # keep_e = n_e >= tau max_e n_e
+    keep = n >= tau * n.max(-1, keepdims=True)  # [M, E]
+    y = np.zeros(xs.shape, np.result_type(xs, Wd))  # [M, d]
+    for m in range(len(xs)):
+        cols = np.flatnonzero(keep[m][groups])  # the neurons of this token's executed experts
+        # y = (relu(x Wg_I) * (x Wu_I)) Wd_I over I, those neurons
+        y[m] = (relu_np(xs[m] @ Wg[:, cols]) * (xs[m] @ Wu[:, cols])) @ Wd[cols]
+    return y.reshape(x.shape), keep.reshape(x.shape[:-1] + (E,))
+
+
+def d2dmoe_ffn(x, Wg, Wu, Wd, groups, Wr1, Wr2, tau, *, return_act=False):
+    """Torch version of d2dmoe_ffn_np.   x [..., d] -> (y [..., d], keep [..., E] bool)
+
+    Every neuron is computed and multiplied by the 0/1 mask of its expert (a kernel would read the
+    executed experts' columns and rows only); no host sync. At tau = 0 the mask is all ones and
+    the result is gated_ffn(..., "relu") bit for bit. No gradient reaches Wr1, Wr2 through the
+    hard selection: the router learns by regression (d2dmoe_convert).
+    return_act: also a = relu(x Wg) * (x Wu) * mask [..., f], zero outside the executed experts.
+    """
+    _check_d2dmoe(x, Wg, Wu, Wd, groups, Wr1, Wr2, tau)
+    # n = max(relu(x Wr1) Wr2, 0);  keep_e = n_e >= tau max_e n_e
+    n = (F.relu(x @ Wr1) @ Wr2).detach().clamp_min(0.0)  # [..., E]
+    keep = n >= tau * n.amax(-1, keepdim=True)  # [..., E]
+    # a = relu(x Wg) * (x Wu) * keep[expert(i)];  y = a Wd
+    a = F.relu(x @ Wg) * (x @ Wu) * keep[..., groups].to(x.dtype)  # [..., f]
+    return (a @ Wd, keep, a) if return_act else (a @ Wd, keep)
+
+
+class D2DMoEFFN(nn.Module):
+    """A converted ReLU-gated FFN (d2dmoe_ffn): Wg, Wu [d, f], Wd [f, d], router Wr1 [d, R],
+    Wr2 [R, E], and the buffer groups [f] (int64, saved with the weights): 3 d f + R (d + E)
+    parameters. tau is a plain attribute, changed freely after conversion (the trade-off knob).
+    After a forward: last_act (as the other FFNs) and last_keep [..., E], the executed experts."""
+
+    def __init__(self, d, f, n_experts, hidden, tau=0.0):
+        super().__init__()
+        for name, value, hi in (("d", d, None), ("f", f, None), ("n_experts", n_experts, f), ("hidden", hidden, None)):
+            _check_int(name, value, 1, hi)
+        self.tau = tau
+        self.Wg, self.Wu, self.Wd = _param(d, f), _param(d, f), _param(f, d)
+        # router: fan-in scaled, so that relu(x Wr1) Wr2 starts O(|x|)
+        self.Wr1, self.Wr2 = _param(d, hidden, std=d**-0.5), _param(hidden, n_experts, std=hidden**-0.5)
+        # contiguous experts until d2dmoe_convert clusters (sizes differ by at most one)
+        self.register_buffer("groups", torch.arange(f) * n_experts // f)
+        self.last_act = self.last_keep = None
+
+    def forward(self, x):  # [..., d] -> [..., d]
+        y, keep, a = d2dmoe_ffn(x, self.Wg, self.Wu, self.Wd, self.groups, self.Wr1, self.Wr2, self.tau,
+                                return_act=True)
+        self.last_act, self.last_keep = a.detach(), keep
+        return y
+
+
+def d2dmoe_cluster(active, n_experts, iters=10):
+    """Balanced k-means of the f neurons' activation patterns.   active [f, N] -> groups [f] int64
+
+    Each neuron is a point, its 0/1 pattern over N tokens (1: it fired). Expert e holds
+    f // E + (e < f % E) neurons. Start: neurons sorted by firing rate, cut into E runs. Then
+    repeat: centroid c_e = mean pattern of expert e; assign greedily, the (neuron, expert) pairs
+    taken in order of |p - c_e|^2, a pair accepted while the neuron is free and the expert not
+    full; `iters` times. (The exact balanced assignment is a min-cost matching; the greedy one
+    approximates it and need not settle: on the tiny GPT's layers 240-290 of 512 neurons move in
+    the first pass, 2-18 in the tenth.)
+    """
+    f = active.shape[0]
+    _check_int("n_experts", n_experts, 1, f)
+    P = active.astype(np.float64)  # [f, N]
+    cap = np.array([f // n_experts + (e < f % n_experts) for e in range(n_experts)])  # [E] sizes
+    groups = np.empty(f, np.int64)
+    groups[np.argsort(-P.mean(1), kind="stable")] = np.repeat(np.arange(n_experts), cap)  # [f]
+    for _ in range(iters):
+        C = np.stack([P[groups == e].mean(0) for e in range(n_experts)])  # [E, N] centroids
+        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2 for every (neuron, expert) pair
+        dist = (P * P).sum(1)[:, None] - 2 * P @ C.T + (C * C).sum(1)[None]  # [f, E]
+        groups, room = np.full(f, -1), cap.copy()
+        order = np.unravel_index(np.argsort(dist, axis=None, kind="stable"), dist.shape)  # pairs, nearest first
+        for i, e in zip(order[0].tolist(), order[1].tolist()):
+            if groups[i] < 0 and room[e] > 0:  # the nearest pair left whose neuron is free, expert not full
+                groups[i], room[e] = e, room[e] - 1
+    return groups
+
+
+def d2dmoe_expert_norms(x, Wg, Wu, Wd, groups, n_experts):
+    """The regression target: |(relu(x Wg_e) * (x Wu_e)) Wd_e|_2 of every expert.   x [N, d] -> [N, E]"""
+    a = F.relu(x @ Wg) * (x @ Wu)  # [N, f]
+    return torch.stack([(a[:, groups == e] @ Wd[groups == e]).norm(dim=-1) for e in range(n_experts)], -1)
+
+
+def d2dmoe_convert(ffn, x_samples, n_experts, *, hidden=None, steps=300, lr=1e-2, tau=0.0, seed=0):
+    """A trained ReLU-gated FFN (GatedFFN act "relu", or ReluL1FFN) -> D2DMoEFFN.   x_samples [..., d]
+
+    Cluster the neurons on their firing over x_samples (d2dmoe_cluster), then train the router
+    (R = hidden, default d // 4) to regress every expert's output norm: MSE, Adam, `steps` steps
+    of 1024 samples drawn with `seed`. The FFN weights are copied unchanged.
+    """
+    if not (isinstance(ffn, GatedFFN) and ffn.act == "relu" or isinstance(ffn, ReluL1FFN)):
+        raise TypeError(f"ffn must be a ReLU-gated FFN (GatedFFN act 'relu', or ReluL1FFN), got {ffn!r}")
+    d, f = ffn.Wg.shape
+    if not isinstance(x_samples, torch.Tensor) or x_samples.shape[-1:] != (d,) or x_samples.numel() == 0:
+        raise ValueError(f"x_samples must be a tensor [..., d] = [..., {d}] with at least one token, got "
+                         f"{tuple(getattr(x_samples, 'shape', ()))}")
+    _check_int("steps", steps, 0)
+    moe = D2DMoEFFN(d, f, n_experts, hidden or max(1, d // 4), tau).to(ffn.Wg)
+    x = x_samples.detach().reshape(-1, d).to(ffn.Wg)  # [N, d]
+    with torch.no_grad():
+        moe.Wg.copy_(ffn.Wg), moe.Wu.copy_(ffn.Wu), moe.Wd.copy_(ffn.Wd)
+        moe.groups.copy_(torch.from_numpy(d2dmoe_cluster((x @ ffn.Wg > 0).T.cpu().numpy(), n_experts)))
+        target = d2dmoe_expert_norms(x, ffn.Wg, ffn.Wu, ffn.Wd, moe.groups, n_experts)  # [N, E]
+        # regress target / s, s its root mean square, then fold s into Wr2: the fan-in scaled router
+        # starts O(1) as the scaled target is (an L1-sparse layer's norms are ~1e-2: unscaled, Adam
+        # drove every prediction below 0, and the clamp then runs every expert)
+        s = target.square().mean().sqrt().clamp_min(1e-30)
+        gen = torch.Generator().manual_seed(seed)  # the router's init and minibatches: same seed, same router
+        for w in (moe.Wr1, moe.Wr2):
+            w.copy_(torch.randn(w.shape, generator=gen) / math.sqrt(w.shape[0]))
+    opt = torch.optim.Adam([moe.Wr1, moe.Wr2], lr=lr)
+    for _ in range(steps):
+        rows = torch.randint(len(x), (min(len(x), 1024),), generator=gen).to(x.device)  # a minibatch
+        with torch.enable_grad():  # (also when called under no_grad)
+            # loss = mean over tokens and experts of (relu(x Wr1) Wr2 - n_e(x) / s)^2
+            loss = F.mse_loss(F.relu(x[rows] @ moe.Wr1) @ moe.Wr2, target[rows] / s)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        moe.Wr2.mul_(s)  # predictions in the units of the norms again
+    return moe
+
+
+# ------------------------------------------------------------------------------------------
 # 5. The configuration, the GPT, and the decode loop
 # ------------------------------------------------------------------------------------------
 
@@ -1545,6 +1737,86 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
         "decode_bytes": (weight_el + L * kv_el) * bytes_per_el,
         "params": count_params(c),
     }
+
+
+# D2DMoE on a whole trained GPT (section 4b has the layer): convert every FFN, then measure the
+# loss against the compute each tau leaves (train_tiny.py --d2dmoe prints it for a checkpoint).
+
+
+def _windows(tokens, n, T, gen):
+    """n random windows of T + 1 tokens of a 1-D token stream -> inputs [n, T], targets [n, T]."""
+    w = tokens[torch.randint(len(tokens) - T, (n,), generator=gen)[:, None] + torch.arange(T + 1)]  # [n, T + 1]
+    return w[:, :-1], w[:, 1:]
+
+
+def _check_gpt(model, tokens):
+    """A GPT whose FFNs are ReLU-gated or converted, and a 1-D int token stream longer than its context."""
+    if not isinstance(model, GPT) or model.config.ffn not in ("relu", "relu_l1"):
+        raise ValueError(f"model must be a spark.GPT with ffn 'relu' or 'relu_l1', got "
+                         f"{type(model).__name__} {getattr(getattr(model, 'config', None), 'ffn', '')!r}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point() \
+            or len(tokens) <= model.config.block_size:
+        raise ValueError(f"tokens must be a 1-D int tensor longer than block_size {model.config.block_size}, got "
+                         f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
+
+
+@torch.no_grad()
+def d2dmoe_convert_gpt(model, tokens, n_experts, *, batches=8, batch_size=16, seed=0, **convert_args):
+    """Convert every FFN of a trained spark.GPT (ffn "relu" or "relu_l1") in place; returns the model.
+
+    Forward hooks collect each FFN's inputs over batches x batch_size random windows of tokens
+    (the training split, [N]); every layer is then converted (d2dmoe_convert) from its dense
+    inputs. model.config is left as it is (GPTConfig has no D2DMoE kind): evaluate with
+    model(idx) and the cross-entropy of its logits, as d2dmoe_tradeoff does.
+    """
+    _check_gpt(model, tokens)
+    model.eval()
+    inputs = [[] for _ in model.blocks]  # per layer, the [B, T, d] inputs of its FFN
+    hooks = [b.ffn.register_forward_hook(lambda m, args, out, i=i: inputs[i].append(args[0]))
+             for i, b in enumerate(model.blocks)]
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        model(_windows(tokens, batch_size, model.config.block_size, gen)[0].to(model.wte.weight.device))
+    for h in hooks:
+        h.remove()
+    for b, xs in zip(model.blocks, inputs):
+        b.ffn = d2dmoe_convert(b.ffn, torch.cat(xs), n_experts, seed=seed, **convert_args)
+    return model
+
+
+@torch.no_grad()
+def d2dmoe_tradeoff(model, tokens, taus=(0.0, 0.1, 0.3, 0.5), *, batches=8, batch_size=16, seed=1):
+    """For every tau: validation loss and compute of a converted GPT.   tokens: the val split [N]
+
+    Returns one dict per tau: loss (mean cross-entropy, nats/token, over the same windows for
+    every tau), executed (fraction of the FFN neurons in executed experts, over tokens and
+    layers: what a D2DMoE kernel computes), experts (executed per token), nonzero (fraction of
+    nonzero activations, GPT.stats), flops (FFN multiply-adds per token, the router's included,
+    over the dense FFN's 3 d f). Every layer's tau is left at the last value.
+    """
+    _check_gpt(model, tokens)
+    ffns = [b.ffn for b in model.blocks]
+    if not all(isinstance(m, D2DMoEFFN) for m in ffns):
+        raise ValueError("model has FFNs that are not D2DMoEFFN: run d2dmoe_convert_gpt first")
+    # the router's multiply-adds per token, d R + R E, over the dense FFN's 3 d f
+    router = np.mean([(m.Wr1.numel() + m.Wr2.numel()) / (3 * m.Wg.numel()) for m in ffns])
+    model.eval()
+    rows = []
+    for tau in taus:
+        gen, acc = torch.Generator().manual_seed(seed), []
+        for m in ffns:
+            m.tau = tau
+        for _ in range(batches):
+            x, y = (t.to(model.wte.weight.device) for t in _windows(tokens, batch_size, model.config.block_size, gen))
+            loss = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).item()
+            # executed neurons per token = keep [..., E] @ expert sizes [E]; means over tokens, then layers
+            ex = [(m.last_keep.float() @ m.groups.bincount(minlength=m.Wr2.shape[1]).float()).mean().item()
+                  / len(m.groups) for m in ffns]
+            k = [m.last_keep.sum(-1).float().mean().item() for m in ffns]
+            acc.append([loss, np.mean(ex), np.mean(k), np.mean(model.stats()["ffn_density"])])
+        loss, ex, k, nz = np.mean(acc, axis=0)
+        rows.append(dict(tau=tau, loss=loss, executed=ex, experts=k, nonzero=nz, flops=ex + router))
+    return rows
 
 
 def gemma2_2b_config(**over):

@@ -669,6 +669,30 @@ def compare(args):
     return {"results": results, "bench_ms": bench, "table": table, "figures": figures}
 
 
+# --d2dmoe: D2DMoE (arXiv 2310.04361) as the conversion of a trained model, not a new training:
+# every FFN of the ReLU (or ReLU + L1) model in --out is split into experts of 32 neurons that fire
+# together, a router per layer learns each expert's output norm, and each token then runs the
+# experts whose predicted norm is at least tau times the largest (spark.py, "D2DMoE").
+D2DMOE_TAUS = (0.0, 0.1, 0.2, 0.3, 0.5)
+
+
+def d2dmoe_table(args, state):
+    """Convert the checkpoint's model, print one markdown row per tau (tau 0: the model itself)."""
+    model = spark.GPT(spark.GPTConfig(**state["config"]))
+    model.load_state_dict(state["model"])
+    data, t0 = prepare_data(argparse.Namespace(**state["args"])), time.time()  # its corpus, split as in training
+    E = max(1, model.config.d_ff // 32)
+    rows = spark.d2dmoe_tradeoff(spark.d2dmoe_convert_gpt(model, data["train"], E), data["val"], D2DMOE_TAUS)
+    lines = [f"D2DMoE from {args.out}/ckpt.pt ({model.config.ffn}, step {state['step']}), {E} experts per layer, "
+             f"{time.time() - t0:.0f} s on {machine()}\n", "| tau | val loss | vs tau 0 | neurons executed "
+             "| experts / token | nonzero | FFN multiply-adds (router included) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['tau']:.1f} | {r['loss']:.4f} | {100 * (r['loss'] / rows[0]['loss'] - 1):+.2f} % | "
+              f"{100 * r['executed']:.1f} % | {r['experts']:.1f} | {100 * r['nonzero']:.1f} % | {100 * r['flops']:.1f} % |"
+              for r in rows]
+    log("\n".join(lines))
+    return {"rows": rows, "table": "\n".join(lines)}
+
+
 # ------------------------------------------------------------------------------------------
 # 8. Command line: every flag is checked before any data is read or any step trained
 # ------------------------------------------------------------------------------------------
@@ -724,6 +748,7 @@ FLAGS = [  # (flag, default, a type that checks the value or an argparse action,
     ("--out", OUT_DIR, NONEMPTY, "ckpt.pt's folder"), ("--resume", False, "store_true", "continue the run in --out"),
     ("--sample", False, "store_true", "sample --out"), ("--variants", VARIANTS, variant_list, "pairs for --compare"),
     ("--compare", False, "store_true", "train every variant, print a table, write notes/figures/train_tiny_*.png"),
+    ("--d2dmoe", False, "store_true", "convert the relu / relu_l1 model in --out to D2DMoE, print loss vs compute"),
 ]
 MODEL_HELP = {"block_size": "context T", "n_layer": "layers L", "n_head": "query heads", "n_kv_head": "key/value heads",
               "d_model": "width d", "d_ff": "gated FFN width (Spark: 1.5x)", "ffn_density": "target k/f (top-k kinds)",
@@ -768,11 +793,12 @@ def check_args(parser, args):
     """What one flag alone cannot tell: the model (spark.GPTConfig checks it), flags that exclude
     each other or that a mode would ignore, sizes the machine cannot hold. Errors go through
     parser.error, as argparse's own."""
-    if args.sample + args.resume + args.compare > 1:
-        parser.error("--sample, --resume and --compare exclude each other")
+    if args.sample + args.resume + args.compare + args.d2dmoe > 1:
+        parser.error("--sample, --resume, --compare and --d2dmoe exclude each other")
     given = [k for k, v in vars(args).items() if v != parser.get_default(k)]  # the flags set on the command line
-    if args.sample:
-        ignored, why = [k for k in given if k not in SAMPLE_READS], "--sample takes them from the checkpoint"
+    if args.sample or args.d2dmoe:
+        ignored = [k for k in given if k not in SAMPLE_READS + ("d2dmoe",)]
+        why = f"--{'sample' if args.sample else 'd2dmoe'} takes them from the checkpoint"
     elif args.compare:
         ignored, why = [k for k in given if k in COMPARE_SETS], "--compare trains --variants, saves and samples nothing"
     else:
@@ -819,7 +845,7 @@ def main(argv=None):
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)
     check_args(parser, args)
-    state = load_checkpoint(args.out) if args.resume or args.sample else None
+    state = load_checkpoint(args.out) if args.resume or args.sample or args.d2dmoe else None
     if args.resume:  # the saved flags, overridden by those given now (argparse fills in only what is missing)
         out, args = args.out, parser.parse_args(argv, argparse.Namespace(**state["args"]))
         changed = [k for k, v in state["args"].items() if k not in RESUME_FLAGS and getattr(args, k) != v]
@@ -831,6 +857,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.compare:
         return compare(args)
+    if args.d2dmoe:
+        return d2dmoe_table(args, state)
     t0 = time.time()
     if args.sample:
         model = spark.GPT(spark.GPTConfig(**state["config"])).to(args.device)

@@ -362,7 +362,7 @@ def test_non_finite_stops_and_keeps_last_good_checkpoint(tiny, where):
     (["--seed", "-1"], "--seed"), (["--seed", str(2**63)], "--seed"), (["--out", ""], "--out"),
     (["--prompt", ""], "--prompt"),
     # modes that exclude each other
-    (["--sample", "--compare"], "--compare"),
+    (["--sample", "--compare"], "--compare"), (["--d2dmoe", "--resume"], "--d2dmoe"),
 ])
 def test_bad_flags_fail_before_anything_runs(tiny, monkeypatch, capsys, argv, flag):
     """argparse (or check_args through parser.error) stops with a message naming the flag; the
@@ -405,6 +405,8 @@ def test_sizes_the_machine_cannot_hold_are_refused(tiny, monkeypatch, capsys, ar
     (["--compare", "--out", "somewhere", "--prompt", "hi"], "--prompt, --out"),
     # --variants means nothing without --compare
     (["--variants", "dense/dense"], "--variants"), (["--resume", "--variants", "dense/dense"], "--variants"),
+    # --d2dmoe converts the checkpoint's model: model and training flags would be dropped
+    (["--d2dmoe", "--d-model", "64"], "--d-model"),
 ])
 def test_flags_a_mode_would_ignore_are_refused(tiny, monkeypatch, capsys, argv, refused):
     """A flag the chosen mode would not read is an error naming it, not a silent no-op. Only
