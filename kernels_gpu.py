@@ -43,11 +43,12 @@ The kernels, each with the reference it must match (same argument names and orde
     spark_ffn_decode_gpu(x, K1, K2t, V, k, r)     reference: spark.spark_ffn_np              section 7
     spark_attention_decode_gpu(q, k1, k2, v, k_top, r), attention_decode_gpu(q, k, v),
     generate_gpu(model, idx, max_new_tokens, ...)  references: spark_attention_np, attention_np, GPT.generate
+    polar_attention_decode_gpu(q, k, v, heads)    reference: spark.polar_attention_np, T = 1     section 7e
 tests/test_kernels_gpu*.py run them in Triton's interpreter on the CPU (CI) and on a GPU.
 `python kernels_gpu.py [--json PATH] [--quick] [--only PART]` is the benchmark (CUDA only): the
 kernels against their baselines, whole training steps of a GPT-2-small-sized model (rows
-train_step/...), TwELL (twell_ffn/..., twell_memory/...) and decoding (spark_ffn_decode/...,
-spark_attention_decode/..., decode_model/...).
+train_step/...), TwELL (twell_ffn/..., twell_memory/...), decoding (spark_ffn_decode/...,
+spark_attention_decode/..., decode_model/...) and Polar decoding (polar_attention_decode/...).
 
 Dimension letters
     D   row length (FFN width f, or number of keys n)        R   number of rows (all leading dims)
@@ -715,7 +716,8 @@ def gelu_topk_mul_gpu(p, u, k):
 # 2 r + 2 (hd - r) + 2 hd = 4 hd, as flash attention; backward 14 hd (the dq kernel recomputes
 # s, z and dw; the dk dv kernel recomputes them once more), as FlashAttention-2's two-kernel form.
 #
-# Speed, measured on an NVIDIA H200 (torch 2.11, triton 3.6; _bench_attn_gpu.py) at B 8, H = Hkv
+# Speed, measured on an NVIDIA H200 (torch 2.11, triton 3.6; a standalone do_bench timing, not part
+# of `python kernels_gpu.py`, whose train_step rows time whole steps instead) at B 8, H = Hkv
 # 12, T 1024, hd 64, r 32, k_top 256, bf16, median ms: forward 0.54 (pass 1 ~0.39, pass 2 0.14),
 # forward + backward 1.01; the torch path 3.66 and 5.63 (and 1.75 GB of temporaries against our
 # 50 MB); flash attention (SDPA, dense) 0.050 and 0.233. Pass 1 is the largest part: its 32-bit
@@ -1924,7 +1926,7 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
         torch._assert_async on the ok word
     cap: rows the hybrid route can hold (default min(M, max(64, ceil(M / 16)))). More
     overflowing rows than cap, or a NaN / inf gate, raises: at once on the CPU, at the next
-    synchronisation on a GPU (see the file's docstring); never a silently dropped row.
+    synchronisation on a GPU (section 6's comment, "Errors without a host wait"); never a silently dropped row.
     WuT: prepare_twell_gpu(Wg, Wu, Wd)[1], Wu transposed once; without it each call transposes Wu.
     """
     _check_bf16("Wg", Wg, 2)
@@ -3096,7 +3098,7 @@ def generate_gpu(model, idx, max_new_tokens, temperature=1.0, top_k=None, *, ret
 #    Bytes: 2 n hd per kept group (its K and V, read once for its G query heads, tl.dot with G
 #    padded to GP = 16 rows), vs 2 n hd per group dense; plus float32 partials, 2 (hd + 2) per kept
 #    query head and split, written and read. At B 16, H = Hkv 32, n 2048, hd 128, bf16, HT 16:
-#    134 MB of cache vs 268 MB (the 2x byte limit), partials 0.27 MB. FLOPs: 4 n hd per kept
+#    268 MB of cache vs 537 MB (the 2x byte limit), partials 0.27 MB. FLOPs: 4 n hd per kept
 #    query head. Splits: _split(n, B HT), about TARGET_PROGRAMS programs over the kept groups.
 #
 #    Buffers: the partials (B HT G NCH (hd + 2) floats) and out are torch.empty with sizes from
@@ -3164,7 +3166,8 @@ def polar_attention_decode_gpu(q, k, v, heads, *, lengths=None):
 
 
 # ------------------------------------------------------------------------------------------
-# 8. The benchmark: python kernels_gpu.py [--json PATH] [--quick]   (CUDA only)
+# 8. The benchmark: python kernels_gpu.py [--json PATH] [--quick] [--only topk|train_step|twell|decode|polar]
+#    (CUDA only)
 #
 #    For each shape (bf16 rows, k = 8 % of D) every kernel is first checked against its
 #    reference on the benchmark's own input (a wrong kernel is not timed: the run fails), then
@@ -3461,7 +3464,7 @@ def _check_ffn(name, y, x, Wg, Wu, Wd):
 
 
 def _peak_mb(fn):
-    """MB allocated by one call at its peak, above what was allocated before it (its output included)."""
+    """MiB allocated by one call at its peak, above what was allocated before it (its output included)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -3502,6 +3505,50 @@ def _tune(name, cfg, options, fn):
     print(f"  {name}: " + ", ".join(f"{dict(k)} {t:.3f} ms" for k, t in times.items()) + f" -> {dict(best)}")
 
 
+def _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape):
+    """At 99.5 % zeros, C = 8: the words against spark.twell_pack, the producer and consumer
+    alone, packed and peak memory, and decode-sized calls."""
+    M, d, f = x.shape[0], x.shape[1], Wg.shape[1]
+    recs = []
+    # words: the producer against spark.twell_pack of cuBLAS's gate, on 4096 rows. Both round the
+    # same float32 value to bf16, but the two matmuls sum in other orders: an entry within float32
+    # rounding of a bf16 boundary (or of 0) may differ, so we require 99 % identical, not 100 %.
+    packed, over = twell_gate_pack_gpu(x[:4096], Wg)
+    ref, ref_over = spark.twell_pack(F.relu(x[:4096] @ Wg))
+    same = float((packed.view(torch.int32) == ref.view(torch.int32)).float().mean())
+    same_over = float((over == ref_over).float().mean())
+    print(f"  producer vs spark.twell_pack (4096 rows): {100 * same:.3f} % of words, {100 * same_over:.2f} % of flags identical")
+    if same < 0.99 or same_over < 0.99:
+        raise AssertionError("the producer's words differ from spark.twell_pack's beyond rounding; not timed")
+    packed, over = twell_gate_pack_gpu(x, Wg)
+    stat = torch.cat([over.int(), over.new_zeros(3, dtype=torch.int32)])  # its counter grows each call: unused here
+    p32 = packed.view(torch.int32)
+    recs += _records(f"twell_ffn/producer/{shape}", _ms(lambda: twell_gate_pack_gpu(x, Wg)), t_gate,
+                     {"cuBLAS relu(x @ Wg) (dense g)": _ms(lambda: F.relu(x @ Wg))})
+    g = F.relu(x @ Wg)  # the consumer's dense counterpart starts from a given g
+    recs += _records(f"twell_ffn/consumer/{shape}", _ms(lambda: _consume(x, p32, stat, WuT, Wd, 256, 8, 0)),
+                     t_gate, {"cuBLAS (g * (x @ Wu)) @ Wd, g given": _ms(lambda: (g * (x @ Wu)) @ Wd)})
+    del g
+    # memory: the packed gate against dense bf16 g (by construction C / 2 = 4x), and the peak of each call
+    mb_packed, mb_dense = packed.numel() * 4 / 2**20, M * f * 2 / 2**20
+    peak_ours, peak_dense = _peak_mb(run), _peak_mb(lambda: _dense_ffn(x, Wg, Wu, Wd))
+    print(f"  memory: packed g {mb_packed:.0f} MiB vs dense bf16 g {mb_dense:.0f} MiB; peak of the call "
+          f"{peak_ours:.0f} MiB (TwELL) vs {peak_dense:.0f} MiB (dense), outputs included")
+    # the table prints these in its microsecond columns (ms x 1000): ms fields hold MiB / 1000, so "us" reads MiB
+    recs += _records(f"twell_memory/packed_g_MiB/{shape}", mb_packed / 1000, mb_packed / 1000, {"dense bf16 g": mb_dense / 1000})
+    recs += _records(f"twell_memory/peak_of_call_MiB/{shape}", peak_ours / 1000, peak_ours / 1000,
+                     {"dense FFN (eager torch)": peak_dense / 1000})
+    # decode: the first m tokens (their counts printed); default cap (= m: every row could overflow)
+    for m in (1, 2, 4, 8, 16, 32, 64):
+        xm = x[:m].contiguous()
+        _check_ffn(f"twell_ffn_gpu decode M={m}", twell_ffn_gpu(xm, Wg, Wu, Wd, WuT=WuT), xm, Wg, Wu, Wd)
+        torch.cuda.synchronize()
+        recs += _records(f"twell_ffn/decode/M{m}/{d}x{f}/bf16", _ms(lambda: twell_ffn_gpu(xm, Wg, Wu, Wd, WuT=WuT)),
+                         _ms(lambda: xm @ Wg), {"dense ReLU-gated FFN (eager torch, cuBLAS)": _ms(lambda: _dense_ffn(xm, Wg, Wu, Wd))})
+    print(f"  decode tokens' nonzeros (first 64): {counts[:64].tolist()}")
+    return recs
+
+
 def bench_twell(quick=False, tune=True):
     """twell_ffn/... and twell_memory/... records (for kernels_gpu._records and _print_table)."""
     M, d, f = (4 * 2048 if quick else 64 * 2048), 2048, 5632
@@ -3534,50 +3581,6 @@ def bench_twell(quick=False, tune=True):
             recs += _records(name, _ms(run), t_gate, {"dense ReLU-gated FFN (eager torch, cuBLAS)": t_dense})
             if zeros == 0.995 and C == 8:
                 recs += _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape)
-    return recs
-
-
-def _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape):
-    """At 99.5 % zeros, C = 8: the words against spark.twell_pack, the producer and consumer
-    alone, packed and peak memory, and decode-sized calls."""
-    M, d, f = x.shape[0], x.shape[1], Wg.shape[1]
-    recs = []
-    # words: the producer against spark.twell_pack of cuBLAS's gate, on 4096 rows. Both round the
-    # same float32 value to bf16, but the two matmuls sum in other orders: an entry within float32
-    # rounding of a bf16 boundary (or of 0) may differ, so we require 99 % identical, not 100 %.
-    packed, over = twell_gate_pack_gpu(x[:4096], Wg)
-    ref, ref_over = spark.twell_pack(F.relu(x[:4096] @ Wg))
-    same = float((packed.view(torch.int32) == ref.view(torch.int32)).float().mean())
-    same_over = float((over == ref_over).float().mean())
-    print(f"  producer vs spark.twell_pack (4096 rows): {100 * same:.3f} % of words, {100 * same_over:.2f} % of flags identical")
-    if same < 0.99 or same_over < 0.99:
-        raise AssertionError("the producer's words differ from spark.twell_pack's beyond rounding; not timed")
-    packed, over = twell_gate_pack_gpu(x, Wg)
-    stat = torch.cat([over.int(), over.new_zeros(3, dtype=torch.int32)])  # its counter grows each call: unused here
-    p32 = packed.view(torch.int32)
-    recs += _records(f"twell_ffn/producer/{shape}", _ms(lambda: twell_gate_pack_gpu(x, Wg)), t_gate,
-                     {"cuBLAS relu(x @ Wg) (dense g)": _ms(lambda: F.relu(x @ Wg))})
-    g = F.relu(x @ Wg)  # the consumer's dense counterpart starts from a given g
-    recs += _records(f"twell_ffn/consumer/{shape}", _ms(lambda: _consume(x, p32, stat, WuT, Wd, 256, 8, 0)),
-                     t_gate, {"cuBLAS (g * (x @ Wu)) @ Wd, g given": _ms(lambda: (g * (x @ Wu)) @ Wd)})
-    del g
-    # memory: the packed gate against dense bf16 g (by construction C / 2 = 4x), and the peak of each call
-    mb_packed, mb_dense = packed.numel() * 4 / 2**20, M * f * 2 / 2**20
-    peak_ours, peak_dense = _peak_mb(run), _peak_mb(lambda: _dense_ffn(x, Wg, Wu, Wd))
-    print(f"  memory: packed g {mb_packed:.0f} MB vs dense bf16 g {mb_dense:.0f} MB; peak of the call "
-          f"{peak_ours:.0f} MB (TwELL) vs {peak_dense:.0f} MB (dense), outputs included")
-    # the table prints these in its microsecond columns: ms fields hold GB, so "us" reads MB
-    recs += _records(f"twell_memory/packed_g_MB/{shape}", mb_packed / 1024, mb_packed / 1024, {"dense bf16 g": mb_dense / 1024})
-    recs += _records(f"twell_memory/peak_of_call_MB/{shape}", peak_ours / 1024, peak_ours / 1024,
-                     {"dense FFN (eager torch)": peak_dense / 1024})
-    # decode: the first m tokens (their counts printed); default cap (= m: every row could overflow)
-    for m in (1, 2, 4, 8, 16, 32, 64):
-        xm = x[:m].contiguous()
-        _check_ffn(f"twell_ffn_gpu decode M={m}", twell_ffn_gpu(xm, Wg, Wu, Wd, WuT=WuT), xm, Wg, Wu, Wd)
-        torch.cuda.synchronize()
-        recs += _records(f"twell_ffn/decode/M{m}/{d}x{f}/bf16", _ms(lambda: twell_ffn_gpu(xm, Wg, Wu, Wd, WuT=WuT)),
-                         _ms(lambda: xm @ Wg), {"dense ReLU-gated FFN (eager torch, cuBLAS)": _ms(lambda: _dense_ffn(xm, Wg, Wu, Wd))})
-    print(f"  decode tokens' nonzeros (first 64): {counts[:64].tolist()}")
     return recs
 
 

@@ -16,7 +16,11 @@ Papers (formulas, settings and numbers digested in notes/papers.md, cited by sec
 - Gemma 3n's MLP (statistical top-k on the gate of a GeGLU, Hugging Face `Gemma3nTextMLP`):
   `topk_ffn`, method "statistical" ("Statistical top-k (Spark)").
 - Sparser, Faster, Lighter Transformer LMs (Sakana AI, arXiv 2603.23198): ReLU-gated FFN
-  trained with an L1 penalty on its activations (`relu_l1_ffn`; "L1-induced sparsity (Sakana)").
+  trained with an L1 penalty on its activations (`relu_l1_ffn`; "L1-induced sparsity (Sakana)"),
+  and its TwELL format for the sparse gate (`twell_pack`, `twell_ffn`; "TwELL").
+- Section 4b, more ways to skip work ("Other systems"): Terraformer's sparse FFN (arXiv
+  2111.12763), LTE (arXiv 2402.06126), Polar Sparsity's head router (arXiv 2505.14884) and
+  D2DMoE (arXiv 2310.04361), a conversion of a trained ReLU model into experts.
 - Gated FFNs, GeGLU (Shazeer 2020, arXiv 2002.05202); grouped-query attention (Ainslie et al.
   2023, arXiv 2305.13245); Gemma 2 shapes (arXiv 2408.00118); nanoGPT (karpathy) for the GPT.
 
@@ -210,14 +214,6 @@ def relu_l1_ffn_np(x, Wg, Wu, Wd):
     return h @ Wd, l1  # [..., d], scalar
 
 
-# ------------------------------------------------------------------------------------------
-# 2. Attention -- NumPy references (loops over batch, head and query: the plainest form)
-#    q [B, H, T, hd], k and v [B, Hkv, S, hd], S >= T. Query i sits at position S - T + i,
-#    so with a KV cache (S > T) the T new tokens are the last T positions. Causal: query i
-#    sees keys 0 .. S - T + i. Grouped-query: query head h reads KV head h // G, G = H // Hkv.
-# ------------------------------------------------------------------------------------------
-
-
 # TwELL, tile-wise ELLPACK (Sakana AI, arXiv 2603.23198, its TwELL format; notes/papers.md,
 # "TwELL"; drawn in notes/twell.md): how their GPU kernels hand the gate g = relu(x Wg) [M, f]
 # from the gate matmul to the fused up/down projection, so that the dense g is never stored.
@@ -342,6 +338,14 @@ def twell_ffn_np(x, Wg, Wu, Wd, tile=256, C=8):
         # y = sum_j g_j (x . Wu[:, j]) Wd[j]: n columns of Wu and n rows of Wd read, not f
         y[m] = (g * (xs[m] @ Wu[:, j])) @ Wd[j]
     return y.reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# 2. Attention -- NumPy references (loops over batch, head and query: the plainest form)
+#    q [B, H, T, hd], k and v [B, Hkv, S, hd], S >= T. Query i sits at position S - T + i,
+#    so with a KV cache (S > T) the T new tokens are the last T positions. Causal: query i
+#    sees keys 0 .. S - T + i. Grouped-query: query head h reads KV head h // G, G = H // Hkv.
+# ------------------------------------------------------------------------------------------
 
 
 def attention_np(q, k, v, causal=True):
@@ -809,7 +813,7 @@ class SparkAttention(Attention):
 
 # ------------------------------------------------------------------------------------------
 # 4b. More ways to skip work, each a NumPy reference, a torch function and a module
-# (notes/papers.md, "Other systems", digests the three papers.)
+# (notes/papers.md, "Other systems", digests the four papers.)
 #
 # - Terraformer's sparse FFN ("Sparse is Enough in Scaling Transformers", Jaszczur et al., NeurIPS
 #   2021, arXiv 2111.12763, its sparse feedforward layer): a low-rank controller picks ONE neuron
@@ -820,6 +824,10 @@ class SparkAttention(Attention):
 # - Polar Sparsity (Shrestha et al., NeurIPS 2025, arXiv 2505.14884, its selective head
 #   attention): a router per layer keeps h_top heads (KV groups under grouped-query attention);
 #   the others output 0. Its point: head sparsity survives batching, FFN sparsity does not.
+# - D2DMoE ("Exploiting Activation Sparsity with Dense to Dynamic-k Mixture-of-Experts
+#   Conversion", Szatkowski et al., NeurIPS 2024, arXiv 2310.04361): a trained ReLU FFN split
+#   into experts, a router predicting each expert's output norm, a per-token number of experts
+#   (last in this section; its conversion of a whole GPT is section 6b).
 #
 # Dimension letters as above, plus
 #     M    tokens, all leading axes flattened       r    Terraformer controller rank
@@ -1279,7 +1287,7 @@ def d2dmoe_convert(ffn, x_samples, n_experts, *, hidden=None, steps=300, lr=1e-2
         raise ValueError(f"x_samples must be a tensor [..., d] = [..., {d}] with at least one token, got "
                          f"{tuple(getattr(x_samples, 'shape', ()))}")
     _check_int("steps", steps, 0)
-    moe = D2DMoEFFN(d, f, n_experts, hidden or max(1, d // 4), tau).to(ffn.Wg)
+    moe = D2DMoEFFN(d, f, n_experts, max(1, d // 4) if hidden is None else hidden, tau).to(ffn.Wg)
     x = x_samples.detach().reshape(-1, d).to(ffn.Wg)  # [N, d]
     with torch.no_grad():
         moe.Wg.copy_(ffn.Wg), moe.Wu.copy_(ffn.Wu), moe.Wd.copy_(ffn.Wd)
@@ -1628,6 +1636,19 @@ class GPT(nn.Module):
                 "attn_density": [None if b.attn.last_density is None else float(b.attn.last_density) for b in self.blocks]}
 
 
+def check_decoder_args(where, model, idx, max_new_tokens, temperature, top_k):
+    """What a decoder outside GPT (kernels_cpu.generate_cpu, kernels_gpu.generate_gpu) checks
+    first: a spark.GPT, not training with dropout, without Polar attention, and check_generate_args's
+    arguments."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"{where}: model must be a spark.GPT, got {type(model).__name__}")
+    check_generate_args(model.config, idx, max_new_tokens, temperature, top_k)
+    if model.training and model.config.dropout > 0:
+        raise ValueError(f"{where}: model is in training mode with dropout; call model.eval() first")
+    if model.config.attn == "polar":  # (the kernel decoders know dense and Spark attention only)
+        raise ValueError(f"{where}: Polar attention has no decoder here; use model.generate")
+
+
 # ------------------------------------------------------------------------------------------
 # 6. Cost accounting: per-token FLOPs and bytes read when decoding one token
 #    (notes/papers.md, "Spark FFN", "Spark attention", "Spark's headline results"). Counted:
@@ -1635,16 +1656,6 @@ class GPT(nn.Module):
 #    Not counted: norms, activations, softmax, the top-k itself (all O(f) or O(n) elementwise,
 #    small beside the matmuls) and the embedding lookup.
 # ------------------------------------------------------------------------------------------
-
-
-def check_decoder_args(where, model, idx, max_new_tokens, temperature, top_k):
-    """What a decoder outside GPT (kernels_cpu.generate_cpu, kernels_gpu.generate_gpu) checks
-    first: a spark.GPT, not training with dropout, and check_generate_args's arguments."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"{where}: model must be a spark.GPT, got {type(model).__name__}")
-    check_generate_args(model.config, idx, max_new_tokens, temperature, top_k)
-    if model.training and model.config.dropout > 0:
-        raise ValueError(f"{where}: model is in training mode with dropout; call model.eval() first")
 
 
 def count_params(c):
@@ -1739,8 +1750,10 @@ def count_costs(c, n_ctx, bytes_per_el=2, relu_l1_density=None):
     }
 
 
-# D2DMoE on a whole trained GPT (section 4b has the layer): convert every FFN, then measure the
-# loss against the compute each tau leaves (train_tiny.py --d2dmoe prints it for a checkpoint).
+# ------------------------------------------------------------------------------------------
+# 6b. D2DMoE on a whole trained GPT (section 4b has the layer): convert every FFN, then measure
+#     the loss against the compute each tau leaves (train_tiny.py --d2dmoe prints it for a checkpoint)
+# ------------------------------------------------------------------------------------------
 
 
 def _windows(tokens, n, T, gen):

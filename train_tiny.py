@@ -4,7 +4,7 @@ model and the other sparse variants at the same budget.
     python train_tiny.py                       # the default model; checkpoint in out/tiny/ckpt.pt
     python train_tiny.py --sample              # generate text from that checkpoint
     python train_tiny.py --resume --max-steps 3000   # continue the saved run, or extend it
-    python train_tiny.py --compare             # every variant: one markdown table, two figures
+    python train_tiny.py --compare             # every variant: one markdown table, three figures
 
 The model is spark.GPT with spark.GPTConfig()'s defaults: nanoGPT's laptop sizes (4 layers, 4
 heads, d 128, context 64), a Spark FFN keeping 20 % of its neurons and Spark attention keeping
@@ -530,7 +530,7 @@ def sample_text(model, tokenizer, args):
 
 
 # ------------------------------------------------------------------------------------------
-# 7. --compare: every variant at the same budget; one table, two figures
+# 7. --compare: every variant at the same budget; one table, three figures
 # ------------------------------------------------------------------------------------------
 # Every variant trains with the same data, seed, steps and (up to Spark's rounding) parameter
 # count. Exact top-k trains too: it is the quality reference for statistical top-k, and its step
@@ -615,9 +615,10 @@ def union_density(model, tokens, args):
 
 
 def plot_compare(results):
-    """notes/figures/train_tiny_loss.png (validation loss over training) and train_tiny_density.png
+    """notes/figures/train_tiny_loss.png (validation loss over training), train_tiny_density.png
     (the FFN density of each layer at the end, on a log axis so that relu_l1's ~3 % shows beside
-    the ReLU model's ~30 %); returns their paths. Both from the validation batches."""
+    the ReLU model's ~30 %) and train_tiny_union.png (union_density against the batch, beside
+    Polar's kept heads); returns their paths. All from the validation batches."""
     from matplotlib.figure import Figure  # (no pyplot: nothing is shown, so no GUI backend is needed)
 
     ax1, ax2 = Figure(figsize=(7, 4), layout="tight").subplots(), Figure(figsize=(9, 4), layout="tight").subplots()
@@ -796,8 +797,8 @@ def check_args(parser, args):
     if args.sample + args.resume + args.compare + args.d2dmoe > 1:
         parser.error("--sample, --resume, --compare and --d2dmoe exclude each other")
     given = [k for k, v in vars(args).items() if v != parser.get_default(k)]  # the flags set on the command line
-    if args.sample or args.d2dmoe:
-        ignored = [k for k in given if k not in SAMPLE_READS + ("d2dmoe",)]
+    if args.sample or args.d2dmoe:  # (--d2dmoe reads only where the checkpoint is and the threads)
+        ignored = [k for k in given if k not in (SAMPLE_READS if args.sample else ("out", "d2dmoe", "threads"))]
         why = f"--{'sample' if args.sample else 'd2dmoe'} takes them from the checkpoint"
     elif args.compare:
         ignored, why = [k for k in given if k in COMPARE_SETS], "--compare trains --variants, saves and samples nothing"

@@ -7,7 +7,7 @@ wrong selection (another neuron, expert or head) moves an output by 1e-2 or more
 compare scores computed in two orders: only scores within ~1e-16 of each other (or of eta)
 could flip, which random float64 data practically never gives.
 
-The modules are built directly (not through GPTConfig, which does not know them yet).
+The modules are built directly here; tests/test_spark.py runs them inside GPT through GPTConfig.
 """
 
 import math
@@ -19,7 +19,7 @@ import torch
 from conftest import assert_close
 from spark import LteFFN, PolarAttention, TerraformerFFN, lte_ffn, lte_ffn_np, polar_attention, polar_attention_np
 from spark import polar_keep, terraformer_ffn, terraformer_ffn_np, terraformer_width
-from spark import GatedFFN, attention_np, gated_ffn_np, relu_np
+from spark import GPT, GatedFFN, GPTConfig, attention_np, gated_ffn_np, relu_np
 
 F64 = dict(atol=1e-12, rtol=1e-10)
 
@@ -381,3 +381,13 @@ def test_bad_input_errors_name_the_argument():
             polar_attention_np(np64(q), np64(k), np64(v), logits.numpy(), h_top)
     with pytest.raises(ValueError, match="h_top"):
         PolarAttention(16, 4, 2, 4, 3)  # 3 of 2 KV groups
+
+
+def test_the_kernel_decoders_refuse_polar_models():
+    """kernels_cpu.generate_cpu (and kernels_gpu.generate_gpu, through the same check) decode dense
+    and Spark attention only: a Polar model is an error naming the layer, not a silent dense decode."""
+    import kernels_cpu  # (only this test needs it)
+
+    model = GPT(GPTConfig(ffn="dense", attn="polar")).eval()
+    with pytest.raises(ValueError, match="Polar attention has no decoder"):
+        kernels_cpu.generate_cpu(model, torch.zeros(1, 3, dtype=torch.long), 2)

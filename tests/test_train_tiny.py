@@ -388,7 +388,7 @@ def test_sizes_the_machine_cannot_hold_are_refused(tiny, monkeypatch, capsys, ar
     """The memory estimate (parameters x 16 bytes + the activations kept for backward) refuses a
     step the allocator could not serve, in argparse time: no data is read, no model is built.
     (Where the estimate's constants come from, and how close it came to measured peaks: the
-    comment above train_tiny.ACT_D.)"""
+    comment above train_tiny.build_parser, a training step's memory.)"""
     monkeypatch.setattr(tt, "prepare_data", lambda args: pytest.fail("the data was read"))
     monkeypatch.setattr(spark, "GPT", lambda config: pytest.fail("a model was built"))
     with pytest.raises(SystemExit) as info:
@@ -406,7 +406,7 @@ def test_sizes_the_machine_cannot_hold_are_refused(tiny, monkeypatch, capsys, ar
     # --variants means nothing without --compare
     (["--variants", "dense/dense"], "--variants"), (["--resume", "--variants", "dense/dense"], "--variants"),
     # --d2dmoe converts the checkpoint's model: model and training flags would be dropped
-    (["--d2dmoe", "--d-model", "64"], "--d-model"),
+    (["--d2dmoe", "--d-model", "64"], "--d-model"), (["--d2dmoe", "--device", "cuda", "--seed", "3"], "--seed, --device"),
 ])
 def test_flags_a_mode_would_ignore_are_refused(tiny, monkeypatch, capsys, argv, refused):
     """A flag the chosen mode would not read is an error naming it, not a silent no-op. Only
