@@ -754,7 +754,10 @@ FLAGS = [  # (flag, default, a type that checks the value or an argparse action,
 MODEL_HELP = {"block_size": "context T", "n_layer": "layers L", "n_head": "query heads", "n_kv_head": "key/value heads",
               "d_model": "width d", "d_ff": "gated FFN width (Spark: 1.5x)", "ffn_density": "target k/f (top-k kinds)",
               "attn_k": "Spark attn: keys per query", "ffn_r": "Spark FFN predictor dims (None: d/2)",
-              "attn_r": "Spark attn predictor dims (None: hd/2)", "head_dim": "hd (None: d/n_head)", "l1": "relu_l1's"}
+              "attn_r": "Spark attn predictor dims (None: hd/2)", "head_dim": "hd (None: d/n_head)", "l1": "relu_l1's",
+              "terra_block": "Terraformer: neurons per block", "terra_rank": "Terraformer: controller rank",
+              "lte_experts": "LTE experts (None: d_ff/32)", "lte_eta": "LTE router threshold", "lte_eff": "LTE loss weight",
+              "polar_top": "Polar: KV groups kept (None: half)", "polar_aux": "Polar router loss weight"}
 # On --resume the run continues with the checkpoint's settings; only these flags may be given
 # again (where it is, how far to train, threads, the sample at the end).
 RESUME_FLAGS = ("out", "resume", "max_steps", "threads", "device", "sample_tokens", "prompt", "temperature", "top_k")
