@@ -914,7 +914,10 @@ def terraformer_ffn(x, W1, W2, M1, M2, block, noise=None, *, return_act=False):
     c = F.pad((x @ M1) @ M2, (0, nb * block - f), value=-math.inf).unflatten(-1, (nb, block))
     z = c if noise is None else c + F.pad(noise, (0, nb * block - f)).unflatten(-1, (nb, block))
     # m = onehot(argmax z) + p - p.detach(), p = softmax(c) per block
-    p = torch.softmax(c, dim=-1)  # [..., nb, block]
+    # (a softmax over a last axis of 8 ran 6x slower forward and backward on the CPU than the same
+    # softmax over the transposed view, whose reduction runs across contiguous blocks: 2-core AMD
+    # EPYC VM, torch 2.13, [12, 64, 91, 8]: 7.3 ms against 1.1 ms)
+    p = torch.softmax(c.transpose(-1, -2), dim=-2).transpose(-1, -2)  # [..., nb, block]
     m = (F.one_hot(z.argmax(-1), block).to(p.dtype) + p - p.detach()).flatten(-2)[..., :f]  # [..., f]
     # h = relu(x W1) * m;  y = h W2
     h = F.relu(x @ W1) * m  # [..., f]
