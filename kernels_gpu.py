@@ -122,6 +122,30 @@ def _check_x(name, x):
         raise ValueError(f"{name} must be on a CUDA device (or set TRITON_INTERPRET=1 to run on the CPU), got {x.device}")
 
 
+def _check_same(where, ref_name, ref, rows, **tensors):
+    """Every tensor: a tensor of ref's dtype on ref's device (and with a contiguous last axis when rows)."""
+    for name, t in tensors.items():
+        _check_x(name, t)
+        if t.dtype != ref.dtype or t.device != ref.device:
+            raise TypeError(f"{where}: {name} must have {ref_name}'s dtype and device (the inputs share dtype and "
+                            f"device: {ref.dtype}, {ref.device}), got {t.dtype} on {t.device}")
+        if rows and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{where}: {name} must have a contiguous last axis (the kernels read rows); got strides "
+                             f"{tuple(t.stride())}")
+
+
+def _check_inputs(where, rows=True, **tensors):
+    """float32 / bf16 / fp16 tensors of one dtype on one device (CUDA, or the CPU under the
+    interpreter), last axes contiguous when `rows`; float64 gets its own message (the references run it)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            raise TypeError(f"{where}: {name} is float64; the kernels take float32, bfloat16 or float16 "
+                            f"(spark.py's and topk.py's torch versions run float64)")
+    (name0, t0), *_ = tensors.items()
+    _check_x(name0, t0)
+    _check_same(where, name0, t0, rows, **tensors)
+
+
 def _rows(x):
     """[..., D] -> [R, D] with unit stride along D. A view when possible: the kernels take the
     row stride, so a row-sliced view (x[:, :D] of a wider tensor) is read in place; only a
@@ -762,14 +786,7 @@ BLOCK_M1 = 16  # pass 1 query rows per program (tl.dot's smallest M)
 def _check_attn_args(q, k, v, k_top, r):
     """q [B, H, T, hd], k and v [B, Hkv, T, hd]: one dtype (float32/bf16/fp16), one device,
     H % Hkv == 0, S == T (training / prefill), k_top >= 1, 1 <= r <= hd - 1."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if isinstance(x, torch.Tensor) and x.dtype == torch.float64:
-            raise TypeError(f"{name} is float64: spark_attention_gpu computes in float32 and takes float32, bfloat16 "
-                            f"or float16 (spark.spark_attention runs float64)")
-        _check_x(name, x)
-    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
-        raise TypeError(f"q, k and v must share dtype and device; got q {q.dtype} {q.device}, k {k.dtype} {k.device}, "
-                        f"v {v.dtype} {v.device}")
+    _check_inputs("spark_attention_gpu", rows=False, q=q, k=k, v=v)  # (views are made contiguous by the caller)
     _check_attn_shapes(q, k, v)  # spark.py's: q [B, H, T, hd], k v [B, Hkv, S, hd], H % Hkv == 0
     T, hd = q.shape[2], q.shape[3]
     if k.shape[2] != T:
@@ -1465,7 +1482,8 @@ def _check_bf16(name, t, ndim):
 
 
 def _check_same_device(ref_name, ref, **ts):
-    """ValueError naming the first tensor of ts that is not on ref's device."""
+    """ValueError naming the first tensor of ts that is not on ref's device (the TwELL arguments mix
+    dtypes: bf16 weights, uint32 words, bool flags, so _check_same's dtype rule does not apply)."""
     for name, t in ts.items():
         if t.device != ref.device:
             raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
@@ -2040,30 +2058,6 @@ GATHER_E = 16  # kept tokens per gather program (kt 256 -> 16 programs per query
 MAX_SELECT_IN_REGISTERS = 32768  # a query head's scores held at once by the select kernel
 SELECT_CHUNK = 4096  # longer caches: chunks re-read from L2 for every step of the search
 COMPACT_CHUNK = 8192  # the select kernel's compaction holds at most this many scores at once
-
-
-def _check_same(where, ref_name, ref, rows, **tensors):
-    """Every tensor: a tensor of ref's dtype on ref's device (and with a contiguous last axis when rows)."""
-    for name, t in tensors.items():
-        _check_x(name, t)
-        if t.dtype != ref.dtype or t.device != ref.device:
-            raise TypeError(f"{where}: {name} must have {ref_name}'s dtype and device ({ref.dtype}, {ref.device}), "
-                            f"got {t.dtype} on {t.device}")
-        if rows and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{where}: {name} must have a contiguous last axis (the kernels read rows); got strides "
-                             f"{tuple(t.stride())}")
-
-
-def _check_inputs(where, rows=True, **tensors):
-    """float32 / bf16 / fp16 tensors of one dtype on one device (CUDA, or the CPU under the
-    interpreter), last axes contiguous when `rows`; float64 gets its own message (the references run it)."""
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
-            raise TypeError(f"{where}: {name} is float64; the decode kernels take float32, bfloat16 or float16 "
-                            f"(spark.py's references run float64)")
-    (name0, t0), *_ = tensors.items()
-    _check_x(name0, t0)
-    _check_same(where, name0, t0, rows, **tensors)
 
 
 def _shapes(**tensors):
