@@ -2031,8 +2031,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   with equal keys and values). Scores are float32: two keys whose float64 scores differ by less
 #   than a float32 rounding may swap places at the kt-th rank.
 # - A query sees `lengths[b]` tokens of its sequence's cache (a device tensor, for a decoder whose
-#   cache is a preallocated buffer), all n by default; lengths are not checked (that would be a
-#   host synchronisation) but clamped to [1, n] inside the kernels, so no kernel reads past the cache.
+#   cache is a preallocated buffer), all n by default; lengths outside [1, n] are an error raised
+#   by a device-side check (reading them on the host would be a synchronisation), and the kernels
+#   also clamp them to [1, n], so no kernel reads past the cache before that error surfaces.
 # - Non-finite inputs: a token whose x holds NaN or +-inf gets an all-NaN row of y (as
 #   spark.spark_ffn_np). Scores must be finite (the selection orders floats by their bits).
 # - Scratch tensors come from torch's caching allocator on every call (inside a CUDA graph, from
@@ -2450,6 +2451,10 @@ def _check_decode(where, q, caches, lengths):
             raise ValueError(f"{where}: lengths must be an int32 or int64 tensor [B] = [{B}] on q's device "
                              f"{q.device}, got {getattr(lengths, 'dtype', type(lengths).__name__)} "
                              f"{tuple(getattr(lengths, 'shape', ()))}")
+        # the values without a host read (a GPU would wait): a device-side check, which raises at
+        # once on the CPU and at the next synchronisation on a GPU; the kernels clamp as well, so
+        # nothing past the cache is read before that error surfaces
+        torch._assert_async(((lengths >= 1) & (lengths <= n)).all(), f"{where}: every lengths[b] must be in [1, n = {n}]")
     return B, H, Hkv, n, hd
 
 
@@ -3148,7 +3153,7 @@ def polar_attention_decode_gpu(q, k, v, heads, *, lengths=None):
     Hkv = H these are heads; under grouped-query attention each serves its G = H / Hkv query
     heads), any order, distinct, 1 <= h_top <= Hkv -> q's shape, the query heads of the other
     groups exactly 0. lengths: optional int32/int64 tensor [B], the tokens each query sees
-    (clamped to [1, n]). A GPU table with an entry outside [0, Hkv) or a repeat gives NaN in every
+    (in [1, n], checked on the device). A GPU table with an entry outside [0, Hkv) or a repeat gives NaN in every
     head of its sequence (no host synchronisation; a CPU table raises; section comment above).
     """
     where = "polar_attention_decode_gpu"

@@ -128,15 +128,18 @@ def test_polar_decode_tables_differ_per_sequence():
 
 def test_polar_decode_lengths():
     """lengths [B] (int32 and int64): each sequence sees its first lengths[b] tokens; values past
-    the cache are clamped to n, below 1 to 1 (as attention_decode_gpu)."""
+    the cache or below 1 are an error (as in attention_decode_gpu)."""
     B, H, Hkv, n, hd = 3, 4, 2, 50, 16
     q, k, v = kv_case(B, H, Hkv, n, hd)
     heads = random_tables(B, Hkv, 1)
-    # sequence 2 sees one token (a single split with a single key); the second set is clamped
+    # sequence 2 sees one token (a single split with a single key)
     for lengths in (torch.tensor([9, 41, 1], dtype=torch.int32, device=DEVICE),
-                    torch.tensor([n + 7, 0, 17], dtype=torch.int64, device=DEVICE)):
+                    torch.tensor([50, 2, 17], dtype=torch.int64, device=DEVICE)):
         out = pg.polar_attention_decode_gpu(q, k, v, heads, lengths=lengths)
         assert_close(f"out, lengths {lengths.tolist()}", out, reference(q, k, v, heads, lengths), 1e-5, 1e-5)
+    if DEVICE == "cpu":  # (a device-side check: on a GPU it would fail the process's CUDA context)
+        with pytest.raises(RuntimeError, match="lengths"):  # past the cache, and 0
+            pg.polar_attention_decode_gpu(q, k, v, heads, lengths=torch.tensor([n + 7, 0, 17], device=DEVICE))
 
 
 def test_every_group_equals_dense_bitwise():
