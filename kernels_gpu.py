@@ -1989,7 +1989,8 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #         _ffn_sparse_kernel:  theta from the block statistics, the survivors of a slice of
 #                              neurons compacted with a cumsum, then u = x[r:] . K2t[j] and
 #                              y_slice = sum_j gelu(p_j - theta) u_j V[j] over the survivors only;
-#         _ffn_reduce_kernel:  y = sum of the slices' partial y, in a fixed order.
+#         _ffn_reduce_kernel:  y = sum of the slices' partial y, in a fixed order (NaN rows for
+#                              tokens whose x is not finite).
 #     spark_attention_decode_gpu(q, k1, k2, v, k_top, r)   reference: spark.spark_attention_np, T = 1
 #         _spark_scores_kernel: s_j = q[:r] . K1_j / sqrt(r), the cache split over all SMs;
 #         _spark_select_kernel: the kt-th largest score per query head by a radix select on the
@@ -2038,20 +2039,25 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   spark.spark_ffn_np). Scores must be finite (the selection orders floats by their bits).
 # - Scratch tensors come from torch's caching allocator on every call (inside a CUDA graph, from
 #   its private pool): no global state, so concurrent calls on different streams are safe.
-# Performance notes in comments are estimates from byte counts (bench_decode measures them);
-# nothing here was timed on a GPU yet.
+# Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
+# 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
+# token is 1.37x faster than torch's dense GeGLU (byte limit 3.53x), and Spark attention is
+# slower than dense flash-decoding (0.42-0.59x), its radix select costing ~1 us per step of 2 bits.
 
 
 # ------------------------------------------------------------------------------------------
-# 7a. Launch settings (first guesses for an NVIDIA H200, 132 SMs; tests lower some of them to
-#    exercise several splits and chunks at small shapes) and argument checks
+# 7a. Launch settings (the FFN's from a sweep on an NVIDIA H200, 132 SMs; the attention's first
+#    guesses; tests lower some of them to exercise several splits and chunks at small shapes)
+#    and argument checks
 # ------------------------------------------------------------------------------------------
 
 MAX_TOKENS = 8  # tokens per FFN launch (MP = 16 rows of tl.dot); more tokens: one launch per 8
-FFN_BF, FFN_BR = 64, 64  # predictor tile: BF neurons x BR of r per step (216 programs at f = 13824)
+FFN_BF, FFN_BR = 128, 128  # predictor tile: BF neurons x BR of r per step (108 programs at f = 13824)
 FFN_FS = 128  # neurons per sparse program (108 programs at f = 13824, ~10 survivors each at 8 %)
-FFN_E = 16  # survivors gathered at once (tl.dot's smallest N)
-FFN_BK = 256  # chunk of a K2t row (d - r) and of a V row (d)
+FFN_E = 32  # survivors gathered at once
+FFN_BK = 512  # chunk of a K2t row (d - r) and of a V row (d)
+FFN_WARPS = 8  # warps per sparse program
+FFN_RB = 32  # columns per reduce program (72 programs at d = 2304)
 TARGET_PROGRAMS = 264  # attention splits aim at two programs per SM of an H200
 MIN_SPLIT = 64  # at least this many cache tokens per split
 ATTN_BN = 32  # keys per tile in the split kernels
@@ -2093,7 +2099,7 @@ def _shapes(**tensors):
 #        for each chunk of d:                                 # phase 2: ~8 % of V's rows
 #            y_part[:, chunk] = sum over the list of a V[list, chunk]
 #    _ffn_reduce_kernel (one program per BK columns and token):
-#        y = sum over the programs of y_part, in program order
+#        y = sum over the programs of y_part, in program order; a NaN row where x is not finite
 #
 #    Why per-slice lists rather than one global list: a global compaction needs the survivors'
 #    count of every earlier slice (a second launch, or atomics whose order changes from run to
@@ -2225,15 +2231,7 @@ def _ffn_sparse_kernel(
     pid = tl.program_id(0)
     rows = tl.arange(0, MP)
     rmask = rows < M
-    theta = _ffn_theta(Part, rows, rmask, M, q, F, BF, NB, NBC)  # [MP]
-    # a token whose x holds NaN or +-inf gets a NaN row (the reference's): its theta is NaN when
-    # x[:r] is not finite; x[r:] is checked here (d values per token, from L2)
-    bad = theta != theta
-    for d0 in range(0, D, BK):
-        dd = d0 + tl.arange(0, BK)
-        xx = tl.load(X + rows[:, None] * stride_xm + dd[None, :], mask=rmask[:, None] & (dd < D)[None, :],
-                     other=0.0).to(tl.float32)
-        bad = bad | (tl.max(((xx != xx) | (tl.abs(xx) == float("inf"))).to(tl.int32), axis=1) > 0)
+    theta = _ffn_theta(Part, rows, rmask, M, q, F, BF, NB, NBC)  # [MP] (NaN when x[:r] is not finite: no survivors)
     # this program's survivors: the union over tokens of p_j > theta, compacted with a cumsum
     j = pid * FS + tl.arange(0, FS)  # [FS] neurons
     inside = rmask[:, None] & (j < F)[None, :]
@@ -2286,24 +2284,32 @@ def _ffn_sparse_kernel(
                          other=0.0)  # [E, BK]: only the listed rows of V are read
             # acc += a V   (a rounded to V's dtype for the tensor cores, as the dense bf16 FFN rounds h)
             acc = _dot(a.to(vt.dtype), vt, acc, PREC)
-        acc = tl.where(bad[:, None], float("nan"), acc)
         tl.store(Ypart + (pid * M + rows[:, None]) * D + dd[None, :], acc, mask=rmask[:, None] & (dd < D)[None, :])
 
 
 # Kernel 3: y[m, cols] = sum over the NS slices of y_part[s, m, cols], the slices in order.
-# It reads 4 NS M d bytes (1 MB per token at Gemma-2 2B shapes) and writes y.
+# It reads 4 NS M d bytes (1 MB per token at Gemma-2 2B shapes) and writes y. Many narrow
+# programs (BK columns each), each loading all its partials at once: one round trip, not NS / SB.
+# A token whose x holds NaN or +-inf gets a NaN row (the reference's); each program checks the
+# token's whole x (d values from L2) in the same round trip.
 @jit
 def _ffn_reduce_kernel(
     Ypart,  # pointer to the partial outputs [NS, M, d] float32 (kernel 2)
+    X,  # pointer to x [M, d]; token m at X + m * stride_xm, entries contiguous
     Y,  # pointer to y [M, d], x's dtype, contiguous (written)
+    stride_xm,  # elements from one token of x to the next
     M,  # tokens
     NS,  # partials (kernel 2's programs)
     D: tl.constexpr,  # d
-    SB: tl.constexpr,  # partials summed at once
+    DP: tl.constexpr,  # d padded to a power of two
+    SB: tl.constexpr,  # partials summed at once (a power of two)
     BK: tl.constexpr,  # columns per program
 ):
     pid_d, m = tl.program_id(0), tl.program_id(1)
     dd = pid_d * BK + tl.arange(0, BK)
+    xs = tl.arange(0, DP)
+    xx = tl.load(X + m * stride_xm + xs, mask=xs < D, other=0.0).to(tl.float32)
+    bad = tl.max(((xx != xx) | (tl.abs(xx) == float("inf"))).to(tl.int32), axis=0) > 0
     acc = tl.zeros((BK,), tl.float32)
     for s0 in range(0, NS, SB):
         s = s0 + tl.arange(0, SB)
@@ -2311,6 +2317,7 @@ def _ffn_reduce_kernel(
         part = tl.load(Ypart + (s[:, None] * M + m) * D + dd[None, :], mask=(s < NS)[:, None] & (dd < D)[None, :],
                        other=0.0)
         acc += tl.sum(part, axis=0)
+    acc = tl.where(bad, float("nan"), acc)
     tl.store(Y + m * D + dd, acc.to(Y.dtype.element_ty), mask=dd < D)
 
 
@@ -2334,12 +2341,14 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     ascr = torch.empty(NS, M, FS, dtype=f32, device=dev)
     ypart = torch.empty(NS, M, d, dtype=f32, device=dev)
     prec = _precision(X)
-    _ffn_predict_kernel[(NB,)](X, K1, P, part, X.stride(0), M, F=f, R=r, MP=16, BF=FFN_BF, BR=BR, PREC=prec, num_warps=4)
+    _ffn_predict_kernel[(NB,)](X, K1, P, part, X.stride(0), M, F=f, R=r, MP=16, BF=FFN_BF, BR=BR, PREC=prec, num_warps=4,
+                               num_stages=4)
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
     _ffn_sparse_kernel[(NS,)](X, K2t, V, P, part, idx, ascr, ypart, X.stride(0), M, q, F=f, D=d, R=r, MP=16,
                               BF=FFN_BF, NB=NB, NBC=min(256, triton.next_power_of_2(NB)), FS=FS, E=FFN_E,
-                              BK=BK, ALL=k == f, PREC=prec, num_warps=4)
-    _ffn_reduce_kernel[(triton.cdiv(d, BK), M)](ypart, Y, M, NS, D=d, SB=32, BK=BK, num_warps=4)
+                              BK=BK, ALL=k == f, PREC=prec, num_warps=FFN_WARPS)
+    _ffn_reduce_kernel[(triton.cdiv(d, FFN_RB), M)](ypart, X, Y, X.stride(0), M, NS, D=d, DP=triton.next_power_of_2(d),
+                                                    SB=min(128, triton.next_power_of_2(NS)), BK=FFN_RB, num_warps=4)
 
 
 @torch.no_grad()

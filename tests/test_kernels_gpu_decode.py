@@ -73,7 +73,8 @@ def ffn_case(M, d, f, r, dtype=torch.float32):
                                                                                   std=(d - r) ** -0.5), rand(f, d, dtype=dtype, std=f ** -0.5)
 
 
-# (M, d, f, r, k): f = 300 = 4 blocks of 64 + 44, 2 slices of 128 + 44; r = 1 and d - 1; k = 1, 8 % and f.
+# (M, d, f, r, k): f = 300 = 2 predictor blocks of 128 + 44 (with SMALL_FFN_TILES 9 of 32 + 12), 2
+# slices of 128 + 44 (4 of 64 + 44); r = 1 and d - 1; k = 1, 8 % and f.
 # d = 33 and 40 are not multiples of 16 (the chunks of x[r:] and of V's rows are masked); M = 3,
 # 5 and 8 pad to 16 rows in tl.dot; k = 24 of 300 is the paper's 8 %.
 FFN_CASES = [
@@ -85,10 +86,18 @@ FFN_CASES = [
 ]
 
 
+# tiles far smaller than the GPU's, so that these shapes have several of each: predictor blocks,
+# slices, reduce programs (d = 40 -> 3 of 16), chunks of x[r:] and of V's rows
+SMALL_FFN_TILES = dict(FFN_BF=32, FFN_BR=16, FFN_FS=64, FFN_E=16, FFN_BK=16, FFN_RB=16)
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
 @pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: "M{}d{}f{}r{}k{}".format(*c))
-def test_spark_ffn_decode_matches_reference(case):
+def test_spark_ffn_decode_matches_reference(case, tiles, monkeypatch):
     """y of every case against spark_ffn_np on float64 copies of the same float32 values; the
     prepared layout (K2t contiguous) and y's shape, dtype and device."""
+    for name, value in (SMALL_FFN_TILES.items() if tiles == "small" else ()):
+        monkeypatch.setattr(dg, name, value)
     M, d, f, r, k = case
     x, K1, K2, V = ffn_case(M, d, f, r)
     K1p, K2t, Vp = dg.prepare_spark_ffn_gpu(K1, K2, V)
