@@ -2036,7 +2036,8 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   by a device-side check (reading them on the host would be a synchronisation), and the kernels
 #   also clamp them to [1, n], so no kernel reads past the cache before that error surfaces.
 # - Non-finite inputs: a token whose x holds NaN or +-inf gets an all-NaN row of y (as
-#   spark.spark_ffn_np). Scores must be finite (the selection orders floats by their bits).
+#   spark.spark_ffn_np). A query head whose scores hold NaN gets NaN (nothing is kept); the
+#   selection orders floats by their bits, so scores must otherwise be finite.
 # - Scratch tensors come from torch's caching allocator on every call (inside a CUDA graph, from
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
@@ -2837,7 +2838,9 @@ def _spark_select_kernel(
         ties += tl.sum(tie.to(tl.int32), axis=0)
         kept += tl.sum(keep.to(tl.int32), axis=0)
     tl.store(Mx + bh, m)
-    tl.store(Kt + bh, kt)
+    # the entries listed: kt by construction (fewer only if scores were NaN, and then the gather
+    # kernel reads no unwritten entry)
+    tl.store(Kt + bh, tl.minimum(kept, KT))
 
 
 # Spark pass 3, one program per (GATHER_E listed tokens, query head):

@@ -270,6 +270,36 @@ def test_spark_attention_decode_ties_keep_exactly_kt(chunked, monkeypatch):
     assert_close("out with ties", out, spark.spark_attention_np(q.numpy(), k.numpy(), v.numpy(), k_top, r), 1e-5, 1e-5)
 
 
+def test_spark_attention_decode_adjacent_floats():
+    """Scores that differ only in their last bits (consecutive float32 values, in shuffled order):
+    the select must decide all 32 bits of the kt-th largest, not stop at a rounded threshold."""
+    n, hd, r, k_top = 90, 8, 1, 37
+    gen = torch.Generator().manual_seed(9)
+    k = torch.randn(1, 1, n, hd, generator=gen, dtype=torch.float64)
+    k[0, 0, :, 0] = (1.0 + torch.randperm(n, generator=gen).double() * 2.0**-23)  # exact in float32
+    v = torch.randn(1, 1, n, hd, generator=gen, dtype=torch.float64)
+    q = torch.randn(1, 2, 1, hd, generator=gen, dtype=torch.float64)
+    q[..., 0] = torch.tensor([1.0, -3.0]).view(1, 2, 1)  # scores k_j0 and -3 k_j0: exact (r = 1)
+    q32, k32, v32 = (t.float().to(DEVICE) for t in (q, k, v))
+    out = dg.spark_attention_decode_gpu(q32, *dg.prepare_spark_kv_gpu(k32, v32, r), k_top, r)
+    assert_close("out", out, spark.spark_attention_np(q.numpy(), k.numpy(), v.numpy(), k_top, r), 1e-5, 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
+def test_spark_attention_decode_nan_query():
+    """A query head holding NaN has NaN scores: its output is NaN, no list entry of it is read
+    unwritten, and the other heads are untouched."""
+    q, k, v = kv_case(1, 4, 2, 50, 16)
+    q[0, 1, 0, 2] = float("nan")
+    out = dg.spark_attention_decode_gpu(q, *dg.prepare_spark_kv_gpu(k, v, 4), 10, 4)
+    assert torch.isnan(out[0, 1]).all()
+    finite = q.clone()
+    finite[0, 1] = 0.0  # (the other heads' outputs do not depend on head 1)
+    ref = spark.spark_attention_np(np64(finite), np64(k), np64(v), 10, 4)
+    keep = [0, 2, 3]
+    assert_close("the other heads", out[:, keep], ref[:, keep], 1e-5, 1e-5)
+
+
 def test_decode_lengths():
     """lengths [B]: each query sees the first lengths[b] tokens of its cache (one sequence below
     k_top, one above), as the reference on the truncated caches; out-of-range values are an error."""
