@@ -1449,8 +1449,8 @@ def spark_attention_gpu(q, k, v, k_top, r):
 
 
 # ------------------------------------------------------------------------------------------
-# 6a. Launch settings (first guesses for an NVIDIA H200, to be confirmed by bench_twell's sweep)
-#    and argument checks
+# 6a. Launch settings (defaults for an NVIDIA H200; bench_twell times the candidates and takes
+#    the fastest for its own rows) and argument checks
 # ------------------------------------------------------------------------------------------
 
 # Producer: BM rows x `tile` columns of the gate per program, BK of d per step. Each program
@@ -2047,9 +2047,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 
 
 # ------------------------------------------------------------------------------------------
-# 7a. Launch settings (the FFN's from a sweep on an NVIDIA H200, 132 SMs; the attention's first
-#    guesses; tests lower some of them to exercise several splits and chunks at small shapes)
-#    and argument checks
+# 7a. Launch settings (the FFN's from a sweep on an NVIDIA H200, 132 SMs; the attention's kept
+#    after the sweeps of notes/kernels_gpu.md; tests lower some of them to exercise several
+#    splits and chunks at small shapes) and argument checks
 # ------------------------------------------------------------------------------------------
 
 MAX_TOKENS = 8  # tokens per FFN launch (MP = 16 rows of tl.dot); more tokens: one launch per 8
@@ -2099,15 +2099,16 @@ def _shapes(**tensors):
 #            u = X[:, r:] @ K2t[list]^T;  a = gelu(max(p - theta, 0)) * u      -> scratch
 #        for each chunk of d:                                 # phase 2: ~8 % of V's rows
 #            y_part[:, chunk] = sum over the list of a V[list, chunk]
-#    _ffn_reduce_kernel (one program per BK columns and token):
+#    _ffn_reduce_kernel (one program per FFN_RB columns and token):
 #        y = sum over the programs of y_part, in program order; a NaN row where x is not finite
 #
 #    Why per-slice lists rather than one global list: a global compaction needs the survivors'
 #    count of every earlier slice (a second launch, or atomics whose order changes from run to
 #    run). Each slice's list is local, so one launch finds, compacts and gathers. The price is
 #    the partial y of every slice: 2 NS M d float32 values written and read (108 x 2304 x 8 bytes
-#    = 2 MB per token at Gemma-2 2B shapes, 6 % of the weights' 36 MB), and ~8 survivors per
-#    program (each program's row loads are short; many programs keep the memory system busy).
+#    = 2 MB per token at Gemma-2 2B shapes, 6 % of the weights' 36 MB), and ~10 survivors per
+#    program: each program's row loads are short, and on an H200 this kernel is latency-bound
+#    (a chain of dependent loads per program; notes/kernels_gpu.md).
 # ------------------------------------------------------------------------------------------
 
 
@@ -2325,7 +2326,7 @@ def _ffn_reduce_kernel(
 # The launches. Every size comes from the shapes (f, d, r, M), never from the data, so the same
 # three launches are valid for any x: a CUDA graph can replay them. Scratch, float32:
 #     p [M, f], block statistics [NB, M, 2], list [NS, FS] (int32), a [NS, M, FS], y_part [NS, M, d]
-# at Gemma-2 2B shapes and M = 1: 55 KB, 1.7 KB, 55 KB, 55 KB and 1 MB.
+# at Gemma-2 2B shapes and M = 1: 55 KB, 0.9 KB, 55 KB, 55 KB and 1 MB.
 def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     """The three kernels on X [M, d] (M <= MAX_TOKENS, unit stride along d) into Y [M, d]."""
     M, d = X.shape
@@ -2417,8 +2418,9 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #    The radix select (as kernels_gpu's _spark_attn_thr_kernel, two bits a step): with order
 #    keys (kernels_gpu._float_of_key) the greatest key P such that at least kt scores are
 #    >= float(P) is the kt-th largest score. Per step, three candidates P | 01, P | 10, P | 11 on
-#    the next two bits are counted in one sweep (three independent sums: one round of block
-#    reductions instead of two); the search stops as soon as count(s >= float(P)) == kt.
+#    the next two bits are counted in one sweep (three independent sums, against the two sweeps
+#    of two one-bit steps); the search stops as soon as count(s >= float(P)) == kt. On an H200
+#    each step costs about 1 us, mostly those block-wide sums (notes/kernels_gpu.md).
 #        P = 0; n_ge = n
 #        for step in 0 .. 15 while n_ge != kt:
 #            for c in (P|11, P|10, P|01) << (30 - 2 step): cnt_c = count(s >= float(c))
