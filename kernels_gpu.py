@@ -2291,7 +2291,8 @@ def _ffn_sparse_kernel(
 
 # Kernel 3: y[m, cols] = sum over the NS slices of y_part[s, m, cols], the slices in order.
 # It reads 4 NS M d bytes (1 MB per token at Gemma-2 2B shapes) and writes y. Many narrow
-# programs (BK columns each), each loading all its partials at once: one round trip, not NS / SB.
+# programs (BK columns each), each loading its partials SB at a time (all of them at Gemma-2 2B
+# shapes, NS = 108: one round trip).
 # A token whose x holds NaN or +-inf gets a NaN row (the reference's); each program checks the
 # token's whole x (d values from L2) in the same round trip.
 @jit
