@@ -1453,14 +1453,13 @@ def spark_attention_gpu(q, k, v, k_top, r):
 #    the fastest for its own rows) and argument checks
 # ------------------------------------------------------------------------------------------
 
-# Producer: BM rows x `tile` columns of the gate per program, BK of d per step. Each program
-# reads BM (d) of x and (d) tile of Wg for 2 BM tile d FLOPs: a larger BM reads Wg (from L2)
-# fewer times, but the epilogue holds several [BM, tile] tensors at once (the accumulator, the
-# bf16 bits, the cumsum and the scatter's addresses). Compiled for sm_90 (triton 3.9), at tile
-# 256 it needs all 255 registers and spills ~400 bytes per thread at BM = 64 with 8 warps (~1.6
-# KB at BM = 128, none at BM = 16 with 4 warps); the cumsum runs in a layout spread across all the
-# warps. bench_twell times the candidates.
-PRODUCE_CFG = dict(BM=64, BK=64, num_warps=8, num_stages=3)
+# Producer: BM rows x `tile` columns of the gate per matmul tile, BK of d per step, one
+# persistent program per SM (PRODUCE_PROGRAMS on the CPU, so that the interpreter's programs loop
+# over several tiles too); RB rows packed at a time. BM = 128 reads Wg (from L2) half as often as
+# BM = 64: on an H200 the matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64 (section
+# 6c says where the rest goes). bench_twell times the candidates.
+PRODUCE_PROGRAMS = 2
+PRODUCE_CFG = dict(BM=128, BK=64, RB=32, num_warps=8, num_stages=4)
 # Consumer: E entries at once, each a [E, BD] tile of Wu rows and one of Wd rows.
 CONSUME_CFG = dict(E=4, num_warps=4)
 CONSUME_NTB_MAX = 64  # count words a consumer program reads at once (more tiles: a loop over chunks)
@@ -1583,24 +1582,36 @@ def _dot_tile(
 # ------------------------------------------------------------------------------------------
 # 6c. The producer: gate matmul with a TwELL epilogue
 #
-# One program per (tile t, block of BM rows); the grid runs the tiles fastest, so the nT
-# programs of one row block run side by side and x's block is read from memory once (then from
-# L2), while all of Wg (d f bf16, 23 MB at d 2048, f 5632) stays in L2.
+# A persistent kernel: one program per SM walks the (row block, tile) pairs, tiles fastest, so
+# the programs running side by side share x's row block (read from memory once, then from L2)
+# while all of Wg (d f bf16, 23 MB at d 2048, f 5632) stays in L2. Each program owns a scratch
+# of BM x tile int16 (64 KB; 8.7 MB for 132 SMs), reused for every tile, so it stays in L2 too.
 #
-#     acc = x[rows] @ Wg[:, t tile : (t + 1) tile]           # [BM, tile] float32
-#     bits = bf16 bits of relu(acc), in the high half         # 0 where the gate is 0
-#     nz = bits != 0;  pos = cumsum(nz) along the tile        # the k-th nonzero has pos k: its word
-#     count = sum(nz);  over = count > W - 1 or a NaN / +inf gate
-#     word = column | bits   (| NaN bits instead, in an overflowing slot)
-#     packed[row, t W + pos] = word     where nz and pos <= W - 1       (a scatter)
-#     packed[row, t W] = min(count, W - 1);  packed[row, t W + k] = 0 for k > count
-#     overflowing rows: flag[row] = 1
+#     for each (row block, tile t) of this program:
+#         acc = x[rows] @ Wg[:, t tile : (t + 1) tile]       # [BM, tile] float32, tensor cores
+#         scr = bf16 bits of relu(acc)                        # int16; NaN gate -> 0x7FC0, +inf -> 0x7F81
+#         for each chunk of RB rows of scr:                   # re-read: a row's columns in one warp
+#             nz = scr != 0 (a NaN gate is not an entry)
+#             pos = cumsum(nz) along the tile                 # the k-th nonzero has pos k: its word
+#             count = sum(nz);  over = count > W - 1 or a NaN / +inf gate
+#             word = column | bits << 16   (| NaN bits instead, in an overflowing slot)
+#             packed[row, t W + pos] = word     where nz and pos <= W - 1       (a scatter)
+#             packed[row, t W] = min(count, W - 1);  packed[row, t W + k] = 0 for k > count
+#             overflowing rows: flag[row] = 1
 # The two stores touch disjoint words (1..n, and 0 with n+1..W-1), so no ordering between them
 # is needed and the packed tensor needs no zeroing first: every word is written exactly once.
 #
+# Why the scratch. The first version packed the accumulator where it lay, in the tensor cores'
+# register layout: Triton then moved [BM, tile] tensors through shared memory twice (for the
+# cumsum, which wants a row's columns close together, and for the scattered store) and spilled
+# registers; it took 8.8 ms where the matmul alone takes 4.5 ms (NVIDIA H200). Through the
+# scratch: 7.9 ms, of which writing the bits and reading them back cost 1.0 ms, the cumsum
+# 0.6 ms and the scattered stores 1.8 ms (Triton still moves their addresses, values and masks
+# into a one-column-per-thread layout first). Steps and variants measured in notes/twell.md.
+#
 # Bytes at M = 131072, d 2048, f 5632, tile 256, C 8: x read once (537 MB), Wg from L2, packed
-# written (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g). FLOPs 2 M d f = 3.0e12, a third
-# of the dense FFN's.
+# written (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g); the scratch moves 2 x 1476 MB
+# through L2. FLOPs 2 M d f = 3.0e12, a third of the dense FFN's.
 # ------------------------------------------------------------------------------------------
 
 
@@ -1612,44 +1623,61 @@ def _twell_produce_kernel(
     Stat,  # pointer to int32 [M + 3], zeroed: [0, M) per-row overflow flags (set here), [M]
     #        overflowing rows (the consumer's count), [M + 1] tiles with a NaN or +inf gate (here),
     #        [M + 2] the ok word (the last kernel's)
+    Scr,  # pointer to the scratch [programs, BM TILE] int16; program p owns row p
     M,  # number of rows
     d,  # model width (the summed length)
     f,  # FFN width (columns of Wg)
     stride_xm,  # elements from one row of x to the next
     NAN_WORD,  # spark.BF16_NAN << 16: the high half of an overflowing slot's entries
+    n_tiles,  # (row blocks) x NT
     TILE: tl.constexpr,  # columns per tile = the matmul's output tile width
     W: tl.constexpr,  # words per slot, TILE / C
     NT: tl.constexpr,  # tiles per row: packed's row is NT W words
-    BM: tl.constexpr,  # rows per program
+    BM: tl.constexpr,  # rows per matmul tile
     BK: tl.constexpr,  # entries of d per matmul step
+    RB: tl.constexpr,  # rows packed at a time
     WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
 ):
-    t = tl.program_id(0) % NT  # the tile (fastest: see above)
-    rows = (tl.program_id(0) // NT) * BM + tl.arange(0, BM)  # [BM]
-    rmask = rows < M
-    rows = rows.to(tl.int64)  # so that row * stride cannot overflow
-    cols = t * TILE + tl.arange(0, TILE)  # [TILE] global columns of this tile
-    cmask = cols < f  # the last tile is narrower when f % TILE != 0
-    acc = _dot_tile(X, Wg, rows, rmask, cols, cmask, d, stride_xm, f, 1, BM, TILE, BK, WIDEN)  # [BM, TILE] float32
-    # padded rows and columns read zeros, so their acc is 0: never stored, never counted
-    bad = (acc != acc) | (acc > 3.4028234663852886e38)  # NaN or +inf gate (above the largest float32)
-    # relu, then the bf16 bits of g in the high half (0 for g = 0 and for what rounds to 0)
-    bits = _bf16_bits(tl.where(acc > 0, acc, 0.0))  # [BM, TILE] int32
-    nz = (bits != 0).to(tl.int32)
-    pos = tl.cumsum(nz, axis=1)  # [BM, TILE] the k-th nonzero of the tile has pos k
-    count = tl.sum(nz, axis=1)  # [BM]
-    over = (count > W - 1) | (tl.sum(bad.to(tl.int32), axis=1) > 0)  # [BM] slot cannot hold the tile
-    # word = j | bf16 << 16: global column j in the low half (< 65536), the value's bits above
-    word = cols[None, :] | tl.where(over[:, None], NAN_WORD, bits)  # [BM, TILE]
-    slot = Packed + rows[:, None] * (NT * W) + t * W  # [BM, 1] word 0 of each row's slot
-    tl.store(slot + pos, word, mask=rmask[:, None] & (nz != 0) & (pos < W))  # words 1..min(count, W - 1)
-    n = tl.minimum(count, W - 1)[:, None]  # [BM, 1] the count word, never above the capacity
-    k = tl.arange(0, W)[None, :]  # [1, W]
-    tl.store(slot + k, tl.where(k == 0, n, 0), mask=rmask[:, None] & ((k == 0) | (k > n)))  # word 0 and the tail
-    # the row's flag: every tile program that overflows writes the same 1 (no race on the value)
-    tl.store(Stat + rows, tl.full((BM,), 1, tl.int32), mask=rmask & over)
-    n_bad = tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)  # NaN / +inf gates of this tile
-    tl.atomic_add(Stat + M + 1, n_bad, mask=n_bad > 0)  # one scalar atomic, only when there are any
+    pid = tl.program_id(0)
+    scr = Scr + pid.to(tl.int64) * (BM * TILE)  # this program's scratch
+    r_loc, c_loc = tl.arange(0, BM), tl.arange(0, TILE)
+    for tile_id in range(pid, n_tiles, tl.num_programs(0)):
+        t = tile_id % NT  # the tile (fastest)
+        row0 = (tile_id // NT) * BM
+        rows = row0 + r_loc  # [BM]
+        cols = t * TILE + c_loc  # [TILE] global columns of this tile (the last one is narrower when f % TILE != 0)
+        acc = _dot_tile(X, Wg, rows.to(tl.int64), rows < M, cols, cols < f, d, stride_xm, f, 1, BM, TILE, BK, WIDEN)
+        # padded rows and columns read zeros, so their acc is 0: never stored, never counted.
+        # v = bf16 bits of relu(acc) (0 for g = 0 and for what rounds to 0); a NaN gate is marked
+        # 0x7FC0 (not an entry), a +inf gate 0x7F81 (an entry); both make the tile bad. A finite
+        # acc never gives more than 0x7F80 (bf16 inf, for what rounds up to it).
+        v = _bf16_bits(tl.where(acc > 0, acc, 0.0)) >> 16
+        v = tl.where(acc != acc, 0x7FC0, tl.where(acc > 3.4028234663852886e38, 0x7F81, v))
+        tl.store(scr + r_loc[:, None] * TILE + c_loc[None, :], v.to(tl.int16))
+        tl.debug_barrier()  # the chunks below read what other threads wrote
+        for r0 in range(0, BM, RB):
+            rl = r0 + tl.arange(0, RB)  # [RB] rows of the scratch
+            rr = row0 + rl  # [RB] rows of x
+            rm = rr < M
+            vv = tl.load(scr + rl[:, None] * TILE + c_loc[None, :]).to(tl.int32)  # [RB, TILE]
+            bad = vv > 0x7F80
+            nz = ((vv != 0) & (vv != 0x7FC0)).to(tl.int32)
+            pos = tl.cumsum(nz, axis=1)  # [RB, TILE] the k-th nonzero of the tile has pos k
+            count = tl.sum(nz, axis=1)  # [RB]
+            n_bad = tl.sum(bad.to(tl.int32), axis=1)  # [RB] NaN / +inf gates
+            over = (count > W - 1) | (n_bad > 0)  # [RB] the slot cannot hold the tile
+            # word = j | bf16 << 16: global column j in the low half (< 65536), the value's bits above
+            word = cols[None, :] | tl.where(over[:, None], NAN_WORD, vv << 16)  # [RB, TILE]
+            slot = Packed + rr.to(tl.int64)[:, None] * (NT * W) + t * W  # [RB, 1] word 0 of each row's slot
+            tl.store(slot + pos, word, mask=rm[:, None] & (nz != 0) & (pos < W))  # words 1..min(count, W - 1)
+            n = tl.minimum(count, W - 1)[:, None]  # [RB, 1] the count word, never above the capacity
+            k = tl.arange(0, W)[None, :]  # [1, W]
+            tl.store(slot + k, tl.where(k == 0, n, 0), mask=rm[:, None] & ((k == 0) | (k > n)))  # word 0 and the tail
+            # the row's flag: every tile that overflows writes the same 1 (no race on the value)
+            tl.store(Stat + rr, tl.full((RB,), 1, tl.int32), mask=rm & over)
+            n_bad = tl.sum(tl.where(rm, n_bad, 0), axis=0)
+            tl.atomic_add(Stat + M + 1, n_bad, mask=n_bad > 0)  # one scalar atomic, only when there are any
+        tl.debug_barrier()  # the next tile overwrites the scratch
 
 
 def _produce(xs, Wg, tile, C):
@@ -1657,13 +1685,16 @@ def _produce(xs, Wg, tile, C):
     -> packed int32 [M, nT W], stat int32 [M + 3] (see the kernel's arguments)"""
     (M, d), f = xs.shape, Wg.shape[1]
     nT, W = _check_tile(f, tile, C)
-    packed = torch.empty(M, nT * W, dtype=torch.int32, device=xs.device)  # every word written by the kernel
-    stat = torch.zeros(M + 3, dtype=torch.int32, device=xs.device)
     cfg = dict(PRODUCE_CFG)
     BM = cfg.pop("BM")
-    grid = (nT * triton.cdiv(M, BM),)  # program i: tile i % nT of row block i // nT (tiles fastest)
-    _twell_produce_kernel[grid](xs, Wg, packed, stat, M, d, f, xs.stride(0), NAN_WORD,
-                                TILE=tile, W=W, NT=nT, BM=BM, WIDEN=xs.device.type != "cuda", **cfg)
+    n_tiles = nT * triton.cdiv(M, BM)
+    on_gpu = xs.device.type == "cuda"
+    programs = min(n_tiles, torch.cuda.get_device_properties(xs.device).multi_processor_count if on_gpu else PRODUCE_PROGRAMS)
+    packed = torch.empty(M, nT * W, dtype=torch.int32, device=xs.device)  # every word written by the kernel
+    stat = torch.zeros(M + 3, dtype=torch.int32, device=xs.device)
+    scr = torch.empty(programs, BM * tile, dtype=torch.int16, device=xs.device)
+    _twell_produce_kernel[(programs,)](xs, Wg, packed, stat, scr, M, d, f, xs.stride(0), NAN_WORD, n_tiles,
+                                       TILE=tile, W=W, NT=nT, BM=BM, WIDEN=not on_gpu, **cfg)
     return packed, stat
 
 
@@ -3591,8 +3622,8 @@ def bench_twell(quick=False, tune=True):
             if zeros == 0.995 and C == 8:
                 _count_histogram(counts, f)
                 if tune and not quick:
-                    _tune("producer", PRODUCE_CFG, [dict(BM=bm, num_warps=w, num_stages=s) for bm in (32, 64, 128)
-                                                    for w in (4, 8) for s in (3, 4)], lambda: twell_gate_pack_gpu(x, Wg))
+                    _tune("producer", PRODUCE_CFG, [dict(RB=rb) for rb in (16, 32, 64)],
+                          lambda: twell_gate_pack_gpu(x, Wg))
                     _tune("consumer", CONSUME_CFG, [dict(E=e, num_warps=w) for e in (2, 4, 8) for w in (2, 4, 8)], run)
             _check_ffn(f"twell_ffn_gpu zeros {zeros} C {C}", run(), x, Wg, Wu, Wd)
             torch.cuda.synchronize()  # a failed device-side check would surface here, before any timing
