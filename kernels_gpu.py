@@ -2124,12 +2124,12 @@ def _shapes(**tensors):
 #        theta from the NB block statistics (Chan, Golub and LeVeque's merge, centred on block
 #            0's mean: every program computes the same bits, in the same order)
 #        keep_j = any token with p_j > theta                  # the union mask over this slice
-#        pos = cumsum(keep) - 1; list[pos] = j                # compaction, no sort; a global
-#                                                             # scratch the program reads back
-#        for E listed neurons at a time:                      # phase 1: ~8 % of K2t's rows
-#            u = X[:, r:] @ K2t[list]^T;  a = gelu(max(p - theta, 0)) * u      -> scratch
-#        for each chunk of d:                                 # phase 2: ~8 % of V's rows
-#            y_part[:, chunk] = sum over the list of a V[list, chunk]
+#        pos = cumsum(keep) - 1; list[pos] = j                # compaction, no sort, in registers
+#        for E listed neurons at a time (usually one step):
+#            u = X[:, r:] @ K2t[list]^T                       # phase 1: ~8 % of K2t's rows
+#            a = gelu(max(p[list] - theta, 0)) * u
+#            for each chunk of d:                             # phase 2: ~8 % of V's rows
+#                y_part[:, chunk] += a V[list, chunk]
 #    _ffn_reduce_kernel (one program per FFN_RB columns and token):
 #        y = sum over the programs of y_part, in program order; a NaN row where x is not finite
 #
@@ -2230,10 +2230,10 @@ def _ffn_theta(Part, rows, rmask, M, q, F: tl.constexpr, BF: tl.constexpr, NB: t
     return mean + q * tl.sqrt(m2 / F)
 
 
-# Kernel 2 (the section's pseudo-code), one program per slice of FS neurons. Both phases walk
-# the program's own list, so the rows it reads are its survivors only: the loads of a row with
-# no survivor are never issued. The scratch a and the list stay in L1/L2 (written and read by
-# this program: a barrier between, so that every thread sees what the others wrote).
+# Kernel 2 (the section's pseudo-code), one program per slice of FS neurons. The rows it reads
+# are its survivors only: the loads of a row with no survivor are never issued. The list and
+# the activations stay in registers: on an H200 this kernel is a chain of dependent loads, and
+# every trip through memory (a scratch written, a barrier, read back) adds ~1 us to the chain.
 @jit
 def _ffn_sparse_kernel(
     X,  # pointer to x [M, d]; token m at X + m * stride_xm, entries contiguous
@@ -2241,8 +2241,6 @@ def _ffn_sparse_kernel(
     V,  # pointer to V [f, d], contiguous: neuron j's row at V + j * D
     P,  # pointer to p [M, f] float32 (kernel 1)
     Part,  # pointer to the block statistics [NB, M, 2] float32 (kernel 1)
-    Idx,  # pointer to the list scratch [NS, FS] int32 (this program's row, written then read)
-    Ascr,  # pointer to the activation scratch [NS, M, FS] float32 (written then read)
     Ypart,  # pointer to the partial outputs [NS, M, d] float32, contiguous (written)
     stride_xm,  # elements from one token of x to the next
     M,  # tokens
@@ -2265,7 +2263,7 @@ def _ffn_sparse_kernel(
     rows = tl.arange(0, MP)
     rmask = rows < M
     theta = _ffn_theta(Part, rows, rmask, M, q, F, BF, NB, NBC)  # [MP] (NaN when x[:r] is not finite: no survivors)
-    # this program's survivors: the union over tokens of p_j > theta, compacted with a cumsum
+    # this program's survivors: the union over tokens of p_j > theta, numbered with a cumsum
     j = pid * FS + tl.arange(0, FS)  # [FS] neurons
     inside = rmask[:, None] & (j < F)[None, :]
     p = tl.load(P + rows[:, None] * F + j[None, :], mask=inside, other=0.0)  # [MP, FS]
@@ -2274,21 +2272,20 @@ def _ffn_sparse_kernel(
     else:
         keep = inside & (p > theta[:, None])
     union = tl.max(keep.to(tl.int32), axis=0)  # [FS] 1 where any token keeps neuron j
-    pos = tl.cumsum(union, axis=0) - 1  # [FS] its place in the list
-    n_loc = tl.sum(union, axis=0)  # list length
-    tl.store(Idx + pid * FS + pos, j, mask=union > 0)
-    tl.debug_barrier()  # the list is read back by other threads of this program
-    # phase 1: a = gelu(t) * u for the listed neurons, E at a time
-    for e0 in range(0, n_loc, E):
+    pos = tl.where(union > 0, tl.cumsum(union, axis=0) - 1, -1)  # [FS] its place in the list (-1: not listed)
+    n_loc = tl.sum(union, axis=0)  # list length (~10 at 8 % of FS = 128: one step of E)
+    # E listed neurons at a time (at least one step, so that y_part is written even with none)
+    for e0 in range(0, tl.maximum(n_loc, 1), E):
         e = e0 + tl.arange(0, E)  # [E] list positions
         em = e < n_loc
-        jj = tl.load(Idx + pid * FS + e, mask=em, other=0)  # [E] neurons
-        u = tl.zeros((MP, E), tl.float32)
+        # jj[e] = the neuron listed at e: the compaction as a sum over the slice (no scratch)
+        jj = tl.sum(tl.where(pos[None, :] == e[:, None], j[None, :], 0), axis=1)  # [E]
+        # phase 1: u = x[:, r:] K2t[jj]^T, one chunk of d - r at a time (only the listed rows of K2t are read)
         # (a loop, not unrolled: unrolled, the compiler hoists every chunk of x[r:] out of the
         # list loop and keeps them all in registers, 255 registers and spills at d - r = 1280)
+        u = tl.zeros((MP, E), tl.float32)
         for k0 in range(0, D2, BK):
             kk = k0 + tl.arange(0, BK)
-            # u += x[:, r + kk] K2t[jj, kk]^T      (only the listed rows of K2t are read)
             x2 = tl.load(X + rows[:, None] * stride_xm + R + kk[None, :], mask=rmask[:, None] & (kk < D2)[None, :],
                          other=0.0)
             w = tl.load(K2t + jj.to(tl.int64)[:, None] * D2 + kk[None, :], mask=em[:, None] & (kk < D2)[None, :],
@@ -2301,23 +2298,17 @@ def _ffn_sparse_kernel(
         else:
             t = tl.where(pj > theta[:, None], pj - theta[:, None], 0.0)
         g, _ = _gelu_tanh(t)
-        # a = gelu(t) * u
-        tl.store(Ascr + (pid * M + rows[:, None]) * FS + e[None, :], g * u, mask=rmask[:, None] & em[None, :])
-    tl.debug_barrier()  # a is read back by other threads
-    # phase 2: y_part = sum over the list of a V[list], one chunk of d at a time
-    for d0 in range(0, D, BK):
-        dd = d0 + tl.arange(0, BK)
-        acc = tl.zeros((MP, BK), tl.float32)
-        for e0 in range(0, n_loc, E):
-            e = e0 + tl.arange(0, E)
-            em = e < n_loc
-            jj = tl.load(Idx + pid * FS + e, mask=em, other=0)
-            a = tl.load(Ascr + (pid * M + rows[:, None]) * FS + e[None, :], mask=rmask[:, None] & em[None, :], other=0.0)
+        a = (g * u).to(V.dtype.element_ty)  # [MP, E] rounded to V's dtype for the tensor cores, as the dense bf16 FFN rounds h
+        # phase 2: y_part += a V[jj], one chunk of d at a time (only the listed rows of V are read;
+        # after the first step of E, y_part is read back and added to: one program owns its row)
+        for d0 in range(0, D, BK):
+            dd = d0 + tl.arange(0, BK)
+            ymask = rmask[:, None] & (dd < D)[None, :]
+            y_ptr = Ypart + (pid * M + rows[:, None]) * D + dd[None, :]
             vt = tl.load(V + jj.to(tl.int64)[:, None] * D + dd[None, :], mask=em[:, None] & (dd < D)[None, :],
-                         other=0.0)  # [E, BK]: only the listed rows of V are read
-            # acc += a V   (a rounded to V's dtype for the tensor cores, as the dense bf16 FFN rounds h)
-            acc = _dot(a.to(vt.dtype), vt, acc, PREC)
-        tl.store(Ypart + (pid * M + rows[:, None]) * D + dd[None, :], acc, mask=rmask[:, None] & (dd < D)[None, :])
+                         other=0.0)  # [E, BK]
+            acc = tl.load(y_ptr, mask=ymask & (e0 > 0), other=0.0)  # [MP, BK] (no load in the first step)
+            tl.store(y_ptr, _dot(a, vt, acc, PREC), mask=ymask)
 
 
 # Kernel 3: y[m, cols] = sum over the NS slices of y_part[s, m, cols], the slices in order.
@@ -2357,8 +2348,8 @@ def _ffn_reduce_kernel(
 
 # The launches. Every size comes from the shapes (f, d, r, M), never from the data, so the same
 # three launches are valid for any x: a CUDA graph can replay them. Scratch, float32:
-#     p [M, f], block statistics [NB, M, 2], list [NS, FS] (int32), a [NS, M, FS], y_part [NS, M, d]
-# at Gemma-2 2B shapes and M = 1: 55 KB, 0.9 KB, 55 KB, 55 KB and 1 MB.
+#     p [M, f], block statistics [NB, M, 2], y_part [NS, M, d]
+# at Gemma-2 2B shapes and M = 1: 55 KB, 0.9 KB and 1 MB.
 def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     """The three kernels on X [M, d] (M <= MAX_TOKENS, unit stride along d) into Y [M, d]."""
     M, d = X.shape
@@ -2371,14 +2362,12 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     BK = min(FFN_BK, _pad16(d))
     P = torch.empty(M, f, dtype=f32, device=dev)
     part = torch.empty(NB, M, 2, dtype=f32, device=dev)
-    idx = torch.empty(NS, FS, dtype=torch.int32, device=dev)
-    ascr = torch.empty(NS, M, FS, dtype=f32, device=dev)
     ypart = torch.empty(NS, M, d, dtype=f32, device=dev)
     prec = _precision(X)
     _ffn_predict_kernel[(NB,)](X, K1, P, part, X.stride(0), M, F=f, R=r, MP=16, BF=FFN_BF, BR=BR, PREC=prec, num_warps=4,
                                num_stages=4)
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
-    _ffn_sparse_kernel[(NS,)](X, K2t, V, P, part, idx, ascr, ypart, X.stride(0), M, q, F=f, D=d, R=r, MP=16,
+    _ffn_sparse_kernel[(NS,)](X, K2t, V, P, part, ypart, X.stride(0), M, q, F=f, D=d, R=r, MP=16,
                               BF=FFN_BF, NB=NB, NBC=min(256, triton.next_power_of_2(NB)), FS=FS, E=FFN_E,
                               BK=BK, ALL=k == f, PREC=prec, num_warps=FFN_WARPS)
     _ffn_reduce_kernel[(triton.cdiv(d, FFN_RB), M)](ypart, X, Y, X.stride(0), M, NS, D=d, DP=triton.next_power_of_2(d),
