@@ -1656,10 +1656,11 @@ def _twell_produce_kernel(
         tl.store(scr + r_loc[:, None] * TILE + c_loc[None, :], v.to(tl.int16))
         tl.debug_barrier()  # the chunks below read what other threads wrote
         for r0 in range(0, BM, RB):
-            rl = r0 + tl.arange(0, RB)  # [RB] rows of the scratch
-            rr = row0 + rl  # [RB] rows of x
+            # (written exactly so: sharing one [RB] range between the two lines below changed the
+            # compiled code and cost 20 % on an H200 at RB = 32)
+            rr = row0 + r0 + tl.arange(0, RB)  # [RB] rows of x
             rm = rr < M
-            vv = tl.load(scr + rl[:, None] * TILE + c_loc[None, :]).to(tl.int32)  # [RB, TILE]
+            vv = tl.load(scr + (r0 + tl.arange(0, RB))[:, None] * TILE + c_loc[None, :]).to(tl.int32)  # [RB, TILE]
             bad = vv > 0x7F80
             nz = ((vv != 0) & (vv != 0x7FC0)).to(tl.int32)
             pos = tl.cumsum(nz, axis=1)  # [RB, TILE] the k-th nonzero of the tile has pos k
@@ -1686,7 +1687,9 @@ def _produce(xs, Wg, tile, C):
     (M, d), f = xs.shape, Wg.shape[1]
     nT, W = _check_tile(f, tile, C)
     cfg = dict(PRODUCE_CFG)
-    BM = cfg.pop("BM")
+    # few rows (decoding): a tile no taller than needed, so the 22 or so programs waste no work
+    BM = min(cfg.pop("BM"), max(16, triton.next_power_of_2(M)))
+    cfg["RB"] = min(cfg["RB"], BM)
     n_tiles = nT * triton.cdiv(M, BM)
     on_gpu = xs.device.type == "cuda"
     programs = min(n_tiles, torch.cuda.get_device_properties(xs.device).multi_processor_count if on_gpu else PRODUCE_PROGRAMS)
@@ -2073,8 +2076,8 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 1.37x faster than torch's dense GeGLU (byte limit 3.53x), and Spark attention is
-# slower than dense flash-decoding (0.42-0.59x), its radix select costing ~1 us per step of 2 bits.
+# token is 1.69x faster than torch's dense GeGLU (byte limit 3.53x), and Spark attention is
+# slower than dense flash-decoding (0.47-0.62x), its radix select costing ~1 us per step of 2 bits.
 
 
 # ------------------------------------------------------------------------------------------
