@@ -1422,8 +1422,9 @@ def spark_attention_gpu(q, k, v, k_top, r):
 #
 # Dimension letters (spark.py's): M rows (tokens, all leading dims), d model width, f FFN width,
 # nT = ceil(f / tile) tiles per row, W = tile / C words per slot (capacity W - 1 entries), n the
-# nonzeros of a row. Tile letters: BM rows and BK of d a matmul program holds at once; E entries a
-# consumer program handles at once; BD = d rounded up to a power of two.
+# nonzeros of a row. Tile letters: BM rows and BK of d a producer's matmul tile holds at once, RB
+# rows it packs at a time; E entries a consumer program handles at once; BD = d rounded up to a
+# power of two.
 #
 # Choices
 # - bf16 in, bf16 out (x, Wg, Wu, Wd and y), float32 accumulation. Every rounding to bf16 is round
@@ -1468,7 +1469,8 @@ DENSE_CFG = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
 # Hybrid capacity when the caller gives none: 1/16 of the rows, at least 64, at most M. Its
 # cost when unused is the buffer (cap f bf16 bytes, 1/16 of dense h) and programs that exit.
 CAP_DIV, CAP_MIN = 16, 64
-MAX_TILE = 512  # the producer's accumulator is [BM, tile] float32: it must fit in registers
+MAX_TILE = 256  # the producer's [128, tile] float32 accumulator takes 128 registers a thread at 256, and its
+#                pipelined inputs 192 KB of shared memory: wider tiles would need smaller tiles of rows
 NAN_WORD = spark.BF16_NAN << 16  # an entry word of an overflowing slot: bf16 NaN in the high half
 
 
@@ -1493,7 +1495,7 @@ def _check_tile(f, tile, C):
     nT, W = spark._twell_sizes(f, tile, C)
     if not 16 <= tile <= MAX_TILE:
         raise ValueError(f"tile must be in [16, {MAX_TILE}] for the Triton producer (tl.dot needs 16 columns, "
-                         f"its [BM, tile] accumulator must fit in registers), got {tile}")
+                         f"its [128, tile] accumulator must fit in registers), got {tile}")
     return nT, W
 
 
@@ -1591,7 +1593,7 @@ def _dot_tile(
 #         acc = x[rows] @ Wg[:, t tile : (t + 1) tile]       # [BM, tile] float32, tensor cores
 #         scr = bf16 bits of relu(acc)                        # int16; NaN gate -> 0x7FC0, +inf -> 0x7F81
 #         for each chunk of RB rows of scr:                   # re-read: a row's columns in one warp
-#             nz = scr != 0 (a NaN gate is not an entry)
+#             nz = scr != 0 and scr != 0x7FC0 (a NaN gate is not an entry)
 #             pos = cumsum(nz) along the tile                 # the k-th nonzero has pos k: its word
 #             count = sum(nz);  over = count > W - 1 or a NaN / +inf gate
 #             word = column | bits << 16   (| NaN bits instead, in an overflowing slot)
@@ -1621,7 +1623,7 @@ def _twell_produce_kernel(
     Wg,  # pointer to Wg [d, f] bf16, contiguous (row k at Wg + k f)
     Packed,  # pointer to packed [M, NT W] int32 (the uint32 words' bits), contiguous; fully written here
     Stat,  # pointer to int32 [M + 3], zeroed: [0, M) per-row overflow flags (set here), [M]
-    #        overflowing rows (the consumer's count), [M + 1] tiles with a NaN or +inf gate (here),
+    #        overflowing rows (the consumer's count), [M + 1] NaN or +inf gates (counted here),
     #        [M + 2] the ok word (the last kernel's)
     Scr,  # pointer to the scratch [programs, BM TILE] int16; program p owns row p
     M,  # number of rows
@@ -1638,6 +1640,7 @@ def _twell_produce_kernel(
     RB: tl.constexpr,  # rows packed at a time
     WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
 ):
+    tl.static_assert(BM % RB == 0)  # the chunks cover the scratch exactly (its loads are not masked)
     pid = tl.program_id(0)
     scr = Scr + pid.to(tl.int64) * (BM * TILE)  # this program's scratch
     r_loc, c_loc = tl.arange(0, BM), tl.arange(0, TILE)
@@ -1687,7 +1690,7 @@ def _produce(xs, Wg, tile, C):
     (M, d), f = xs.shape, Wg.shape[1]
     nT, W = _check_tile(f, tile, C)
     cfg = dict(PRODUCE_CFG)
-    # few rows (decoding): a tile no taller than needed, so the 22 or so programs waste no work
+    # few rows (decoding): a tile no taller than needed, so that the nT programs waste no work
     BM = min(cfg.pop("BM"), max(16, triton.next_power_of_2(M)))
     cfg["RB"] = min(cfg["RB"], BM)
     n_tiles = nT * triton.cdiv(M, BM)
@@ -2244,7 +2247,8 @@ def _ffn_sparse_kernel(
     V,  # pointer to V [f, d], contiguous: neuron j's row at V + j * D
     P,  # pointer to p [M, f] float32 (kernel 1)
     Part,  # pointer to the block statistics [NB, M, 2] float32 (kernel 1)
-    Ypart,  # pointer to the partial outputs [NS, M, d] float32, contiguous (written)
+    Ypart,  # pointer to the partial outputs [NS, M, d] float32, contiguous (written; read back when the list
+    #         takes several steps)
     stride_xm,  # elements from one token of x to the next
     M,  # tokens
     q,  # Q(1 - k/f) (float32)
@@ -2312,6 +2316,7 @@ def _ffn_sparse_kernel(
                          other=0.0)  # [E, BK]
             acc = tl.load(y_ptr, mask=ymask & (e0 > 0), other=0.0)  # [MP, BK] (no load in the first step)
             tl.store(y_ptr, _dot(a, vt, acc, PREC), mask=ymask)
+        tl.debug_barrier()  # the next step reads y_part back, in other threads than those that wrote it
 
 
 # Kernel 3: y[m, cols] = sum over the NS slices of y_part[s, m, cols], the slices in order.

@@ -136,6 +136,19 @@ def test_producer_words_bit_identical(M, tile, C):
         assert not ref_over[2] and ref_over[1]
 
 
+@pytest.mark.parametrize("BM,RB", [(16, 8), (32, 32)])
+def test_producer_several_row_blocks(BM, RB, monkeypatch):
+    """Row tiles smaller than M = 37: each persistent program walks several (row block, tile) pairs,
+    reusing its scratch, and the last row block is partial. Same words and flags as spark.twell_pack."""
+    monkeypatch.setitem(tg.PRODUCE_CFG, "BM", BM)
+    monkeypatch.setitem(tg.PRODUCE_CFG, "RB", RB)
+    x, Wg, _, _ = int_problem(37)
+    packed, over = twell_gate_pack_gpu(x, Wg, 256, 8)
+    ref, ref_over = twell_pack(F.relu(x @ Wg).cpu(), 256, 8)
+    assert_close("words, several row blocks", words(packed), words(ref), 0, 0)
+    assert_close("overflow flags", over.cpu(), ref_over, 0, 0)
+
+
 def test_producer_rounds_to_nearest_even():
     """Row 3's gates are 256 + odd: exact ties between two bf16 values, rounded to the even one."""
     x, Wg, _, _ = int_problem(4)
@@ -274,8 +287,8 @@ def test_bad_input():
         twell_ffn_gpu(x, Wg, Wu, Wd, C=3)
     with pytest.raises(ValueError, match="tile must be a power of two"):
         twell_ffn_gpu(x, Wg, Wu, Wd, tile=96)
-    with pytest.raises(ValueError, match="tile must be in \\[16, 512\\]"):
-        twell_ffn_gpu(x, Wg, Wu, Wd, tile=1024)
+    with pytest.raises(ValueError, match="tile must be in \\[16, 256\\]"):
+        twell_ffn_gpu(x, Wg, Wu, Wd, tile=512)
     with pytest.raises(ValueError, match="cap must be in"):
         twell_ffn_gpu(x, Wg, Wu, Wd, cap=-1)
     big = torch.zeros(16, 65537, dtype=torch.bfloat16, device=DEVICE)  # f > 65536: a column needs 17 bits
