@@ -2770,6 +2770,27 @@ def _select_counts(s, c1, c2, c3):
     return tl.reduce((tl.where(s >= c1, 1.0, 0.0), tl.where(s >= c2, 1.0, 0.0), tl.where(s >= c3, 1.0, 0.0)), 0, _add3)
 
 
+@jit
+def _max_add_add(a0, a1, a2, b0, b1, b2):
+    return tl.maximum(a0, b0), a1 + b1, a2 + b2
+
+
+@jit
+def _key64_of_float(x):
+    """The order key of float32 x (_float_of_key's inverse) as an int64 in [0, 2^32)."""
+    b = x.to(tl.int32, bitcast=True).to(tl.int64)  # sign-extended
+    return tl.where(b < 0, b ^ -1, b | 0x80000000) & 0xFFFFFFFF
+
+
+@jit
+def _normal_quantile_upper(p):
+    """z with P(N(0, 1) > z) = p, for 0 < p < 1, to about 4.5e-4 (Abramowitz and Stegun 26.2.23):
+    only a first guess for the search, which is exact whatever the guess."""
+    t = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.minimum(p, 1.0 - p), 1e-30)))  # (p = 1 when nothing is searched)
+    z = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
+    return tl.where(p <= 0.5, z, -z)
+
+
 # Spark pass 2, one program per query head (the section's pseudo-code). Everything it reads is
 # the head's row of S (4 n bytes, just written, so in L2); everything it writes is the list of
 # kt positions and scores, the max and kt. The sweeps of the search run on registers.
@@ -2799,61 +2820,89 @@ def _spark_select_kernel(
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         s_all = tl.load(row + cols, mask=cols < n_b, other=float("-inf"))  # [BLOCK]
-    # m = max_j s_j
+    # m = max_j s_j and the sums of s_j and s_j^2 over the visible scores, in one reduction
     m = tl.full((), float("-inf"), tl.float32)
+    s1 = tl.zeros((), tl.float32)
+    s2 = tl.zeros((), tl.float32)
     for start in range(0, n_b, BLOCK):
         if ONE_BLOCK:
             s = s_all
         else:
             s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
-        m = tl.maximum(m, tl.max(s, axis=0))
-    # radix select, two bits a step (section header); padding (-inf) never decides a step
-    P = tl.full((), 0, tl.int32)
-    n_ge = n_b.to(tl.float32)  # scores >= float(P); P = 0 stands for "all visible"
-    n_open = (need & (n_ge != ktf)).to(tl.int32)
-    for step in range(16):
-        if n_open > 0:
-            lb = 30 - 2 * step  # the two bits decided now: lb + 1 and lb
-            C1 = P | (tl.full((), 1, tl.int32) << lb)
-            C2 = P | (tl.full((), 2, tl.int32) << lb)
-            C3 = P | (tl.full((), 3, tl.int32) << lb)  # (int32 shifts: 3 << 30 wraps to the sign bit, as wanted)
-            c1, c2, c3 = _float_of_key(C1), _float_of_key(C2), _float_of_key(C3)
+        sv = tl.where(start + cols < n_b, s, 0.0)
+        a0, a1, a2 = tl.reduce((s, sv, sv * sv), 0, _max_add_add)
+        m = tl.maximum(m, a0)
+        s1 += a1
+        s2 += a2
+    # the search (section header): lo, hi order keys (int64 holding 32 bits) with
+    # count(s >= float(lo)) = n_lo >= kt > count(s >= float(hi)); padding (-inf) never counts
+    nf = n_b.to(tl.float32)
+    mu = s1 / nf
+    sd = tl.sqrt(tl.maximum(s2 / nf - mu * mu, 0.0))
+    z = _normal_quantile_upper(ktf / nf)  # mean + z std: the kt-th largest of normal scores
+    lo = tl.full((), 0x007FFFFF, tl.int64)  # the key of -inf: every visible score is >= it
+    n_lo = nf
+    hi = _key64_of_float(m) + 1
+    go = need & (n_lo != ktf) & (hi - lo > 1)
+    for step in range(17):
+        if go:
+            if step == 0:
+                # the statistical guess and half a std either side (the bracket that took fewest
+                # steps in a NumPy simulation of normal, heavy-tailed, skewed and tied scores)
+                c1 = _key64_of_float(mu + sd * (z - 0.5))
+                c2 = _key64_of_float(mu + sd * z)
+                c3 = _key64_of_float(mu + sd * (z + 0.5))
+            else:  # the interval's quarter points
+                c1 = lo + (hi - lo) // 4
+                c2 = lo + (hi - lo) // 2
+                c3 = lo + (hi - lo) * 3 // 4
+            c1 = tl.minimum(tl.maximum(c1, lo + 1), hi - 1)  # strictly inside, in order
+            c2 = tl.minimum(tl.maximum(c2, c1), hi - 1)
+            c3 = tl.minimum(tl.maximum(c3, c2), hi - 1)
             n1 = tl.zeros((), tl.float32)
             n2 = tl.zeros((), tl.float32)
             n3 = tl.zeros((), tl.float32)
+            f1, f2, f3 = _float_of_key(c1.to(tl.int32)), _float_of_key(c2.to(tl.int32)), _float_of_key(c3.to(tl.int32))
             for start in range(0, n_b, BLOCK):
                 if ONE_BLOCK:
                     s = s_all
                 else:
                     s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
-                a1, a2, a3 = _select_counts(s, c1, c2, c3)
+                a1, a2, a3 = _select_counts(s, f1, f2, f3)
                 n1 += a1
                 n2 += a2
                 n3 += a3
-            # the largest candidate that still has >= kt scores at or above it (counts fall as C grows)
-            P = tl.where(n3 >= ktf, C3, tl.where(n2 >= ktf, C2, tl.where(n1 >= ktf, C1, P)))
-            n_ge = tl.where(n3 >= ktf, n3, tl.where(n2 >= ktf, n2, tl.where(n1 >= ktf, n1, n_ge)))
-            n_open = (need & (n_ge != ktf)).to(tl.int32)
-    # v = the kt-th largest visible score (without a search, t0 = -inf: v = the smallest)
-    t0 = tl.where(need, _float_of_key(P), float("-inf"))
-    v = tl.full((), float("inf"), tl.float32)
-    for start in range(0, n_b, BLOCK):
-        if ONE_BLOCK:
-            s = s_all
-        else:
-            s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
-        v = tl.minimum(v, tl.min(tl.where((s >= t0) & (start + cols < n_b), s, float("inf")), axis=0))
-    n_gt = tl.zeros((), tl.int32)
-    for start in range(0, n_b, BLOCK):
-        if ONE_BLOCK:
-            s = s_all
-        else:
-            s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
-        n_gt += tl.sum(((s > v) & (start + cols < n_b)).to(tl.int32), axis=0)
-    quota = kt - n_gt  # ties at v to keep, lowest positions first
-    # compaction: keep = s > v, or s == v within the quota; list position = running count of keeps.
-    # Two cumsums hold two more ints per score: over 32768 scores in registers that spilled, so
-    # long rows are compacted in chunks of CBLOCK, re-read once from L1 / L2.
+            # lo: the largest candidate with >= kt scores at or above it; hi: the smallest with fewer
+            n_lo = tl.where(n3 >= ktf, n3, tl.where(n2 >= ktf, n2, tl.where(n1 >= ktf, n1, n_lo)))
+            lo = tl.where(n3 >= ktf, c3, tl.where(n2 >= ktf, c2, tl.where(n1 >= ktf, c1, lo)))
+            hi = tl.where(n1 < ktf, c1, tl.where(n2 < ktf, c2, tl.where(n3 < ktf, c3, hi)))
+            go = need & (n_lo != ktf) & (hi - lo > 1)
+    # Exactly kt scores >= t0 (the usual end, or no search): keep those. Otherwise hi = lo + 1,
+    # so t0 = v is the kt-th largest value itself, held by several scores: keep s > v, then the
+    # first kt - count(s > v) of the s == v in position order.
+    t0 = tl.where(need, _float_of_key(lo.to(tl.int32)), float("-inf"))
+    exact = (n_lo == ktf) | (not need)
+    v = t0
+    quota = kt
+    if not exact:
+        v = tl.full((), float("inf"), tl.float32)
+        for start in range(0, n_b, BLOCK):
+            if ONE_BLOCK:
+                s = s_all
+            else:
+                s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+            v = tl.minimum(v, tl.min(tl.where((s >= t0) & (start + cols < n_b), s, float("inf")), axis=0))
+        n_gt = tl.zeros((), tl.int32)
+        for start in range(0, n_b, BLOCK):
+            if ONE_BLOCK:
+                s = s_all
+            else:
+                s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+            n_gt += tl.sum(((s > v) & (start + cols < n_b)).to(tl.int32), axis=0)
+        quota = kt - n_gt
+    # compaction: list position = running count of keeps. Two cumsums (ties) hold two more ints
+    # per score: over 32768 scores in registers that spilled, so long rows are compacted in
+    # chunks of CBLOCK, re-read once from L1 / L2.
     ties = tl.zeros((), tl.int32)
     kept = tl.zeros((), tl.int32)
     out = bh.to(tl.int64) * KT
@@ -2864,14 +2913,17 @@ def _spark_select_kernel(
         else:
             s = tl.load(row + start + ccols, mask=start + ccols < n_b, other=float("-inf"))
         valid = start + ccols < n_b
-        tie = valid & (s == v)
-        rank = ties + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties so far
-        keep = valid & ((s > v) | (tie & (rank <= quota)))
+        if exact:
+            keep = valid & (s >= v)
+        else:
+            tie = valid & (s == v)
+            rank = ties + tl.cumsum(tie.to(tl.int32), axis=0)  # 1-based rank among the ties so far
+            keep = valid & ((s > v) | (tie & (rank <= quota)))
+            ties += tl.sum(tie.to(tl.int32), axis=0)
         pos = kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         in_list = keep & (pos < KT)  # (always, by construction; a guard so that no bug writes past the list)
         tl.store(Idx + out + pos, start + ccols, mask=in_list)
         tl.store(Ssel + out + pos, s, mask=in_list)
-        ties += tl.sum(tie.to(tl.int32), axis=0)
         kept += tl.sum(keep.to(tl.int32), axis=0)
     tl.store(Mx + bh, m)
     # the entries listed: kt by construction (fewer only if scores were NaN, and then the gather
@@ -2953,7 +3005,14 @@ def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
     hd = q.shape[-1]
     spark._check_int("r", r, 1, hd - 1)
     spark._check_int("k_top", k_top, 1)
-    B, H, Hkv, n, hd = _check_decode(where, q, {"k1": (k1, r), "k2": (k2, hd - r), "v": (v, hd)}, lengths)
+    _check_decode(where, q, {"k1": (k1, r), "k2": (k2, hd - r), "v": (v, hd)}, lengths)
+    return _spark_decode(q, k1, k2, v, k_top, r, lengths)
+
+
+def _spark_decode(q, k1, k2, v, k_top, r, lengths):
+    """spark_attention_decode_gpu's four kernels, arguments already checked. -> q's shape"""
+    B, H, hd = q.shape[0], q.shape[1], q.shape[-1]
+    Hkv, n = k1.shape[1], k1.shape[2]
     qv = q.reshape(B, H, hd)
     G = H // Hkv
     dev, f32 = q.device, torch.float32
@@ -3022,6 +3081,11 @@ def _ffn_kernel_gpu(ffn):
     return ffn
 
 
+def _linear(x, w, b):
+    """x [B, in] @ w [in, out] (+ b [out])."""
+    return x @ w if b is None else torch.addmm(b, x, w)
+
+
 class _GraphDecoder:
     """Static buffers of one model at batch B, and (with graph=True) the CUDA graph of one step."""
 
@@ -3036,7 +3100,15 @@ class _GraphDecoder:
             # [B, Hkv, block_size, width] per cached part, zero beyond what prefill and steps write
             bufs = {name: torch.zeros(B, att.Hkv, c.block_size, wd, dtype=w.dtype, device=w.device)
                     for name, wd in widths.items()}
-            self.layers.append({"blk": blk, "spark": is_spark, "ffn": _ffn_kernel_gpu(blk.ffn), **bufs})
+            # The attention projections as [in, out] matrices, q, k and v side by side: one GEMV instead
+            # of three, and the layout cuBLAS reads at full speed for one token (through nn.Linear's
+            # [out, in] weights an H200 ran these four GEMVs at ~0.8 TB/s: 37 of a dense layer's ~140 us).
+            # The price: a second copy of these weights (H hd + Hkv hd) 2 d values per layer.
+            lins = (att.q_proj, att.k_proj, att.v_proj)
+            proj = {"w_qkv": torch.cat([m.weight for m in lins]).t().contiguous(),  # [d, (H + 2 Hkv) hd]
+                    "b_qkv": None if att.q_proj.bias is None else torch.cat([m.bias for m in lins]),
+                    "w_o": att.o_proj.weight.t().contiguous(), "b_o": att.o_proj.bias}  # [H hd, d]
+            self.layers.append({"blk": blk, "spark": is_spark, "ffn": _ffn_kernel_gpu(blk.ffn), **proj, **bufs})
         self.tok = torch.zeros(B, dtype=torch.long, device=w.device)  # [B] the new token
         self.pos = torch.zeros(1, dtype=torch.long, device=w.device)  # [1] its position n
         self.lengths = torch.ones(B, dtype=torch.int32, device=w.device)  # [B] n + 1 visible tokens
@@ -3065,23 +3137,26 @@ class _GraphDecoder:
         x = model.wte(self.tok) + model.wpe(self.pos)  # [B, d]
         for layer in self.layers:
             blk, att = layer["blk"], layer["blk"].attn
-            h = blk.ln_1(x)  # [B, d]
-            q = att.q_proj(h).view(B, att.H, att.hd)  # [B, H, hd]
-            k, v = att.k_proj(h).view(B, att.Hkv, 1, att.hd), att.v_proj(h).view(B, att.Hkv, 1, att.hd)
+            qkv = _linear(blk.ln_1(x), layer["w_qkv"], layer["b_qkv"])  # [B, (H + 2 Hkv) hd]
+            q, k, v = qkv.split([att.H * att.hd, att.Hkv * att.hd, att.Hkv * att.hd], dim=1)
+            q, k, v = q.view(B, att.H, att.hd), k.view(B, att.Hkv, 1, att.hd), v.view(B, att.Hkv, 1, att.hd)
             for name, t in self._parts(layer, k, v).items():
                 layer[name].index_copy_(2, self.pos, t)  # the new token's row at position n, in place
+            # the kernels without their argument checks: these are the decoder's own buffers, and
+            # the device-side check of lengths would add four small kernels to every layer
             if layer["spark"]:
-                o = spark_attention_decode_gpu(q, layer["k1"], layer["k2"], layer["v"], att.k_top, att.r,
-                                               lengths=self.lengths)
+                o = _spark_decode(q, layer["k1"], layer["k2"], layer["v"], att.k_top, att.r, self.lengths)
             else:
-                o = attention_decode_gpu(q, layer["k"], layer["v"], lengths=self.lengths)  # [B, H, hd]
-            x = x + att.o_proj(o.reshape(B, -1))  # [B, d]
+                o = _flash_decode(q, layer["k"], layer["v"], self.lengths, None)  # [B, H, hd]
+            x = x + _linear(o.reshape(B, -1), layer["w_o"], layer["b_o"])  # [B, d]
             x = x + layer["ffn"](blk.ln_2(x))  # [B, d]
         return model.ln_f(x) @ model.wte.weight.T  # [B, V]
 
     @torch.no_grad()  # (also when called directly, as the benchmark does: nothing for autograd to record)
     def step(self, tok, n):
         """tok [B, 1] at position n (n tokens cached). -> logits [B, V] (a fresh tensor)"""
+        if not 0 <= n < self.model.config.block_size:  # (the kernels' lengths are not checked on the device)
+            raise ValueError(f"step: position n must be in [0, block_size = {self.model.config.block_size}), got {n}")
         # the step's inputs go into the static tensors the graph reads (three small device writes;
         # the host never waits for the GPU)
         self.tok.copy_(tok[:, 0])

@@ -285,6 +285,41 @@ def test_spark_attention_decode_adjacent_floats():
     assert_close("out", out, spark.spark_attention_np(q.numpy(), k.numpy(), v.numpy(), k_top, r), 1e-5, 1e-5)
 
 
+# Score shapes the select's statistical first guess gets wrong (its bracket of mean + z std misses
+# the kt-th score), so that the search must recover from it: a few huge "sink" scores, scores
+# spread over many powers of two, one side of zero only, and kt near n (the threshold near the
+# bottom, below zero).
+def _scores_of(kind, n, gen):
+    if kind == "sinks":
+        return torch.cat([1e4 + torch.arange(4, dtype=torch.float64), torch.randn(n - 4, generator=gen, dtype=torch.float64)])
+    if kind == "powers of two":
+        signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+        return signs * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).double() + torch.rand(n, generator=gen, dtype=torch.float64))
+    if kind == "negative":
+        return -torch.rand(n, generator=gen, dtype=torch.float64) - 1.0
+    return torch.randn(n, generator=gen, dtype=torch.float64)  # "normal"
+
+
+@pytest.mark.parametrize("chunked", [None, "search"])
+@pytest.mark.parametrize("kind,n,k_top", [("sinks", 300, 40), ("powers of two", 300, 40), ("negative", 300, 40),
+                                          ("normal", 300, 280), ("powers of two", 300, 290)])
+def test_spark_attention_decode_select_any_score_shape(kind, n, k_top, chunked, monkeypatch):
+    """The select is exact whatever the scores look like: with r = 1 and q[:1] = 1 the scores are
+    the keys' first entries, drawn distinct (no ties) from shapes far from normal."""
+    chunk_select(monkeypatch, chunked)
+    hd, r = 8, 1
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 1, n, hd, generator=gen, dtype=torch.float64)
+    k[0, 0, :, 0] = _scores_of(kind, n, gen).float().double()  # exact in float32
+    assert len(torch.unique(k[0, 0, :, 0])) == n, "distinct scores"
+    v = torch.randn(1, 1, n, hd, generator=gen, dtype=torch.float64)
+    q = torch.randn(1, 1, 1, hd, generator=gen, dtype=torch.float64)
+    q[..., 0] = 1.0
+    q32, k32, v32 = (t.float().to(DEVICE) for t in (q, k, v))
+    out = dg.spark_attention_decode_gpu(q32, *dg.prepare_spark_kv_gpu(k32, v32, r), k_top, r)
+    assert_close("out", out, spark.spark_attention_np(q.numpy(), k.numpy(), v.numpy(), k_top, r), 1e-5, 1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
 def test_spark_attention_decode_nan_query():
     """A query head holding NaN has NaN scores: its output is NaN, no list entry of it is read
