@@ -142,6 +142,37 @@ def test_all_scores_tied_keeps_every_visible_key():
     assert int(kept) == B * H * T * (T + 1) // 2
 
 
+# (future keys' scores, above the row's max, overflow exp(s - m) in lanes tl.where then drops;
+# the interpreter's NumPy warns about them)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("kind", ["sinks", "powers of two", "negative"])
+def test_threshold_any_score_shape(kind):
+    """The threshold search starts from a statistical guess (mean + z std of each row's scores);
+    it must stay exact when that guess is far off. r = 1 and q[:1] = 1 make row i's scores the
+    first entries of keys 0 .. i: four huge "sink" keys first, magnitudes over 80 powers of two,
+    or all negative (distinct values, so the kept counts are exact too)."""
+    B, H, Hkv, T, hd, r, k_top = 1, 2, 1, 70, 8, 1, 16
+    q, k, v = make_qkv(B, H, Hkv, T, hd, torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    if kind == "sinks":
+        # the std is dominated by the sinks, so mean + z std lands far above the kt-th score
+        first = torch.cat([1e4 + torch.arange(4.0, dtype=torch.float64), torch.randn(T - 4, generator=gen, dtype=torch.float64)])
+    elif kind == "powers of two":
+        # random signs, magnitudes 2^-40 .. 2^40: mean and std say nothing about the order
+        signs = torch.randint(0, 2, (T,), generator=gen).double() * 2 - 1
+        first = signs * torch.exp2(torch.randint(-40, 40, (T,), generator=gen).double() + torch.rand(T, generator=gen, dtype=torch.float64))
+    else:
+        # all in [-2, -1): the order keys of negative floats run backwards from their bits
+        first = -torch.rand(T, generator=gen, dtype=torch.float64) - 1.0
+    k[..., 0] = first.float().double().to(DEVICE)  # exact in float32
+    q[..., 0] = 1.0
+    q, k, v = q.float(), k.float(), v.float()
+    out, kept = spark_attention_gpu(q, k, v, k_top, r)
+    ref, kept_ref = torch_ref(q, k, v, k_top, r)
+    assert_close("out", out, ref, 2e-5, 2e-5)
+    assert_close("kept", kept, kept_ref, 0, 0)
+
+
 @pytest.mark.parametrize("T", [37, 70])
 def test_threshold_from_recomputed_tiles(monkeypatch, T):
     """Rows longer than MAX_KEYS_IN_REGISTERS recompute their score tiles for every bit: forced

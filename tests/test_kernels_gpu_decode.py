@@ -290,6 +290,10 @@ def test_spark_attention_decode_adjacent_floats():
 # spread over many powers of two, one side of zero only, and kt near n (the threshold near the
 # bottom, below zero).
 def _scores_of(kind, n, gen):
+    """n distinct float64 scores of one shape: "sinks" (four huge scores above normal ones: the
+    std is dominated by them, so the guess lands far above the kt-th score), "powers of two" (signs
+    random, magnitudes 2^-40 .. 2^40: mean and std say nothing useful), "negative" (all in
+    [-2, -1): the order keys of negative floats run backwards) or "normal" (the guess is good)."""
     if kind == "sinks":
         return torch.cat([1e4 + torch.arange(4, dtype=torch.float64), torch.randn(n - 4, generator=gen, dtype=torch.float64)])
     if kind == "powers of two":
@@ -305,7 +309,9 @@ def _scores_of(kind, n, gen):
                                           ("normal", 300, 280), ("powers of two", 300, 290)])
 def test_spark_attention_decode_select_any_score_shape(kind, n, k_top, chunked, monkeypatch):
     """The select is exact whatever the scores look like: with r = 1 and q[:1] = 1 the scores are
-    the keys' first entries, drawn distinct (no ties) from shapes far from normal."""
+    the keys' first entries, drawn distinct (no ties) from shapes far from normal. kt near n
+    (280, 290 of 300) puts the kt-th score low, where the guess mean + z std has z < 0, and the
+    "search" mode re-reads the scores in chunks for every sweep."""
     chunk_select(monkeypatch, chunked)
     hd, r = 8, 1
     gen = torch.Generator().manual_seed(3)
