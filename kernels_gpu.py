@@ -25,7 +25,8 @@ What a reader learns here (in the manner of Triton's tutorials 02-fused-softmax 
 - what a compiler must know to use vector loads (alignment, and masks constant over a vector);
 - measuring a memory-bound kernel against the copy that moves the same bytes;
 - an exact top-k without a sort (a search over the bits of the scores, in registers, started
-  from statistical top-k's own guess), and attention in two passes, flash-attention style, with a mask and a gate inside the tiles.
+  from statistical top-k's own guess), and attention in two passes, flash-attention style,
+  with a mask and a gate inside the tiles.
 
 The kernels, each with the reference it must match (same argument names and order)
     statistical_topk_gpu(x, k, fill, soft)       reference: topk.statistical_topk (and _np)
