@@ -24,9 +24,8 @@ What a reader learns here (in the manner of Triton's tutorials 02-fused-softmax 
 - fusing an activation so that a whole intermediate tensor is never stored;
 - what a compiler must know to use vector loads (alignment, and masks constant over a vector);
 - measuring a memory-bound kernel against the copy that moves the same bytes;
-- an exact top-k without a sort (a search over the bits of the scores, in registers, started
-  from statistical top-k's own guess), and attention in two passes, flash-attention style,
-  with a mask and a gate inside the tiles.
+- an exact top-k without a sort (a radix select on the bits of the scores, in registers), and
+  attention in two passes, flash-attention style, with a mask and a gate inside the tiles.
 
 The kernels, each with the reference it must match (same argument names and order)
     statistical_topk_gpu(x, k, fill, soft)       reference: topk.statistical_topk (and _np)
@@ -720,8 +719,8 @@ def gelu_topk_mul_gpu(p, u, k):
 # (12.6 MB) and 16 bytes per query row (98 K rows: 1.6 MB), and keep nothing else for the backward.
 #
 # Two passes, as the top-k needs the whole row before the softmax may start:
-# - pass 1 (_spark_attn_thr_kernel): each query row's threshold thr_i, by an exact search over
-#   the bits of its scores (below), its max m_i, its sum L_i and its number of kept keys.
+# - pass 1 (_spark_attn_thr_kernel): each query row's threshold thr_i, by an exact radix select
+#   on the bits of its scores (below), its max m_i, its sum L_i and its number of kept keys.
 #   With m_i and L_i known, pass 2 needs no running max or rescaling.
 # - pass 2 (_spark_attn_fwd_kernel): flash-attention-style tiles, s and z recomputed,
 #   out_i = sum_j exp(s_ij - m_i) [s_ij >= thr_i] g_ij v_j / L_i.
@@ -870,27 +869,6 @@ def _float_of_key(u):
 
 
 @jit
-def _max_add_add(a0, a1, a2, b0, b1, b2):
-    return tl.maximum(a0, b0), a1 + b1, a2 + b2
-
-
-@jit
-def _key64_of_float(x):
-    """The order key of float32 x (_float_of_key's inverse) as an int64 in [0, 2^32)."""
-    b = x.to(tl.int32, bitcast=True).to(tl.int64)  # sign-extended
-    return tl.where(b < 0, b ^ -1, b | 0x80000000) & 0xFFFFFFFF
-
-
-@jit
-def _normal_quantile_upper(p):
-    """z with P(N(0, 1) > z) = p, for 0 < p < 1, to about 4.5e-4 (Abramowitz and Stegun 26.2.23):
-    only a first guess for the search, which is exact whatever the guess."""
-    t = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.minimum(p, 1.0 - p), 1e-30)))  # (p = 1 when nothing is searched)
-    z = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
-    return tl.where(p <= 0.5, z, -z)
-
-
-@jit
 def _thr_scores(q1, K1h, start_n, rows, T, stride_kt, scale1,
                 R: tl.constexpr, R1: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """Pass 1's scores of its query rows against keys start_n .. start_n + BLOCK_N - 1,
@@ -901,42 +879,36 @@ def _thr_scores(q1, K1h, start_n, rows, T, stride_kt, scale1,
 
 
 # ------------------------------------------------------------------------------------------
-# 5c. Pass 1: the threshold of every query row (exact top-k by a search over the float bits)
+# 5c. Pass 1: the threshold of every query row (exact top-k by radix select)
 #
 # Motivation. torch.topk on [T, S] rows sorts (or partially sorts) each row after writing it to
-# memory. We need only one number per row, the kt-th largest score, so we search for it: with
-# order keys (see _float_of_key; key order is float order) we narrow, per row, an interval of
-# keys [lo, hi) with count(s >= float(lo)) >= kt > count(s >= float(hi)), each sweep one
+# memory. We need only one number per row, the kt-th largest score, so we search its 32 bits:
+# with order keys (see _float_of_key) the greatest key P such that at least kt scores are
+# >= float(P) is the kt-th largest, and it is found greedily bit by bit, each step one
 # comparison of the row with one candidate. The scores stay in registers; nothing is sorted,
 # nothing is written but four numbers per row.
 #
-# Where to start: for normal scores the kt-th largest of n is near mean + z std with
-# z = Q(1 - kt/n), statistical top-k's threshold. So the first candidate is that guess, the
-# second a quarter std beyond it on the side the first sweep pointed to, and then the interval
-# is halved. The search is exact whatever the scores are; a bad guess only costs sweeps.
-#
 #     s[j] = q1 . k1[j] / sqrt(r) for j <= i, -inf after         # registers: [BLOCK_M, keys]
-#     m, mean, std of the visible s                             # one reduction
+#     m = max(s)
 #     if i + 1 <= k_top: thr = -inf                             # every visible key is kept
 #     else:
-#         lo = key(-inf); n_lo = i + 1; hi = key(m) + 1
-#         for sweep 0, 1, 2, ...:
-#             c = key(guess), then key(guess +- std / 4), then (lo + hi) / 2, kept inside (lo, hi)
-#             if count(s >= float(c)) >= kt: lo, n_lo = c, that count  else: hi = c
-#             stop once every row of the program has n_lo == kt or hi == lo + 1
-#         t0 = float(lo)      # kt-th largest, or a value that selects the same kt
+#         P = 0                                                 # order key being built
+#         for bit in 31 .. 0:
+#             C = P | (1 << bit)
+#             if count(s >= float(C)) >= kt: P = C              # still >= kt scores above
+#             stop early once count(s >= float(P)) == kt for all rows of the program
+#         t0 = float(P)       # kt-th largest, or (early stop) a value that selects the same kt
 #         v = min(s[s >= t0]);  below = max(s[s < t0])          # the kept minimum, the next lower
 #         thr = (v + below) / 2 if strictly between them else v
 #     e = exp(s - m) [s >= thr];  L = sum(e);  kept = count(s >= thr and j <= i)
 #
-# Cost. Per row, one sweep of (compare, add) over its keys per candidate: at the preset ~50 M
-# visible pairs per layer. A program of 16 rows stops once all 16 selections are decided, so it
-# waits for its slowest row: in a NumPy replica over normal scores (rows of 257 .. 1024 keys,
-# kt 256) ~14 sweeps plus the statistics, against ~19 for a radix select from the top bit (the
-# first version here); ties take more. Compares are done on floats, not on integer keys: float32
-# compares run on twice as many lanes as int32 ones on Hopper, and a float compare makes
-# -0 == +0, as a float threshold will. Programs whose rows all see at most k_top keys (the
-# first k_top rows) skip the search.
+# Cost. Per row, up to 32 steps of (compare, add) over its keys: at the preset ~50 M visible
+# pairs per layer, so at most 3.2 G compares, all on registers. A program of 16 rows stops as
+# soon as all 16 selections are decided (for random scores we expect ~20 bits: sign, exponent,
+# and the mantissa bits that separate the kt-th score from the next; ties take all 32). Compares are
+# done on floats, not on integer keys: float32 compares run on twice as many lanes as int32
+# ones on Hopper, and a float compare makes -0 == +0, as a float threshold will.
+# Programs whose rows all see at most k_top keys (the first k_top rows) skip the search.
 # ------------------------------------------------------------------------------------------
 
 
@@ -971,69 +943,47 @@ def _spark_attn_thr_kernel(
     Kh = K + b.to(tl.int64) * stride_kb + (h // G).to(tl.int64) * stride_kh  # k[b, h // G, 0, 0]
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query positions i
     q1 = _load_tile(Qh, rows, T, stride_qt, 0, R, R1)  # [BLOCK_M, R1]
-    n_keys = tl.minimum(T, (pid_m + 1) * BLOCK_M)  # keys past the last row's position are never visible
+    hi = tl.minimum(T, (pid_m + 1) * BLOCK_M)  # keys past the last row's position are never visible
     n_vis = rows + 1  # keys visible to row i
     kt = tl.minimum(n_vis, k_top)  # [BLOCK_M] int32
     need = (rows < T) & (n_vis > k_top)  # rows that drop keys: the only ones searched
     # The scores: all in registers (one tile), or a tile loop re-run for every reduction.
     if ONE_BLOCK:
         s_all = _thr_scores(q1, Kh, 0, rows, T, stride_kt, scale1, R, R1, BLOCK_N, PREC)  # [BLOCK_M, BLOCK_N]
-    # m = max_j s_ij, and the sums of s_ij and s_ij^2 over the visible keys (future scores are -inf)
+    # m = max_j s_ij
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    s1 = tl.zeros((BLOCK_M,), tl.float32)
-    s2 = tl.zeros((BLOCK_M,), tl.float32)
-    for start_n in range(0, n_keys, BLOCK_N):
+    for start_n in range(0, hi, BLOCK_N):
         if ONE_BLOCK:
             s = s_all
         else:
             s = _thr_scores(q1, Kh, start_n, rows, T, stride_kt, scale1, R, R1, BLOCK_N, PREC)
-        sv = tl.where(s > float("-inf"), s, 0.0)
-        a0, a1, a2 = tl.reduce((s, sv, sv * sv), 1, _max_add_add)
-        m = tl.maximum(m, a0)
-        s1 += a1
-        s2 += a2
+        m = tl.maximum(m, tl.max(s, axis=1))
     m = tl.where(rows < T, m, 0.0)  # padding rows see nothing; 0 keeps exp(s - m) NaN-free there
-    # The search (section header): order keys lo < hi per row (int64 holding 32 bits) with
-    # count(s >= float(lo)) = n_lo >= kt > count(s >= float(hi)).
-    nf = n_vis.to(tl.float32)
-    mu = s1 / nf
-    sd = tl.sqrt(tl.maximum(s2 / nf - mu * mu, 0.0))
-    guess = mu + sd * _normal_quantile_upper(kt.to(tl.float32) / nf)  # the kt-th largest of normal scores
-    lo = tl.full((BLOCK_M,), 0x007FFFFF, tl.int64)  # the key of -inf: every visible score is >= it
-    n_lo = nf
-    hi = _key64_of_float(m) + 1
-    up = n_lo >= 0  # (set by the first sweep: was the guess at or below the kt-th score?)
-    n_open = tl.sum((need & (n_lo != kt)).to(tl.int32), axis=0)  # rows whose kept set is not yet decided
-    for step in range(34):
+    # Radix select: P, the order key of the kt-th largest score, one bit at a time.
+    P = tl.zeros((BLOCK_M,), tl.int32)
+    n_ge = n_vis.to(tl.float32)  # scores >= float(P) (P = 0 stands for "all visible")
+    n_open = tl.sum((need & (n_ge != kt)).to(tl.int32), axis=0)  # rows whose kept set is not yet decided
+    for step in range(32):
         if n_open > 0:
-            if step == 0:
-                C = _key64_of_float(guess)
-            elif step == 1:  # a quarter std beyond the guess, on the side the kt-th score is
-                C = tl.where(up, _key64_of_float(guess + 0.25 * sd), _key64_of_float(guess - 0.25 * sd))
-            else:  # bisection
-                C = lo + (hi - lo) // 2
-            C = tl.minimum(tl.maximum(C, lo + 1), hi - 1)  # strictly inside
-            c = _float_of_key(C.to(tl.int32))[:, None]  # [BLOCK_M, 1]
+            C = P | (tl.full((), 1, tl.int32) << (31 - step))  # candidate key: P with the next bit set (int32 shift)
+            c = _float_of_key(C)[:, None]  # [BLOCK_M, 1]
             cnt = tl.zeros((BLOCK_M,), tl.float32)  # scores >= c (float: exact up to 2^24 keys)
-            for start_n in range(0, n_keys, BLOCK_N):
+            for start_n in range(0, hi, BLOCK_N):
                 if ONE_BLOCK:
                     s = s_all
                 else:
                     s = _thr_scores(q1, Kh, start_n, rows, T, stride_kt, scale1, R, R1, BLOCK_N, PREC)
                 cnt += tl.sum(tl.where(s >= c, 1.0, 0.0), axis=1)
-            take = cnt >= kt  # at least kt scores at or above c: the kt-th largest is too
-            if step == 0:
-                up = take
-            lo = tl.where(take, C, lo)
-            n_lo = tl.where(take, cnt, n_lo)
-            hi = tl.where(take, hi, C)
-            n_open = tl.sum((need & (n_lo != kt) & (hi - lo > 1)).to(tl.int32), axis=0)
+            take = cnt >= kt  # at least kt scores at or above C: the kt-th largest is too
+            P = tl.where(take, C, P)
+            n_ge = tl.where(take, cnt, n_ge)
+            n_open = tl.sum((need & (n_ge != kt)).to(tl.int32), axis=0)
     # t0 selects exactly the kept set: v = min(s >= t0) is the kt-th largest score and
     # below = max(s < t0) the next lower one; the threshold goes between them.
-    t0 = tl.where(need, _float_of_key(lo.to(tl.int32)), float("-inf"))[:, None]  # [BLOCK_M, 1]
+    t0 = tl.where(need, _float_of_key(P), float("-inf"))[:, None]  # [BLOCK_M, 1]
     v = tl.full((BLOCK_M,), float("inf"), tl.float32)
     below = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for start_n in range(0, n_keys, BLOCK_N):
+    for start_n in range(0, hi, BLOCK_N):
         if ONE_BLOCK:
             s = s_all
         else:
@@ -1047,7 +997,7 @@ def _spark_attn_thr_kernel(
     # L = sum_j exp(s_ij - m_i) [s_ij >= thr_i], and the number of kept keys
     l_sum = tl.zeros((BLOCK_M,), tl.float32)
     n_kept = tl.zeros((BLOCK_M,), tl.float32)
-    for start_n in range(0, n_keys, BLOCK_N):
+    for start_n in range(0, hi, BLOCK_N):
         if ONE_BLOCK:
             s = s_all
         else:
@@ -2826,6 +2776,27 @@ def _select_counts(s, c1, c2, c3):
     """How many of s are >= each candidate (float32 sums: exact up to 2^24 scores), as one
     three-operand reduction: one round of shared memory and barriers instead of three."""
     return tl.reduce((tl.where(s >= c1, 1.0, 0.0), tl.where(s >= c2, 1.0, 0.0), tl.where(s >= c3, 1.0, 0.0)), 0, _add3)
+
+
+@jit
+def _max_add_add(a0, a1, a2, b0, b1, b2):
+    return tl.maximum(a0, b0), a1 + b1, a2 + b2
+
+
+@jit
+def _key64_of_float(x):
+    """The order key of float32 x (_float_of_key's inverse) as an int64 in [0, 2^32)."""
+    b = x.to(tl.int32, bitcast=True).to(tl.int64)  # sign-extended
+    return tl.where(b < 0, b ^ -1, b | 0x80000000) & 0xFFFFFFFF
+
+
+@jit
+def _normal_quantile_upper(p):
+    """z with P(N(0, 1) > z) = p, for 0 < p < 1, to about 4.5e-4 (Abramowitz and Stegun 26.2.23):
+    only a first guess for the search, which is exact whatever the guess."""
+    t = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.minimum(p, 1.0 - p), 1e-30)))  # (p = 1 when nothing is searched)
+    z = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
+    return tl.where(p <= 0.5, z, -z)
 
 
 @jit
