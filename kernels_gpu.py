@@ -2082,7 +2082,7 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
 # token is 1.68x faster than torch's dense GeGLU (byte limit 3.53x), Spark attention is slower
 # than dense flash-decoding (0.51-0.83x; as fast as SDPA from 8192 tokens on), its select costing
-# ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.09x faster than the dense one.
+# ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.12x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
@@ -3077,8 +3077,8 @@ def _spark_decode(q, k1, k2, v, k_top, r, lengths):
 #    step of a 26-layer model launches ~10 kernels per layer; launched from Python each costs
 #    several us of host time, more than many of the kernels take. Captured once, a step is one
 #    graph launch. A graph replays fixed pointers and shapes, so:
-#    - the KV cache is a static buffer of block_size tokens per layer (k1, k2, v split at r for
-#      Spark attention; k, v for dense), written in place at the new position (index_copy_ with
+#    - the KV cache is a static buffer of block_size tokens per layer (k and v; Spark attention
+#      reads k as its two views k[..., :r] and k[..., r:]), written in place at the new position (index_copy_ with
 #      the position as a device tensor), and the kernels read all block_size rows' worth of
 #      programs with `lengths` = n + 1 telling them how many tokens are real;
 #    - the new token and its position are static device tensors, refilled before each replay;
@@ -3117,10 +3117,12 @@ class _GraphDecoder:
         for blk in model.blocks:
             att = blk.attn
             is_spark = isinstance(att, spark.SparkAttention)
-            widths = {"k1": att.r, "k2": att.hd - att.r, "v": att.hd} if is_spark else {"k": att.hd, "v": att.hd}
-            # [B, Hkv, block_size, width] per cached part, zero beyond what prefill and steps write
-            bufs = {name: torch.zeros(B, att.Hkv, c.block_size, wd, dtype=w.dtype, device=w.device)
-                    for name, wd in widths.items()}
+            # k, v [B, Hkv, block_size, hd], zero beyond what prefill and steps write. Spark attention
+            # reads k as two views, k[..., :r] and k[..., r:] (each a contiguous run of every row:
+            # 256 of 512 bytes per token at the Gemma shapes, which a GPU reads at full speed in
+            # 32-byte sectors), so the new token's key is one write, as for dense attention.
+            bufs = {name: torch.zeros(B, att.Hkv, c.block_size, att.hd, dtype=w.dtype, device=w.device)
+                    for name in ("k", "v")}
             # The attention projections as [in, out] matrices, q, k and v side by side: one GEMV instead
             # of three, and the layout cuBLAS reads at full speed for one token (through nn.Linear's
             # [out, in] weights an H200 ran these four GEMVs at ~0.8 TB/s: 37 of a dense layer's ~140 us).
@@ -3134,13 +3136,6 @@ class _GraphDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=w.device)  # [1] its position n
         self.lengths = torch.ones(B, dtype=torch.int32, device=w.device)  # [B] n + 1 visible tokens
 
-    def _parts(self, layer, k, v):
-        """What a layer caches of keys k, values v [..., hd]: (k1, k2, v) split at r, or (k, v)."""
-        if layer["spark"]:
-            r = layer["blk"].attn.r
-            return {"k1": k[..., :r], "k2": k[..., r:], "v": v}
-        return {"k": k, "v": v}
-
     @torch.no_grad()
     def prefill(self, window):
         """window [B, T] through the model's own forward; its caches copied into ours. -> logits [B, V]"""
@@ -3148,8 +3143,8 @@ class _GraphDecoder:
         logits = self.model._run(window, caches)[:, -1]  # fills caches[i]["k"], ["v"] [B, Hkv, T, hd]
         T = window.shape[1]
         for layer, cache in zip(self.layers, caches):
-            for name, t in self._parts(layer, cache["k"], cache["v"]).items():
-                layer[name][:, :, :T].copy_(t)
+            for name in ("k", "v"):
+                layer[name][:, :, :T].copy_(cache[name])
         return logits
 
     def _step(self):
@@ -3161,12 +3156,13 @@ class _GraphDecoder:
             qkv = _linear(blk.ln_1(x), layer["w_qkv"], layer["b_qkv"])  # [B, (H + 2 Hkv) hd]
             q, k, v = qkv.split([att.H * att.hd, att.Hkv * att.hd, att.Hkv * att.hd], dim=1)
             q, k, v = q.view(B, att.H, att.hd), k.view(B, att.Hkv, 1, att.hd), v.view(B, att.Hkv, 1, att.hd)
-            for name, t in self._parts(layer, k, v).items():
+            for name, t in (("k", k), ("v", v)):
                 layer[name].index_copy_(2, self.pos, t)  # the new token's row at position n, in place
             # the kernels without their argument checks: these are the decoder's own buffers, and
             # the device-side check of lengths would add four small kernels to every layer
             if layer["spark"]:
-                o = _spark_decode(q, layer["k1"], layer["k2"], layer["v"], att.k_top, att.r, self.lengths)
+                kc = layer["k"]
+                o = _spark_decode(q, kc[..., :att.r], kc[..., att.r:], layer["v"], att.k_top, att.r, self.lengths)
             else:
                 o = _flash_decode(q, layer["k"], layer["v"], self.lengths, None)  # [B, H, hd]
             x = x + _linear(o.reshape(B, -1), layer["w_o"], layer["b_o"])  # [B, d]
@@ -3860,9 +3856,8 @@ def bench_decode_model(n_ctx=8192, n_layer=26, dtype=torch.bfloat16):
         dec = _GraphDecoder(model, 1, True)
         gen = torch.Generator(device="cuda").manual_seed(0)
         for layer in dec.layers:  # random cache contents: a full window, as after a long prompt
-            for name in ("k", "k1", "k2", "v"):
-                if name in layer:
-                    layer[name].copy_(_randn(gen, *layer[name].shape, dtype=dtype))
+            for name in ("k", "v"):
+                layer[name].copy_(_randn(gen, *layer[name].shape, dtype=dtype))
         tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         logits = dec.step(tok, n_ctx - 1)  # captures the graph; one replay
         if not torch.isfinite(logits).all():
