@@ -857,7 +857,7 @@ def _sigmoid(z):
 
 @jit
 def _float_of_key(u):
-    """The float32 whose order key is u (int32 [BLOCK_M] holding 32 bits).
+    """The float32 whose order key is u (int32 holding 32 bits, any shape).
 
     Order keys: read a float's bits as unsigned; for a non-negative float set the sign bit, for
     a negative one flip every bit. Then key order is float order (-inf < ... < -0 < +0 < ... < +inf),
@@ -2030,9 +2030,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #                              tokens whose x is not finite).
 #     spark_attention_decode_gpu(q, k1, k2, v, k_top, r)   reference: spark.spark_attention_np, T = 1
 #         _spark_scores_kernel: s_j = q[:r] . K1_j / sqrt(r), the cache split over all SMs;
-#         _spark_select_kernel: the kt-th largest score per query head by a search over the
-#                               float bits that starts from a statistical guess, the kept tokens
-#                               compacted (cumsum);
+#         _spark_select_kernel: the kt-th largest score per query head by a search over an
+#                               interval of order keys that starts from a statistical guess, the
+#                               kept tokens compacted (cumsum);
 #         _spark_gather_kernel: K2 and V of the kept tokens only, partial (m, l, acc) per chunk;
 #         _decode_merge_kernel: out = sum acc / sum l (flash-decoding's merge).
 #     attention_decode_gpu(q, k, v)                     reference: spark.attention_np, T = 1
@@ -2081,7 +2081,7 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
 # token is 1.68x faster than torch's dense GeGLU (byte limit 3.53x), Spark attention is slower
-# than dense flash-decoding (0.51-0.83x; as fast as SDPA from 8192 tokens on), its select costing
+# than dense flash-decoding (0.51-0.85x; 0.94-1.06x SDPA from 8192 tokens on), its select costing
 # ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.12x faster than the dense one.
 
 
@@ -2436,8 +2436,9 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #        _spark_scores_kernel: per chunk, s_j = q[:r] . K1_j / sqrt(r) -> a float32 scratch
 #                              S [B H, n] (4 bytes per score: 1/16 of what K1 costs at r = 128 bf16)
 #        _spark_select_kernel: per query head, over its n scores (in registers up to
-#                              MAX_SELECT_IN_REGISTERS): m = max s; the kt-th largest by a search
-#                              select; the kept tokens compacted (cumsum) into a list, ascending
+#                              MAX_SELECT_IN_REGISTERS): m = max s; the kt-th largest by an
+#                              interval search (below); the kept tokens compacted (cumsum) into
+#                              a list, ascending
 #        _spark_gather_kernel: per GATHER_E listed tokens of a query head: K2_j and V_j of those
 #                              tokens only, w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r)),
 #                              l = sum e^(s_j - m), acc = sum w_j V_j
@@ -2463,8 +2464,11 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #        n_lo == kt: keep s >= float(lo)
 #        else (v = float(lo) is the kt-th value, held by a tie): keep s > v, then the first
 #            kt - count(s > v) of the s == v in position order
-#    Cost: in a NumPy simulation of 8192 scores, 5-6 sweeps for normal, heavy-tailed, skewed or
-#    bimodal scores, against ~9-10 for a radix select two bits a step (the first version here).
+#    Cost: in a NumPy replica over 8192 scores, ~5-6 sweeps for near-normal ones (normal, Student t
+#    with 3-5 degrees of freedom, lognormal, mild mixtures), against ~9-10 for a radix select two
+#    bits a step (the first version here). When the guess misses (two modes far apart, very heavy
+#    tails), the quarter points start from the whole key range and it can take as many or more:
+#    11 on average for two modes 10 std apart (radix: 10), 17 at the very most.
 # ------------------------------------------------------------------------------------------
 
 
@@ -2805,7 +2809,7 @@ def _normal_quantile_upper(p):
 def _cumsum_rows(x, N: tl.constexpr, W: tl.constexpr):
     """tl.cumsum(x, 0) of x [N] (integers), computed as N / W rows of W entries: a cumsum along
     each row plus the exclusive cumsum of the row sums. Same values; on an H200 it took 2 us less
-    than one scan over 8192 entries, and 14 us less over 32768 (compacted in 4 chunks)."""
+    than one scan over 8192 entries, and 13 us less over 32768 (compacted in 4 chunks)."""
     if N <= W:
         return tl.cumsum(x, axis=0)
     else:
@@ -3012,24 +3016,22 @@ def _spark_gather_kernel(
     tl.store(Accp + row * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
 
 
-@torch.no_grad()
-def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
-    """Spark attention for one new token per sequence in Triton; computes
-    spark.spark_attention_np(q, k, v, k_top, r) with T = 1, where k = cat(k1, k2) on the last axis.
-
-    q [B, H, 1, hd] or [B, H, hd]; k1 [B, Hkv, n, r], k2 [B, Hkv, n, hd - r], v [B, Hkv, n, hd]
-    (prepare_spark_kv_gpu, or views into bigger buffers with a contiguous last axis) -> q's shape.
-    A query that sees at most k_top tokens attends to all of them. Exactly min(k_top, visible)
-    tokens per query head (ties: lowest positions first; module docstring). lengths: optional
-    int32/int64 tensor [B] on the device, the tokens each query sees.
-    """
-    where = "spark_attention_decode_gpu"
-    _check_inputs(where, q=q)
-    hd = q.shape[-1]
-    spark._check_int("r", r, 1, hd - 1)
-    spark._check_int("k_top", k_top, 1)
-    _check_decode(where, q, {"k1": (k1, r), "k2": (k2, hd - r), "v": (v, hd)}, lengths)
-    return _spark_decode(q, k1, k2, v, k_top, r, lengths)
+def _spark_select(S, k_top, H, lens, has_len):
+    """The select kernel on scores S [B H, n] float32 (entries past each sequence's length
+    ignored). -> idx int32 [B H, KT] (kept positions, ascending; the first kt of each row
+    written), their scores float32 [B H, KT], each row's max [B H] and kt [B H] int32; KT = min(k_top, n)"""
+    (BH, n), dev = S.shape, S.device
+    KT = min(k_top, n)
+    idx = torch.empty(BH, KT, dtype=torch.int32, device=dev)
+    ssel = torch.empty(BH, KT, dtype=torch.float32, device=dev)
+    mx = torch.empty(BH, dtype=torch.float32, device=dev)
+    kt = torch.empty(BH, dtype=torch.int32, device=dev)
+    one = triton.next_power_of_2(n) <= MAX_SELECT_IN_REGISTERS
+    block = triton.next_power_of_2(n) if one else SELECT_CHUNK
+    _spark_select_kernel[(BH,)](S, idx, ssel, mx, kt, lens, H, n, KT, k_top, BLOCK=block, ONE_BLOCK=one,
+                                CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
+                                num_warps=min(16, max(4, block // 1024)))
+    return idx, ssel, mx, kt
 
 
 def _spark_decode(q, k1, k2, v, k_top, r, lengths):
@@ -3049,16 +3051,8 @@ def _spark_decode(q, k1, k2, v, k_top, r, lengths):
         1.0 / math.sqrt(r), R=r, R1=_pad16(r), GP=_pad16(G), CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len, PREC=prec,
         num_warps=4)
     # 2. the selection, one program per query head
-    KT = min(k_top, n)
-    idx = torch.empty(B * H, KT, dtype=torch.int32, device=dev)
-    ssel = torch.empty(B * H, KT, dtype=f32, device=dev)
-    mx = torch.empty(B * H, dtype=f32, device=dev)
-    kt = torch.empty(B * H, dtype=torch.int32, device=dev)
-    one = triton.next_power_of_2(n) <= MAX_SELECT_IN_REGISTERS
-    block = triton.next_power_of_2(n) if one else SELECT_CHUNK
-    _spark_select_kernel[(B * H,)](S, idx, ssel, mx, kt, lens, H, n, KT, k_top, BLOCK=block, ONE_BLOCK=one,
-                                   CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
-                                   num_warps=min(16, max(4, block // 1024)))
+    idx, ssel, mx, kt = _spark_select(S, k_top, H, lens, has_len)
+    KT = idx.shape[1]
     # 3. K2 and V of the kept tokens, GATHER_E per program; 4. the merge
     NCH = triton.cdiv(KT, GATHER_E)
     mp = torch.empty(B * H, NCH, dtype=f32, device=dev)
@@ -3069,6 +3063,26 @@ def _spark_decode(q, k1, k2, v, k_top, r, lengths):
         v.stride(0), v.stride(1), v.stride(2), H, G, KT, NCH, 1.0 / math.sqrt(hd - r), HD=hd, R=r, R2=_pad16(hd - r),
         HDP=_pad16(hd), E=GATHER_E, num_warps=4)
     return _merge(mp, lp, accp, B, H, hd, q.dtype).view(q.shape)
+
+
+@torch.no_grad()
+def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
+    """Spark attention for one new token per sequence in Triton; computes
+    spark.spark_attention_np(q, k, v, k_top, r) with T = 1, where k = cat(k1, k2) on the last axis.
+
+    q [B, H, 1, hd] or [B, H, hd]; k1 [B, Hkv, n, r], k2 [B, Hkv, n, hd - r], v [B, Hkv, n, hd]
+    (prepare_spark_kv_gpu, or views into bigger buffers with a contiguous last axis) -> q's shape.
+    A query that sees at most k_top tokens attends to all of them. Exactly min(k_top, visible)
+    tokens per query head (ties: lowest positions first; module docstring). lengths: optional
+    int32/int64 tensor [B] on the device, the tokens each query sees.
+    """
+    where = "spark_attention_decode_gpu"
+    _check_inputs(where, q=q)
+    hd = q.shape[-1]
+    spark._check_int("r", r, 1, hd - 1)
+    spark._check_int("k_top", k_top, 1)
+    _check_decode(where, q, {"k1": (k1, r), "k2": (k2, hd - r), "v": (v, hd)}, lengths)
+    return _spark_decode(q, k1, k2, v, k_top, r, lengths)
 
 
 # ------------------------------------------------------------------------------------------
@@ -3112,6 +3126,7 @@ def _linear(x, w, b):
 class _GraphDecoder:
     """Static buffers of one model at batch B, and (with graph=True) the CUDA graph of one step."""
 
+    @torch.no_grad()  # (the re-laid weights are copies, not something autograd should track)
     def __init__(self, model, B, graph):
         c, w = model.config, model.wte.weight
         self.model, self.use_graph, self.graph, self.logits = model, graph, None, None
@@ -3128,7 +3143,7 @@ class _GraphDecoder:
             # The attention projections as [in, out] matrices, q, k and v side by side: one GEMV instead
             # of three, and the layout cuBLAS reads at full speed for one token (through nn.Linear's
             # [out, in] weights an H200 ran these four GEMVs at ~0.8 TB/s: 37 of a dense layer's ~140 us).
-            # The price: a second copy of these weights (H hd + Hkv hd) 2 d values per layer.
+            # The price: a second copy of these weights, (H + 2 Hkv) hd d + H hd d values per layer.
             lins = (att.q_proj, att.k_proj, att.v_proj)
             proj = {"w_qkv": torch.cat([m.weight for m in lins]).t().contiguous(),  # [d, (H + 2 Hkv) hd]
                     "b_qkv": None if att.q_proj.bias is None else torch.cat([m.bias for m in lins]),
@@ -3207,6 +3222,8 @@ def generate_gpu(model, idx, max_new_tokens, temperature=1.0, top_k=None, *, ret
     seed it returns the same tokens, up to float rounding deciding a near-tie (the kernels sum in
     another order; greedy decoding is the robust comparison). temperature 0 = greedy.
     graph: capture the step in a CUDA graph (default: on CUDA; the interpreter runs it eagerly).
+    Memory: besides a static KV cache of block_size tokens per layer, a second copy of the
+    attention projections re-laid for one-token GEMVs (736 MB at Gemma-2 2B shapes).
     """
     spark.check_decoder_args("generate_gpu", model, idx, max_new_tokens, temperature, top_k)
     _check_inputs("generate_gpu", model=model.wte.weight)

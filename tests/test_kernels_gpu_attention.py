@@ -147,8 +147,9 @@ def test_all_scores_tied_keeps_every_visible_key():
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("kind", ["sinks", "powers of two", "negative"])
 def test_threshold_any_score_shape(kind):
-    """The threshold search is exact whatever the scores look like, also where a statistical
-    guess (mean + z std of each row's scores, as the decode select starts from) is far off. r = 1 and q[:1] = 1 make row i's scores the
+    """The threshold is exact whatever the scores look like (the kept counts are compared
+    exactly: with a few huge scores the outputs alone would not tell, every other key weighing
+    ~0 whether kept or not); shapes where a statistical guess of the kt-th score is far off. r = 1 and q[:1] = 1 make row i's scores the
     first entries of keys 0 .. i: four huge "sink" keys first, magnitudes over 80 powers of two,
     or all negative (distinct values, so the kept counts are exact too)."""
     B, H, Hkv, T, hd, r, k_top = 1, 2, 1, 70, 8, 1, 16

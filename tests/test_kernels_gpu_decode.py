@@ -304,26 +304,48 @@ def _scores_of(kind, n, gen):
     return torch.randn(n, generator=gen, dtype=torch.float64)  # "normal"
 
 
+def check_select(scores, k_top):
+    """The select kernel alone on one row of distinct scores: its list must be the positions of
+    the k_top largest, ascending, with their scores, and its max the row's. (Through the whole
+    attention the extreme shapes below would hide a wrong list: with a few huge scores the
+    softmax gives every other token a weight of ~0, whichever of them is kept.)"""
+    S = scores.float().to(DEVICE)[None]  # [1, n]
+    idx, ssel, mx, kt = dg._spark_select(S, k_top, 1, S, False)  # (no lengths: S is an unused pointer)
+    KT = min(k_top, S.shape[1])
+    ref = torch.sort(torch.topk(S[0].cpu(), KT).indices).values
+    assert int(kt[0]) == KT
+    assert torch.equal(idx[0, :KT].cpu().long(), ref), "the kept positions"
+    assert torch.equal(ssel[0, :KT].cpu(), S[0].cpu()[ref])
+    assert float(mx[0]) == float(S.max())
+
+
 @pytest.mark.parametrize("chunked", [None, "search"])
 @pytest.mark.parametrize("kind,n,k_top", [("sinks", 300, 40), ("powers of two", 300, 40), ("negative", 300, 40),
                                           ("normal", 300, 280), ("powers of two", 300, 290)])
 def test_spark_attention_decode_select_any_score_shape(kind, n, k_top, chunked, monkeypatch):
-    """The select is exact whatever the scores look like: with r = 1 and q[:1] = 1 the scores are
-    the keys' first entries, drawn distinct (no ties) from shapes far from normal. kt near n
-    (280, 290 of 300) puts the kt-th score low, where the guess mean + z std has z < 0, and the
-    "search" mode re-reads the scores in chunks for every sweep."""
+    """The select is exact whatever the scores look like: distinct scores (no ties) drawn from
+    shapes far from normal, where its statistical first guess misses. kt near n (280, 290 of
+    300) puts the kt-th score low, where the guess mean + z std has z < 0, and the "search" mode
+    re-reads the scores in chunks for every sweep."""
     chunk_select(monkeypatch, chunked)
-    hd, r = 8, 1
-    gen = torch.Generator().manual_seed(3)
-    k = torch.randn(1, 1, n, hd, generator=gen, dtype=torch.float64)
-    k[0, 0, :, 0] = _scores_of(kind, n, gen).float().double()  # exact in float32
-    assert len(torch.unique(k[0, 0, :, 0])) == n, "distinct scores"
-    v = torch.randn(1, 1, n, hd, generator=gen, dtype=torch.float64)
-    q = torch.randn(1, 1, 1, hd, generator=gen, dtype=torch.float64)
-    q[..., 0] = 1.0
-    q32, k32, v32 = (t.float().to(DEVICE) for t in (q, k, v))
-    out = dg.spark_attention_decode_gpu(q32, *dg.prepare_spark_kv_gpu(k32, v32, r), k_top, r)
-    assert_close("out", out, spark.spark_attention_np(q.numpy(), k.numpy(), v.numpy(), k_top, r), 1e-5, 1e-5)
+    scores = _scores_of(kind, n, torch.Generator().manual_seed(3)).float()
+    assert len(torch.unique(scores)) == n, "distinct scores"
+    check_select(scores, k_top)
+
+
+def test_spark_attention_decode_select_longest_search():
+    """The select's longest search, 17 sweeps: sinks make the statistical guess miss, so the
+    quarter points start from the whole key range, and the 8 scores after the kt-th are the 8
+    floats below it, so nothing ends the search before the interval is one key wide (a NumPy
+    replica of the search takes all 17 sweeps here). Two sweeps fewer leave four scores at or
+    above lo, and a wrong list (one fewer leaves two: the tie pass still keeps the right kt)."""
+    n, k_top = 300, 40
+    scores = _scores_of("sinks", n, torch.Generator().manual_seed(2)).float()
+    order = torch.argsort(scores, descending=True)
+    for i in range(8):  # the next 8 scores 1 .. 8 floats below the kt-th
+        scores[order[k_top + i]] = torch.nextafter(scores[order[k_top + i - 1]], torch.tensor(float("-inf")))
+    assert len(torch.unique(scores)) == n
+    check_select(scores, k_top)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
@@ -399,23 +421,28 @@ def test_attention_decode_bad_input():
 # ------------------------------------------------------------------------------------------
 
 
-def tiny_model(ffn, attn, dtype=torch.float32):
+def tiny_model(ffn, attn, dtype=torch.float32, bias=False):
     """2 layers, 4 heads / 2 KV heads of 16, d 64, Spark f 192, k_top 8, context 24; 2-D weights
-    at 10x the init scale so that greedy decoding has no near-ties (kernels_cpu's bench does the same)."""
+    at 10x the init scale so that greedy decoding has no near-ties (kernels_cpu's bench does the same).
+    bias: attention projections and LayerNorms with biases, drawn nonzero."""
     torch.manual_seed(0)
     cfg = spark.GPTConfig(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
-                          ffn=ffn, attn=attn, attn_k=8)
+                          ffn=ffn, attn=attn, attn_k=8, bias=bias)
     model = spark.GPT(cfg).to(DEVICE, dtype).eval()
     for p in model.parameters():
         p.data.mul_(10.0 if p.dim() == 2 else 1.0)
+        if p.dim() == 1 and bias:
+            p.data.add_(torch.randn_like(p))
     return model
 
 
-@pytest.mark.parametrize("kinds", [("spark", "spark"), ("dense", "dense")], ids="/".join)
+@pytest.mark.parametrize("kinds", [("spark", "spark", False), ("dense", "dense", False), ("spark", "spark", True)],
+                         ids=lambda k: "/".join(k[:2]) + ("/bias" if k[2] else ""))
 def test_generate_gpu_greedy_matches_generate(kinds):
     """A prompt of 5 tokens and 22 new ones: the cache passes k_top (8) and block_size (24; the
-    window slides and prefill rebuilds the static buffers). On CUDA the steps are graph replays."""
-    model = tiny_model(*kinds)
+    window slides and prefill rebuilds the static buffers). On CUDA the steps are graph replays.
+    With biases, the decoder's re-laid projections carry them too (their concatenation, addmm)."""
+    model = tiny_model(kinds[0], kinds[1], bias=kinds[2])
     # batch 2: the kernels' per-sequence programs; both sequences have the same length here
     idx = torch.randint(0, 50, (2, 5), device=DEVICE)
     ref = model.generate(idx, 22, temperature=0)
