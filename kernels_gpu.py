@@ -2818,6 +2818,16 @@ def _cumsum_rows(x, N: tl.constexpr, W: tl.constexpr):
         return tl.reshape((tl.cumsum(rows, axis=0) - rows)[:, None] + tl.cumsum(x2, axis=1), (N,))
 
 
+@jit
+def _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK: tl.constexpr):
+    """Scores start .. start + BLOCK of a row, -inf past n_b: the registers' copy s_all when the
+    whole row is held (ONE_BLOCK), else a load (from L2: the row was just written)."""
+    if ONE_BLOCK:
+        return s_all
+    else:
+        return tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+
+
 # Spark pass 2, one program per query head (the section's pseudo-code). Everything it reads is
 # the head's row of S (4 n bytes, just written, so in L2); everything it writes is the list of
 # kt positions and scores, the max and kt. The sweeps of the search run on registers.
@@ -2847,15 +2857,14 @@ def _spark_select_kernel(
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         s_all = tl.load(row + cols, mask=cols < n_b, other=float("-inf"))  # [BLOCK]
+    else:
+        s_all = tl.zeros((BLOCK,), tl.float32)  # (unused: every sweep loads its chunks)
     # m = max_j s_j and the sums of s_j and s_j^2 over the visible scores, in one reduction
     m = tl.full((), float("-inf"), tl.float32)
     s1 = tl.zeros((), tl.float32)
     s2 = tl.zeros((), tl.float32)
     for start in range(0, n_b, BLOCK):
-        if ONE_BLOCK:
-            s = s_all
-        else:
-            s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+        s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
         sv = tl.where(start + cols < n_b, s, 0.0)
         a0, a1, a2 = tl.reduce((s, sv, sv * sv), 0, _max_add_add)
         m = tl.maximum(m, a0)
@@ -2891,10 +2900,7 @@ def _spark_select_kernel(
             n3 = tl.zeros((), tl.float32)
             f1, f2, f3 = _float_of_key(c1.to(tl.int32)), _float_of_key(c2.to(tl.int32)), _float_of_key(c3.to(tl.int32))
             for start in range(0, n_b, BLOCK):
-                if ONE_BLOCK:
-                    s = s_all
-                else:
-                    s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+                s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
                 a1, a2, a3 = _select_counts(s, f1, f2, f3)
                 n1 += a1
                 n2 += a2
@@ -2914,17 +2920,11 @@ def _spark_select_kernel(
     if not exact:
         v = tl.full((), float("inf"), tl.float32)
         for start in range(0, n_b, BLOCK):
-            if ONE_BLOCK:
-                s = s_all
-            else:
-                s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+            s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
             v = tl.minimum(v, tl.min(tl.where((s >= t0) & (start + cols < n_b), s, float("inf")), axis=0))
         n_gt = tl.zeros((), tl.int32)
         for start in range(0, n_b, BLOCK):
-            if ONE_BLOCK:
-                s = s_all
-            else:
-                s = tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
+            s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
             n_gt += tl.sum(((s > v) & (start + cols < n_b)).to(tl.int32), axis=0)
         quota = kt - n_gt
     # compaction: list position = running count of keeps. Two cumsums (ties) hold two more ints
