@@ -2799,7 +2799,8 @@ def _key64_of_float(x):
 @jit
 def _normal_quantile_upper(p):
     """z with P(N(0, 1) > z) = p, for 0 < p < 1, to about 4.5e-4 (Abramowitz and Stegun 26.2.23):
-    only a first guess for the search, which is exact whatever the guess."""
+    only a first guess for the search, which is exact whatever the guess. In the kernel, not
+    normal_icdf on the host, because p = kt / n depends on lengths, which live on the device."""
     t = tl.sqrt(-2.0 * tl.log(tl.maximum(tl.minimum(p, 1.0 - p), 1e-30)))  # (p = 1 when nothing is searched)
     z = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
     return tl.where(p <= 0.5, z, -z)
@@ -2859,7 +2860,9 @@ def _spark_select_kernel(
         s_all = tl.load(row + cols, mask=cols < n_b, other=float("-inf"))  # [BLOCK]
     else:
         s_all = tl.zeros((BLOCK,), tl.float32)  # (unused: every sweep loads its chunks)
-    # m = max_j s_j and the sums of s_j and s_j^2 over the visible scores, in one reduction
+    # m = max_j s_j and the sums of s_j and s_j^2 over the visible scores, in one reduction (plain
+    # sums, not _row_stats_in_registers' centred passes: a first guess needs no accuracy, and
+    # every reduction here is a round of barriers)
     m = tl.full((), float("-inf"), tl.float32)
     s1 = tl.zeros((), tl.float32)
     s2 = tl.zeros((), tl.float32)
@@ -3094,8 +3097,8 @@ def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
 #    several us of host time, more than many of the kernels take. Captured once, a step is one
 #    graph launch. A graph replays fixed pointers and shapes, so:
 #    - the KV cache is a static buffer of block_size tokens per layer (k and v; Spark attention
-#      reads k as its two views k[..., :r] and k[..., r:]), written in place at the new position (index_copy_ with
-#      the position as a device tensor), and the kernels read all block_size rows' worth of
+#      reads k as its two views k[..., :r] and k[..., r:]), written in place at the new position
+#      (index_copy_ with the position as a device tensor), and the kernels read all block_size rows' worth of
 #      programs with `lengths` = n + 1 telling them how many tokens are real;
 #    - the new token and its position are static device tensors, refilled before each replay;
 #    - the logits are a static output, cloned for the caller (the next replay overwrites them).
