@@ -720,10 +720,10 @@ def gelu_topk_mul_gpu(p, u, k):
 #
 # Two passes, as the top-k needs the whole row before the softmax may start:
 # - pass 1 (_spark_attn_thr_kernel): each query row's threshold thr_i, by an exact radix select
-#   on the bits of its scores (below), its max m_i, its sum L_i and its number of kept keys.
-#   With m_i and L_i known, pass 2 needs no running max or rescaling.
+#   on the bits of its scores (below), its max m_i and its number of kept keys.
+#   With m_i known, pass 2 needs no running max or rescaling.
 # - pass 2 (_spark_attn_fwd_kernel): flash-attention-style tiles, s and z recomputed,
-#   out_i = sum_j exp(s_ij - m_i) [s_ij >= thr_i] g_ij v_j / L_i.
+#   out_i = sum_j exp(s_ij - m_i) [s_ij >= thr_i] g_ij v_j / L_i, with L_i summed on the way.
 # - backward (_spark_attn_bwd_dq_kernel, _spark_attn_bwd_dkdv_kernel): the recomputation of
 #   FlashAttention-2 (Dao 2023, arXiv 2307.08691), with the threshold a constant, as the torch path
 #   computes keep from s.detach():
@@ -900,7 +900,7 @@ def _thr_scores(q1, K1h, start_n, rows, T, stride_kt, scale1,
 #         t0 = float(P)       # kt-th largest, or (early stop) a value that selects the same kt
 #         v = min(s[s >= t0]);  below = max(s[s < t0])          # the kept minimum, the next lower
 #         thr = (v + below) / 2 if strictly between them else v
-#     e = exp(s - m) [s >= thr];  L = sum(e);  kept = count(s >= thr and j <= i)
+#     kept = count(s >= float(P)), known from the last bit taken (kt or, with ties, more)
 #
 # Cost. Per row, up to 32 steps of (compare, add) over its keys: at the preset ~50 M visible
 # pairs per layer, so at most 3.2 G compares, all on registers. A program of 16 rows stops as
@@ -909,6 +909,8 @@ def _thr_scores(q1, K1h, start_n, rows, T, stride_kt, scale1,
 # done on floats, not on integer keys: float32 compares run on twice as many lanes as int32
 # ones on Hopper, and a float compare makes -0 == +0, as a float threshold will.
 # Programs whose rows all see at most k_top keys (the first k_top rows) skip the search.
+# The softmax sum L is left to pass 2, which computes every exp(s - m) anyway: a last pass over
+# the scores here, for L and the kept count, took 0.4 of 1.4 ms (H200, B 32), more than ten sweeps.
 # ------------------------------------------------------------------------------------------
 
 
@@ -919,7 +921,6 @@ def _spark_attn_thr_kernel(
     K,  # pointer to k [B, Hkv, T, hd] (columns 0 .. r-1 are read); element [b, g, t, c] at
         # K + b * stride_kb + g * stride_kh + t * stride_kt + c
     M,  # pointer to m [B, H, T] float32, contiguous: output, each row's max visible score
-    L,  # pointer to L [B, H, T] float32, contiguous: output, each row's sum of exp(s - m) over kept keys
     Thr,  # pointer to thr [B, H, T] float32, contiguous: output, each row's threshold (-inf: all visible kept)
     Kept,  # pointer to kept [B, H, T] int32, contiguous: output, each row's number of kept keys
     stride_qb, stride_qh, stride_qt,  # elements between consecutive batches, heads, positions of q
@@ -961,7 +962,7 @@ def _spark_attn_thr_kernel(
     m = tl.where(rows < T, m, 0.0)  # padding rows see nothing; 0 keeps exp(s - m) NaN-free there
     # Radix select: P, the order key of the kt-th largest score, one bit at a time.
     P = tl.zeros((BLOCK_M,), tl.int32)
-    n_ge = n_vis.to(tl.float32)  # scores >= float(P) (P = 0 stands for "all visible")
+    n_ge = n_vis.to(tl.float32)  # scores >= float(P) (P = 0 stands for "all visible"): the kept count
     n_open = tl.sum((need & (n_ge != kt)).to(tl.int32), axis=0)  # rows whose kept set is not yet decided
     for step in range(32):
         if n_open > 0:
@@ -994,37 +995,26 @@ def _spark_attn_thr_kernel(
     # v or below, or below may be -inf (every visible score tied at v): then thr = v.
     mid = 0.5 * v + 0.5 * below
     thr = tl.where(need, tl.where((mid > below) & (mid <= v), mid, v), float("-inf"))
-    # L = sum_j exp(s_ij - m_i) [s_ij >= thr_i], and the number of kept keys
-    l_sum = tl.zeros((BLOCK_M,), tl.float32)
-    n_kept = tl.zeros((BLOCK_M,), tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        if ONE_BLOCK:
-            s = s_all
-        else:
-            s = _thr_scores(q1, Kh, start_n, rows, T, stride_kt, scale1, R, R1, BLOCK_N, PREC)
-        keep = (s >= thr[:, None]) & (s > float("-inf"))  # visible (future scores are -inf) and kept
-        l_sum += tl.sum(tl.where(keep, tl.exp(s - m[:, None]), 0.0), axis=1)
-        n_kept += tl.sum(tl.where(keep, 1.0, 0.0), axis=1)
     out = bh.to(tl.int64) * T + rows  # [BLOCK_M] index into the [B, H, T] row arrays
     tl.store(M + out, m, mask=rows < T)
-    tl.store(L + out, l_sum, mask=rows < T)
     tl.store(Thr + out, thr, mask=rows < T)
-    tl.store(Kept + out, n_kept.to(tl.int32), mask=rows < T)
+    tl.store(Kept + out, n_ge.to(tl.int32), mask=rows < T)  # count(s >= thr) = count(s >= float(P))
 
 
 # ------------------------------------------------------------------------------------------
 # 5d. Pass 2: the output, flash-attention style
 #
 # One program per BLOCK_M query rows of one head; it walks the key tiles up to its last row
-# (causal), recomputes s and z, and accumulates. m, L and thr come from pass 1, so each kept
+# (causal), recomputes s and z, and accumulates. m and thr come from pass 1, so each kept
 # weight is final the moment it is computed: no running max, no rescaling of the accumulator.
 #
-#     acc = 0                                             # [BLOCK_M, hd] float32
+#     acc = 0;  L = 0                                     # [BLOCK_M, hd], [BLOCK_M] float32
 #     for each key tile j0 .. j0 + BLOCK_N - 1 with j0 <= last row:
 #         s = q1 k1^T / sqrt(r);  z = q2 k2^T / sqrt(hd - r)
 #         e = exp(s - m) [j <= i and s >= thr]
+#         L += rowsum(e)
 #         acc += (e softplus(z)) v                        # e g cast to the input dtype, as flash does with p
-#     out = acc / L
+#     out = acc / L;  store L for the backward
 #
 # Bytes: q read once, each K and V tile once per query block (from L2 after the first); out
 # written once. FLOPs 4 hd per visible pair (2 r + 2 (hd - r) for s and z, 2 hd for w v).
@@ -1038,7 +1028,7 @@ def _spark_attn_fwd_kernel(
     V,  # pointer to v [B, Hkv, T, hd]; element [b, g, t, c] at V + b * stride_vb + g * stride_vh + t * stride_vt + c
     Out,  # pointer to out [B, H, T, hd], q's dtype, contiguous (written)
     M,  # pointer to m [B, H, T] float32 (pass 1)
-    L,  # pointer to L [B, H, T] float32 (pass 1)
+    L,  # pointer to L [B, H, T] float32, contiguous (written: each row's sum of exp(s - m) over kept keys)
     Thr,  # pointer to thr [B, H, T] float32 (pass 1)
     stride_qb, stride_qh, stride_qt,  # elements between consecutive batches, heads, positions of q
     stride_kb, stride_kh, stride_kt,  # the same for k
@@ -1069,6 +1059,7 @@ def _spark_attn_fwd_kernel(
     m = tl.load(M + row_at, mask=rows < T, other=0.0)[:, None]  # [BLOCK_M, 1]
     thr = tl.load(Thr + row_at, mask=rows < T, other=float("inf"))[:, None]  # padding rows keep nothing
     acc = tl.zeros((BLOCK_M, HDP), tl.float32)
+    l_sum = tl.zeros((BLOCK_M,), tl.float32)
     for start_n in range(0, tl.minimum(T, (pid_m + 1) * BLOCK_M), BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         s = _scores(q1, _load_tile(Kh, keys, T, stride_kt, 0, R, R1), scale1, PREC)  # [BLOCK_M, BLOCK_N]
@@ -1076,11 +1067,13 @@ def _spark_attn_fwd_kernel(
         # e = exp(s - m) [j <= i and s >= thr]
         keep = (keys[None, :] <= rows[:, None]) & (s >= thr)
         e = tl.where(keep, tl.exp(s - m), 0.0)
+        l_sum += tl.sum(e, axis=1)  # L = sum_j e_ij
         # acc += (e g) v
         vt = _load_tile(Vh, keys, T, stride_vt, 0, HD, HDP)  # [BLOCK_N, HDP]
         acc = _dot((e * _softplus(z)).to(vt.dtype), vt, acc, PREC)
-    # out = acc / L
-    l_sum = tl.load(L + row_at, mask=rows < T, other=1.0)[:, None]
+    # out = acc / L (padding rows keep nothing: L = 0 there, and nothing is stored)
+    tl.store(L + row_at, l_sum, mask=rows < T)
+    l_sum = tl.where(rows < T, l_sum, 1.0)[:, None]
     cols = tl.arange(0, HDP)[None, :]
     tl.store(Out + row_at[:, None] * HD + cols, (acc / l_sum).to(Out.dtype.element_ty),
              mask=(rows < T)[:, None] & (cols < HD))
@@ -1090,7 +1083,7 @@ def _spark_attn_fwd_kernel(
 # 5e. Backward (FlashAttention-2's recomputation, arXiv 2307.08691, in two kernels)
 #
 # Nothing of size [T, S] was kept: each kernel recomputes s, z, p = e / L, g = softplus(z) and
-# dw = dO v^T tile by tile from q, k, v, dO and the row arrays m, L, thr. The threshold is a
+# dw = dO v^T tile by tile from q, k, v, dO and the row arrays m, thr (pass 1) and L (pass 2). The threshold is a
 # constant (keep is computed from s.detach() in the torch path); so is m (softmax does not
 # depend on it).
 #
@@ -1141,7 +1134,7 @@ def _spark_attn_bwd_dq_kernel(
     DO,  # pointer to dO [B, H, T, hd]; element [b, h, t, c] at DO + b * stride_ob + h * stride_oh + t * stride_ot + c
     DQ,  # pointer to dq [B, H, T, hd], q's dtype, contiguous (written)
     M,  # pointer to m [B, H, T] float32 (pass 1)
-    L,  # pointer to L [B, H, T] float32 (pass 1)
+    L,  # pointer to L [B, H, T] float32 (pass 2)
     Thr,  # pointer to thr [B, H, T] float32 (pass 1)
     Dd,  # pointer to D [B, H, T] float32, contiguous (written: rowsum(dO * out), for kernel dk dv)
     stride_qb, stride_qh, stride_qt,  # elements between consecutive batches, heads, positions of q
@@ -1203,7 +1196,7 @@ def _spark_attn_bwd_dkdv_kernel(
     DK,  # pointer to dk [B, Hkv, T, hd], k's dtype, contiguous (written)
     DV,  # pointer to dv [B, Hkv, T, hd], v's dtype, contiguous (written)
     M,  # pointer to m [B, H, T] float32 (pass 1)
-    L,  # pointer to L [B, H, T] float32 (pass 1)
+    L,  # pointer to L [B, H, T] float32 (pass 2)
     Thr,  # pointer to thr [B, H, T] float32 (pass 1)
     Dd,  # pointer to D [B, H, T] float32 (kernel dq)
     stride_qb, stride_qh, stride_qt,  # elements between consecutive batches, heads, positions of q
@@ -1319,7 +1312,7 @@ def _spark_attn_fwd(q, k, v, k_top, r):
         # 128 scores per thread (measured fastest on an H200 at width 1024, of 2, 4, 8, 16 warps)
         warps = min(8, max(1, width // 256)) if one_block else 4
         _spark_attn_thr_kernel[(j_end - j, B * H)](
-            q, k, m, l_sum, thr, kept, *_strides(q), *_strides(k), H, G, T, k_top, scale1, j,
+            q, k, m, thr, kept, *_strides(q), *_strides(k), H, G, T, k_top, scale1, j,
             R=r, R1=R1, BLOCK_M=BLOCK_M1, BLOCK_N=width if one_block else 64, ONE_BLOCK=one_block, PREC=prec,
             num_warps=warps)
         j = j_end
