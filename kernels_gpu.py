@@ -740,13 +740,15 @@ def gelu_topk_mul_gpu(p, u, k):
 # 2 r + 2 (hd - r) + 2 hd = 4 hd, as flash attention; backward 14 hd (the dq kernel recomputes
 # s, z and dw; the dk dv kernel recomputes them once more), as FlashAttention-2's two-kernel form.
 #
-# Speed, measured on an NVIDIA H200 (torch 2.11, triton 3.6; a standalone do_bench timing, not part
-# of `python kernels_gpu.py`, whose train_step rows time whole steps instead) at B 8, H = Hkv
-# 12, T 1024, hd 64, r 32, k_top 256, bf16, median ms: forward 0.54 (pass 1 ~0.39, pass 2 0.14),
-# forward + backward 1.01; the torch path 3.66 and 5.63 (and 1.75 GB of temporaries against our
-# 50 MB); flash attention (SDPA, dense) 0.050 and 0.233. Pass 1 is the largest part: its 32-bit
-# search runs on the CUDA cores, while every other step is tensor-core work that flash attention
-# also does (plus one exp and one log per pair for the gate).
+# Speed, measured on an NVIDIA H200 (torch 2.11, triton 3.6; standalone do_bench timings, not part
+# of `python kernels_gpu.py`, whose train_step rows time whole steps instead) at B 32, H = Hkv
+# 12, T 1024, hd 64, r 32, k_top 256, bf16, median ms: forward 1.38 (pass 1 0.90, of which the
+# search ~0.7 at ~19 sweeps a block; pass 2 0.48), backward 1.51 (kernel dq 0.64, kernel dk dv
+# 0.87); flash attention (SDPA, dense) 0.16 and 0.79. (At B 8 the torch path took 3.66 ms forward
+# and 5.63 forward + backward, with 1.75 GB of temporaries against our 50 MB.) Pass 1 is the
+# largest part: its search runs on the CUDA cores, while every other step is tensor-core work that
+# flash attention also does (plus one exp and one log per pair for the gate, and the sigmoid in
+# the backward).
 #
 # Dimension letters (spark.py's): B batch, H query heads, Hkv key/value heads, G = H // Hkv,
 # T queries = S keys, hd head size, r predictor dims, kt tokens kept per query (k_top).
@@ -1267,7 +1269,10 @@ def _tiles(T, block_m, block_n):
     """A kernel's (BLOCK_M, BLOCK_N), each at most the padded T. Chosen on an H200 at the preset
     (bf16, T 1024, hd 64; median ms over the tiles, warps tried): pass 2 64 x 32 with 4 warps
     (0.144; 64 x 64: 0.226, 128 x 64 with 8 warps: 0.167); kernel dq 64 x 64, 4 warps (0.185;
-    128 x 64: 0.203); kernel dk dv 64 x 64, 4 warps (0.252; 32 x 128 with 8 warps: 0.411)."""
+    128 x 64: 0.203); kernel dk dv 64 x 64, 4 warps (0.252; 32 x 128 with 8 warps: 0.411).
+    Re-measured at B 32 with pass 2 summing L: the same tiles won (pass 2 0.48 ms, others
+    0.49-1.56; dq 0.64, others 0.62-1.65; dk dv 0.87, others 1.02-2.58), and capping registers
+    (two programs per SM) made every kernel slower or no faster."""
     return min(block_m, _pad16(T)), min(block_n, _pad16(T))
 
 
