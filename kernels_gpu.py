@@ -2208,32 +2208,32 @@ def _ffn_predict_kernel(
 
 # theta is needed by every program of kernel 2; each merges the NB block statistics itself (a few
 # KB from L2) rather than waiting for a separate launch to do it once. They all sum the same
-# numbers in the same order, so they all find the same bits.
+# numbers in the same order, so they all find the same bits. One pass over the blocks, so that
+# their means and M2 are loaded together (one round trip to L2, not two).
 @jit
 def _ffn_theta(Part, rows, rmask, M, q, F: tl.constexpr, BF: tl.constexpr, NB: tl.constexpr, NBC: tl.constexpr):
-    """theta [MP] of each token from the NB blocks' (mean_b, M2_b), in a fixed order:
-        mean = mean_0 + sum_b n_b (mean_b - mean_0) / f      (centred on block 0: a constant
-        M2   = sum_b M2_b + n_b (mean_b - mean)^2             row keeps mean = p0, M2 = 0 exactly)
-        theta = mean + q sqrt(M2 / f)        (population std; NaN when p holds NaN or +-inf)"""
+    """theta [MP] of each token from the NB blocks' (mean_b, M2_b), in a fixed order, centred on
+    block 0's mean (a constant row then keeps mean = p0 and M2 = 0 exactly):
+        d_b = mean_b - mean_0;  mean = mean_0 + sum_b n_b d_b / f
+        M2 = sum_b (M2_b + n_b d_b^2) - f (mean - mean_0)^2       (the parallel-axis theorem)
+        theta = mean + q sqrt(M2 / f)        (population std; NaN when p holds NaN or +-inf)
+    The subtracted term is about M2 / BF for data without a trend across blocks: no cancellation."""
     base = tl.load(Part + rows * 2, mask=rmask, other=0.0)  # [MP] block 0's means
     s1 = tl.zeros_like(base)
+    s2 = tl.zeros_like(base)
     for b0 in tl.static_range(0, NB, NBC):
         b = b0 + tl.arange(0, NBC)  # [NBC] blocks
         msk = rmask[:, None] & (b < NB)[None, :]
         mb = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0)  # [MP, NBC]
-        nb = tl.minimum(F - b * BF, BF).to(tl.float32)[None, :]
-        s1 += tl.sum(tl.where(msk, nb * (mb - base[:, None]), 0.0), axis=1)
-    mean = base + s1 / F
-    m2 = tl.zeros_like(base)
-    for b0 in tl.static_range(0, NB, NBC):
-        b = b0 + tl.arange(0, NBC)
-        msk = rmask[:, None] & (b < NB)[None, :]
-        mb = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0)
         m2b = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2 + 1, mask=msk, other=0.0)
         nb = tl.minimum(F - b * BF, BF).to(tl.float32)[None, :]
-        dm = mb - mean[:, None]
-        m2 += tl.sum(tl.where(msk, m2b + nb * dm * dm, 0.0), axis=1)
-    return mean + q * tl.sqrt(m2 / F)
+        db = tl.where(msk, mb - base[:, None], 0.0)
+        s1 += tl.sum(nb * db, axis=1)
+        s2 += tl.sum(tl.where(msk, m2b + nb * db * db, 0.0), axis=1)
+    dm = s1 / F  # mean - mean_0
+    m2 = s2 - F * dm * dm
+    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding can dip it below 0 (a NaN stays NaN)
+    return base + dm + q * tl.sqrt(m2 / F)
 
 
 # Kernel 2 (the section's pseudo-code), one program per slice of FS neurons. The rows it reads
@@ -2269,11 +2269,12 @@ def _ffn_sparse_kernel(
     pid = tl.program_id(0)
     rows = tl.arange(0, MP)
     rmask = rows < M
-    theta = _ffn_theta(Part, rows, rmask, M, q, F, BF, NB, NBC)  # [MP] (NaN when x[:r] is not finite: no survivors)
-    # this program's survivors: the union over tokens of p_j > theta, numbered with a cumsum
+    # p of this slice, loaded before theta so that both round trips to L2 overlap
     j = pid * FS + tl.arange(0, FS)  # [FS] neurons
     inside = rmask[:, None] & (j < F)[None, :]
     p = tl.load(P + rows[:, None] * F + j[None, :], mask=inside, other=0.0)  # [MP, FS]
+    theta = _ffn_theta(Part, rows, rmask, M, q, F, BF, NB, NBC)  # [MP] (NaN when x[:r] is not finite: no survivors)
+    # this program's survivors: the union over tokens of p_j > theta, numbered with a cumsum
     if ALL:
         keep = inside
     else:
