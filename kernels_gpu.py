@@ -2078,9 +2078,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 1.68x faster than torch's dense GeGLU (byte limit 3.53x), Spark attention is slower
+# token is 1.72x faster than torch's dense GeGLU (byte limit 3.53x), Spark attention is slower
 # than dense flash-decoding (0.51-0.85x; 0.94-1.06x SDPA from 8192 tokens on), its select costing
-# ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.12x faster than the dense one.
+# ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.13x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
