@@ -36,8 +36,8 @@ The kernels, each with the reference it must match (same argument names and orde
         _gelu_topk_mul_fwd_kernel, _gelu_topk_mul_bwd_kernel: forward and backward in one pass
         each; the backward recomputes max(p - theta, 0) from p and the saved mean and std.
     spark_attention_gpu(q, k, v, k_top, r)        reference: spark.spark_attention (and _np)
-        _spark_attn_thr_kernel: each query's threshold (its kt-th score), max and softmax sum;
-        _spark_attn_fwd_kernel: the output; _spark_attn_bwd_dq_kernel, _spark_attn_bwd_dkdv_kernel.
+        _spark_attn_thr_kernel: each query's threshold (its kt-th score), max and kept count;
+        _spark_attn_fwd_kernel: the output and softmax sum; _spark_attn_bwd_dq_kernel, _spark_attn_bwd_dkdv_kernel.
     twell_ffn_gpu(x, Wg, Wu, Wd, tile, C)         reference: spark.twell_ffn (and _np)      section 6
         _twell_produce_kernel (gate matmul + packing), _twell_consume_kernel, the dense route.
     spark_ffn_decode_gpu(x, K1, K2t, V, k, r)     reference: spark.spark_ffn_np              section 7
