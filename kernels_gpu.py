@@ -87,6 +87,7 @@ from spark import _check_attn_shapes, _check_int
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice  # fast_logf: one MUFU.LG2 on NVIDIA GPUs
 except ImportError:  # the file still imports (tests, docs); every kernel call says what is missing
     triton = None
     tl = types.SimpleNamespace(constexpr=None)  # only read by the kernels' annotations below
@@ -845,9 +846,20 @@ def _scores(a, b, scale, PREC: tl.constexpr):
 
 
 @jit
-def _softplus(z):
-    """softplus(z) = log(1 + e^z) = max(z, 0) + log(1 + e^-|z|): no overflow for large z."""
-    return tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+def _softplus(z, PREC: tl.constexpr):
+    """softplus(z) = log(1 + e^z) = max(z, 0) + log(1 + e^-|z|): no overflow for large z.
+
+    PREC "tf32" (bf16 / fp16 inputs on a GPU, see _dot) takes the log from the hardware's
+    log2 (libdevice.fast_logf: relative error ~2^-22, far below the inputs' 2^-8 or 2^-11);
+    otherwise tl.log, an accurate polynomial of ~20 instructions that, in a kernel doing a few
+    dozen per (query, key) pair, cost more than the matmuls (float32 inputs; the interpreter,
+    which has no libdevice)."""
+    t = 1.0 + tl.exp(-tl.abs(z))
+    if PREC == "tf32":
+        lg = libdevice.fast_logf(t)
+    else:
+        lg = tl.log(t)
+    return tl.maximum(z, 0.0) + lg
 
 
 @jit
@@ -1072,7 +1084,7 @@ def _spark_attn_fwd_kernel(
         l_sum += tl.sum(e, axis=1)  # L = sum_j e_ij
         # acc += (e g) v
         vt = _load_tile(Vh, keys, T, stride_vt, 0, HD, HDP)  # [BLOCK_N, HDP]
-        acc = _dot((e * _softplus(z)).to(vt.dtype), vt, acc, PREC)
+        acc = _dot((e * _softplus(z, PREC)).to(vt.dtype), vt, acc, PREC)
     # out = acc / L (padding rows keep nothing: L = 0 there, and nothing is stored)
     tl.store(L + row_at, l_sum, mask=rows < T)
     l_sum = tl.where(rows < T, l_sum, 1.0)[:, None]
@@ -1118,7 +1130,7 @@ def _bwd_tile(q1, q2, do, m, l_inv, thr, dd, rows, keys, Kh, Vh, T, stride_kt, s
     # p = exp(s - m) / L on kept keys, g = softplus(z), w = p g
     keep = (keys[None, :] <= rows[:, None]) & (s >= thr)
     p = tl.where(keep, tl.exp(s - m) * l_inv, 0.0)
-    g = _softplus(z)
+    g = _softplus(z, PREC)
     # dw_ij = dO_i . v_j
     dw = _dot(do, tl.trans(vt), None, PREC)  # [BLOCK_M, BLOCK_N]
     # ds = p (g dw - D),  dz = p dw sigmoid(z)
@@ -3008,7 +3020,7 @@ def _spark_gather_kernel(
                  mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
     # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
     ew = tl.where(em, tl.exp(s - m), 0.0)
-    w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2)
+    w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")
     vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
                  mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
     row = bh.to(tl.int64) * NCH + c
