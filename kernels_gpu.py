@@ -743,9 +743,10 @@ def gelu_topk_mul_gpu(p, u, k):
 #
 # Speed, measured on an NVIDIA H200 (torch 2.11, triton 3.6; standalone do_bench timings, not part
 # of `python kernels_gpu.py`, whose train_step rows time whole steps instead) at B 32, H = Hkv
-# 12, T 1024, hd 64, r 32, k_top 256, bf16, median ms: forward 1.38 (pass 1 0.90, of which the
-# search ~0.7 at ~19 sweeps a block; pass 2 0.48), backward 1.51 (kernel dq 0.64, kernel dk dv
-# 0.87); flash attention (SDPA, dense) 0.16 and 0.79. (At B 8 the torch path took 3.66 ms forward
+# 12, T 1024, hd 64, r 32, k_top 256, bf16, median ms: forward 1.28 (pass 1 0.90, of which the
+# search ~0.7 at ~19 sweeps a block; pass 2 ~0.38), backward 1.23; flash attention (SDPA, dense)
+# 0.16 and 0.79. (With tl.log for the gate instead of the hardware log2, see _softplus: forward
+# 1.38, backward 1.51.) (At B 8 the torch path took 3.66 ms forward
 # and 5.63 forward + backward, with 1.75 GB of temporaries against our 50 MB.) Pass 1 is the
 # largest part: its search runs on the CUDA cores, while every other step is tensor-core work that
 # flash attention also does (plus one exp and one log per pair for the gate, and the sigmoid in
