@@ -745,12 +745,11 @@ def gelu_topk_mul_gpu(p, u, k):
 # of `python kernels_gpu.py`, whose train_step rows time whole steps instead) at B 32, H = Hkv
 # 12, T 1024, hd 64, r 32, k_top 256, bf16, median ms: forward 1.28 (pass 1 0.90, of which the
 # search ~0.7 at ~19 sweeps a block; pass 2 ~0.38), backward 1.23; flash attention (SDPA, dense)
-# 0.16 and 0.79. (With tl.log for the gate instead of the hardware log2, see _softplus: forward
-# 1.38, backward 1.51.) (At B 8 the torch path took 3.66 ms forward
-# and 5.63 forward + backward, with 1.75 GB of temporaries against our 50 MB.) Pass 1 is the
-# largest part: its search runs on the CUDA cores, while every other step is tensor-core work that
-# flash attention also does (plus one exp and one log per pair for the gate, and the sigmoid in
-# the backward).
+# 0.16 and 0.79. With tl.log for the gate instead of the hardware log2 (see _softplus): forward
+# 1.38, backward 1.51. At B 8 the torch path took 3.66 ms forward and 5.63 forward + backward,
+# with 1.75 GB of temporaries against our 50 MB. Pass 1 is the largest part: its search runs on
+# the CUDA cores, while every other step is tensor-core work that flash attention also does (plus
+# one exp and one log per pair for the gate, and the sigmoid in the backward).
 #
 # Dimension letters (spark.py's): B batch, H query heads, Hkv key/value heads, G = H // Hkv,
 # T queries = S keys, hd head size, r predictor dims, kt tokens kept per query (k_top).
@@ -1283,9 +1282,9 @@ def _tiles(T, block_m, block_n):
     (bf16, T 1024, hd 64; median ms over the tiles, warps tried): pass 2 64 x 32 with 4 warps
     (0.144; 64 x 64: 0.226, 128 x 64 with 8 warps: 0.167); kernel dq 64 x 64, 4 warps (0.185;
     128 x 64: 0.203); kernel dk dv 64 x 64, 4 warps (0.252; 32 x 128 with 8 warps: 0.411).
-    Re-measured at B 32 with pass 2 summing L: the same tiles won (pass 2 0.48 ms, others
-    0.49-1.56; dq 0.64, others 0.62-1.65; dk dv 0.87, others 1.02-2.58), and capping registers
-    (two programs per SM) made every kernel slower or no faster."""
+    Re-measured at B 32 with pass 2 summing L (and tl.log for the gate): the same tiles won
+    (pass 2 0.48 ms, others 0.49-1.56; dq 0.64, others 0.62-1.65; dk dv 0.87, others 1.02-2.58),
+    and capping registers (two programs per SM) made every kernel slower or no faster."""
     return min(block_m, _pad16(T)), min(block_n, _pad16(T))
 
 
@@ -3021,7 +3020,7 @@ def _spark_gather_kernel(
                  mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
     # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
     ew = tl.where(em, tl.exp(s - m), 0.0)
-    w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")
+    w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")  # (tl.log: a few gates a program)
     vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
                  mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
     row = bh.to(tl.int64) * NCH + c

@@ -118,6 +118,22 @@ def run_in_cuda_graph(step):
     return out
 
 
+def scores_of(kind, n, gen):
+    """n distinct float64 scores of one shape, for the exact selects (training threshold and
+    decode list): "sinks" (four huge scores above normal ones: the std is dominated by them, so a
+    statistical guess of the kt-th score lands far above it), "powers of two" (signs random,
+    magnitudes 2^-40 .. 2^40: mean and std say nothing useful), "negative" (all in [-2, -1): the
+    order keys of negative floats run backwards from their bits) or "normal"."""
+    if kind == "sinks":
+        return torch.cat([1e4 + torch.arange(4, dtype=torch.float64), torch.randn(n - 4, generator=gen, dtype=torch.float64)])
+    if kind == "powers of two":
+        signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
+        return signs * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).double() + torch.rand(n, generator=gen, dtype=torch.float64))
+    if kind == "negative":
+        return -torch.rand(n, generator=gen, dtype=torch.float64) - 1.0
+    return torch.randn(n, generator=gen, dtype=torch.float64)  # "normal"
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seeds():
     """Every test starts from the same random state, so failures reproduce."""

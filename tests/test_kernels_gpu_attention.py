@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close
+from conftest import HAS_CUDA, assert_close, scores_of
 import kernels_gpu
 import spark
 from kernels_gpu import spark_attention_gpu
@@ -149,22 +149,13 @@ def test_all_scores_tied_keeps_every_visible_key():
 def test_threshold_any_score_shape(kind):
     """The threshold is exact whatever the scores look like (the kept counts are compared
     exactly: with a few huge scores the outputs alone would not tell, every other key weighing
-    ~0 whether kept or not); shapes where a statistical guess of the kt-th score is far off. r = 1 and q[:1] = 1 make row i's scores the
-    first entries of keys 0 .. i: four huge "sink" keys first, magnitudes over 80 powers of two,
-    or all negative (distinct values, so the kept counts are exact too)."""
+    ~0 whether kept or not), on shapes where a statistical guess of the kt-th score is far off.
+    r = 1 and q[:1] = 1 make row i's scores the first entries of keys 0 .. i: four huge "sink"
+    keys first, magnitudes over 80 powers of two, or all negative (distinct values, so the kept
+    counts are exact too)."""
     B, H, Hkv, T, hd, r, k_top = 1, 2, 1, 70, 8, 1, 16
     q, k, v = make_qkv(B, H, Hkv, T, hd, torch.float64)
-    gen = torch.Generator().manual_seed(4)
-    if kind == "sinks":
-        # the std is dominated by the sinks, so mean + z std lands far above the kt-th score
-        first = torch.cat([1e4 + torch.arange(4.0, dtype=torch.float64), torch.randn(T - 4, generator=gen, dtype=torch.float64)])
-    elif kind == "powers of two":
-        # random signs, magnitudes 2^-40 .. 2^40: mean and std say nothing about the order
-        signs = torch.randint(0, 2, (T,), generator=gen).double() * 2 - 1
-        first = signs * torch.exp2(torch.randint(-40, 40, (T,), generator=gen).double() + torch.rand(T, generator=gen, dtype=torch.float64))
-    else:
-        # all in [-2, -1): the order keys of negative floats run backwards from their bits
-        first = -torch.rand(T, generator=gen, dtype=torch.float64) - 1.0
+    first = scores_of(kind, T, torch.Generator().manual_seed(4))  # (conftest: why each shape is hard)
     k[..., 0] = first.float().double().to(DEVICE)  # exact in float32
     q[..., 0] = 1.0
     q, k, v = q.float(), k.float(), v.float()

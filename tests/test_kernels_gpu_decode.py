@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, run_in_cuda_graph
+from conftest import HAS_CUDA, assert_close, run_in_cuda_graph, scores_of
 import kernels_gpu as dg
 import kernels_gpu
 import spark
@@ -286,24 +286,8 @@ def test_spark_attention_decode_adjacent_floats():
 
 
 # Score shapes the select's statistical first guess gets wrong (its bracket of mean + z std misses
-# the kt-th score), so that the search must recover from it: a few huge "sink" scores, scores
-# spread over many powers of two, one side of zero only, and kt near n (the threshold near the
-# bottom, below zero).
-def _scores_of(kind, n, gen):
-    """n distinct float64 scores of one shape: "sinks" (four huge scores above normal ones: the
-    std is dominated by them, so the guess lands far above the kt-th score), "powers of two" (signs
-    random, magnitudes 2^-40 .. 2^40: mean and std say nothing useful), "negative" (all in
-    [-2, -1): the order keys of negative floats run backwards) or "normal" (the guess is good)."""
-    if kind == "sinks":
-        return torch.cat([1e4 + torch.arange(4, dtype=torch.float64), torch.randn(n - 4, generator=gen, dtype=torch.float64)])
-    if kind == "powers of two":
-        signs = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
-        return signs * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).double() + torch.rand(n, generator=gen, dtype=torch.float64))
-    if kind == "negative":
-        return -torch.rand(n, generator=gen, dtype=torch.float64) - 1.0
-    return torch.randn(n, generator=gen, dtype=torch.float64)  # "normal"
-
-
+# the kt-th score), so that the search must recover from it: conftest.scores_of, and kt near n
+# (the threshold near the bottom, below zero).
 def check_select(scores, k_top):
     """The select kernel alone on one row of distinct scores: its list must be the positions of
     the k_top largest, ascending, with their scores, and its max the row's. (Through the whole
@@ -328,7 +312,7 @@ def test_spark_attention_decode_select_any_score_shape(kind, n, k_top, chunked, 
     300) puts the kt-th score low, where the guess mean + z std has z < 0, and the "search" mode
     re-reads the scores in chunks for every sweep."""
     chunk_select(monkeypatch, chunked)
-    scores = _scores_of(kind, n, torch.Generator().manual_seed(3)).float()
+    scores = scores_of(kind, n, torch.Generator().manual_seed(3)).float()
     assert len(torch.unique(scores)) == n, "distinct scores"
     check_select(scores, k_top)
 
@@ -340,7 +324,7 @@ def test_spark_attention_decode_select_longest_search():
     replica of the search takes all 17 sweeps here). Two sweeps fewer leave four scores at or
     above lo, and a wrong list (one fewer leaves two: the tie pass still keeps the right kt)."""
     n, k_top = 300, 40
-    scores = _scores_of("sinks", n, torch.Generator().manual_seed(2)).float()
+    scores = scores_of("sinks", n, torch.Generator().manual_seed(2)).float()
     order = torch.argsort(scores, descending=True)
     for i in range(8):  # the next 8 scores 1 .. 8 floats below the kt-th
         scores[order[k_top + i]] = torch.nextafter(scores[order[k_top + i - 1]], torch.tensor(float("-inf")))
