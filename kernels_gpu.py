@@ -2110,7 +2110,7 @@ MAX_TOKENS = 8  # tokens per FFN launch (MP = 16 rows of tl.dot); more tokens: o
 FFN_BF, FFN_BR = 128, 128  # predictor tile: BF neurons x BR of r per step (108 programs at f = 13824)
 FFN_FS = 128  # neurons per sparse program (108 programs at f = 13824, ~10 survivors each at 8 %)
 FFN_E = 32  # survivors gathered at once
-FFN_BK = 512  # chunk of a K2t row (d - r) and of a V row (d)
+FFN_BK = 256  # chunk of a K2t row (d - r) and of a V row (d)
 FFN_WARPS = 8  # warps per sparse program
 FFN_RB = 32  # columns per reduce program (72 programs at d = 2304)
 TARGET_PROGRAMS = 264  # attention splits aim at two programs per SM of an H200
