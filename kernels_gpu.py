@@ -3172,6 +3172,59 @@ def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
 # ------------------------------------------------------------------------------------------
 
 
+# The residual add and the LayerNorm after it, one kernel (torch runs them as two, ~3.4 us each
+# at one token on an H200, four per layer). One program per row of d values:
+#     x' = bf16(x + a)                    (the residual stream, rounded as the model's x + a is)
+#     h = (x' - mean x') / sqrt(var x' + eps) w + b        (float32 sums; nn.LayerNorm's formula)
+# As a decode kernel it launches with PDL: the kernel after it (our FFN's predictor, or a GEMV)
+# is placed while it runs.
+@jit
+def _add_layernorm_kernel(
+    X,  # pointer to x [B, d], contiguous (read)
+    A,  # pointer to a [B, d], contiguous (read when HAS_A)
+    W,  # pointer to the LayerNorm's weight [d]
+    Bias,  # pointer to its bias [d] (read when HAS_BIAS)
+    Xo,  # pointer to x' [B, d] (written when HAS_A)
+    Ho,  # pointer to h [B, d] (written)
+    D,  # d
+    eps,  # the LayerNorm's epsilon
+    DP: tl.constexpr,  # d padded to a power of two
+    HAS_A: tl.constexpr,  # a given (else h = LayerNorm(x))
+    HAS_BIAS: tl.constexpr,  # the LayerNorm has a bias
+    PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
+):
+    _wait_previous(PDL)
+    row = tl.program_id(0).to(tl.int64) * D
+    c = tl.arange(0, DP)
+    m = c < D
+    BF16: tl.constexpr = Ho.dtype.element_ty == tl.bfloat16  # (rounded by _bf16_round: the interpreter's
+    # float32 -> bf16 conversion truncates, the GPU's rounds to nearest even)
+    x = tl.load(X + row + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_A:
+        x = x + tl.load(A + row + c, mask=m, other=0.0).to(tl.float32)
+        x = (_bf16_round(x) if BF16 else x).to(Xo.dtype.element_ty)
+        tl.store(Xo + row + c, x, mask=m)
+        x = x.to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(m, x - mean, 0.0)
+    h = xc / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps) * tl.load(W + c, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(Bias + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(Ho + row + c, (_bf16_round(h) if BF16 else h).to(Ho.dtype.element_ty), mask=m)
+
+
+def _add_layernorm(x, a, ln):
+    """(x + a, ln(x + a)) for x, a [B, d] (a None: (x, ln(x))), ln an nn.LayerNorm."""
+    x, a = x.contiguous(), None if a is None else a.contiguous()  # (no copy when they already are)
+    h = torch.empty_like(x)
+    xo = x if a is None else torch.empty_like(x)
+    bias = ln.bias if ln.bias is not None else ln.weight  # (without a bias: a pointer never read)
+    _add_layernorm_kernel[(x.shape[0],)](x, x if a is None else a, ln.weight, bias, xo, h, x.shape[1], ln.eps,
+                                         DP=triton.next_power_of_2(x.shape[1]), HAS_A=a is not None,
+                                         HAS_BIAS=ln.bias is not None, num_warps=4, **_pdl(x))
+    return xo, h
+
+
 # Each layer's FFN as a function of h [B, d]: prepared once, when the decoder is built, so that
 # the graph captures only the kernels (no re-layout per step).
 def _ffn_kernel_gpu(ffn):
@@ -3204,8 +3257,10 @@ class _GraphDecoder:
             # reads k as two views, k[..., :r] and k[..., r:] (each a contiguous run of every row:
             # 256 of 512 bytes per token at the Gemma shapes, which a GPU reads at full speed in
             # 32-byte sectors), so the new token's key is one write, as for dense attention.
-            bufs = {name: torch.zeros(B, att.Hkv, c.block_size, att.hd, dtype=w.dtype, device=w.device)
-                    for name in ("k", "v")}
+            # k and v are the two halves of one buffer, so that the new token's key and value are
+            # one write (one kernel, not two)
+            kv = torch.zeros(B, 2, att.Hkv, c.block_size, att.hd, dtype=w.dtype, device=w.device)
+            bufs = {"kv": kv, "k": kv[:, 0], "v": kv[:, 1]}
             # The attention projections as [in, out] matrices, q, k and v side by side: one GEMV instead
             # of three, and the layout cuBLAS reads at full speed for one token (through nn.Linear's
             # [out, in] weights an H200 ran these four GEMVs at ~0.8 TB/s: 37 of a dense layer's ~140 us).
@@ -3233,14 +3288,15 @@ class _GraphDecoder:
     def _step(self):
         """One decode step on the static buffers (the body the graph captures). -> logits [B, V]"""
         model, B = self.model, self.tok.shape[0]
-        x = model.wte(self.tok) + model.wpe(self.pos)  # [B, d]
-        for layer in self.layers:
+        lns = [ln for layer in self.layers for ln in (layer["blk"].ln_1, layer["blk"].ln_2)] + [model.ln_f]
+        # x: the residual stream [B, d]; h: the LayerNorm of it that the next sublayer reads
+        x, h = _add_layernorm(model.wte(self.tok) + model.wpe(self.pos), None, lns[0])
+        for i, layer in enumerate(self.layers):
             blk, att = layer["blk"], layer["blk"].attn
-            qkv = _linear(blk.ln_1(x), layer["w_qkv"], layer["b_qkv"])  # [B, (H + 2 Hkv) hd]
-            q, k, v = qkv.split([att.H * att.hd, att.Hkv * att.hd, att.Hkv * att.hd], dim=1)
-            q, k, v = q.view(B, att.H, att.hd), k.view(B, att.Hkv, 1, att.hd), v.view(B, att.Hkv, 1, att.hd)
-            for name, t in (("k", k), ("v", v)):
-                layer[name].index_copy_(2, self.pos, t)  # the new token's row at position n, in place
+            qkv = _linear(h, layer["w_qkv"], layer["b_qkv"])  # [B, (H + 2 Hkv) hd]
+            q = qkv[:, :att.H * att.hd].view(B, att.H, att.hd)
+            # the new token's key and value, at position n of the cache, in place
+            layer["kv"].index_copy_(3, self.pos, qkv[:, att.H * att.hd:].view(B, 2, att.Hkv, 1, att.hd))
             # the kernels without their argument checks: these are the decoder's own buffers, and
             # the device-side check of lengths would add four small kernels to every layer
             if layer["spark"]:
@@ -3248,9 +3304,9 @@ class _GraphDecoder:
                 o = _spark_decode(q, kc[..., :att.r], kc[..., att.r:], layer["v"], att.k_top, att.r, self.lengths)
             else:
                 o = _flash_decode(q, layer["k"], layer["v"], self.lengths, None)  # [B, H, hd]
-            x = x + _linear(o.reshape(B, -1), layer["w_o"], layer["b_o"])  # [B, d]
-            x = x + layer["ffn"](blk.ln_2(x))  # [B, d]
-        return model.ln_f(x) @ model.wte.weight.T  # [B, V]
+            x, h = _add_layernorm(x, _linear(o.reshape(B, -1), layer["w_o"], layer["b_o"]), lns[2 * i + 1])
+            x, h = _add_layernorm(x, layer["ffn"](h), lns[2 * i + 2])  # (the last: ln_f)
+        return h @ model.wte.weight.T  # [B, V]
 
     @torch.no_grad()  # (also when called directly, as the benchmark does: nothing for autograd to record)
     def step(self, tok, n):

@@ -405,6 +405,30 @@ def test_attention_decode_bad_input():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_add_layernorm_matches_torch(dtype, bias):
+    """The decoder's fused residual add + LayerNorm against torch's x + a then nn.LayerNorm, at
+    an odd width (d 37: the padded lanes must not enter the mean or the variance), and without
+    the add. float32: the same formula, sums in another order (1e-5). bf16: x + a is rounded to
+    bf16 in both, the same bits; h may differ in its last bf16 bit (2^-7 relative), as both round
+    a float32 result computed in a different order."""
+    gen = torch.Generator().manual_seed(4)
+    x, a = (torch.randn(3, 37, generator=gen).to(DEVICE, dtype) * 3 for _ in range(2))
+    ln = torch.nn.LayerNorm(37, bias=bias).to(DEVICE, dtype)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(37, generator=gen))
+        if bias:
+            ln.bias.copy_(torch.randn(37, generator=gen))
+        tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+        xo, h = dg._add_layernorm(x, a, ln)
+        assert torch.equal(xo, x + a)
+        assert_close("h", h.float(), ln(x + a).float(), tol * 4, tol)
+        xo, h = dg._add_layernorm(x, None, ln)
+        assert xo is x or torch.equal(xo, x)
+        assert_close("h without the add", h.float(), ln(x).float(), tol * 4, tol)
+
+
 def tiny_model(ffn, attn, dtype=torch.float32, bias=False):
     """2 layers, 4 heads / 2 KV heads of 16, d 64, Spark f 192, k_top 8, context 24; 2-D weights
     at 10x the init scale so that greedy decoding has no near-ties (kernels_cpu's bench does the same).
