@@ -2095,9 +2095,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 1.72x faster than torch's dense GeGLU (byte limit 3.53x), Spark attention is slower
-# than dense flash-decoding (0.51-0.85x; 0.94-1.06x SDPA from 8192 tokens on), its select costing
-# ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.13x faster than the dense one.
+# token is 1.84x faster than torch's dense GeGLU (byte limit 3.53x), Spark attention is slower
+# than dense flash-decoding (0.50-0.84x; 0.99-1.09x SDPA from 8192 tokens on), its select costing
+# ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.16x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
@@ -3159,16 +3159,18 @@ def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
 #    step of a 26-layer model launches ~10 kernels per layer; launched from Python each costs
 #    several us of host time, more than many of the kernels take. Captured once, a step is one
 #    graph launch. A graph replays fixed pointers and shapes, so:
-#    - the KV cache is a static buffer of block_size tokens per layer (k and v; Spark attention
-#      reads k as its two views k[..., :r] and k[..., r:]), written in place at the new position
-#      (index_copy_ with the position as a device tensor), and the kernels read all block_size rows' worth of
-#      programs with `lengths` = n + 1 telling them how many tokens are real;
+#    - the KV cache is a static buffer of block_size tokens per layer (k and v its two halves;
+#      Spark attention reads k as its two views k[..., :r] and k[..., r:]), written in place at
+#      the new position (one index_copy_ with the position as a device tensor), and the kernels
+#      launch block_size rows' worth of programs with `lengths` = n + 1 telling them how many
+#      tokens are real;
 #    - the new token and its position are static device tensors, refilled before each replay;
 #    - the logits are a static output, cloned for the caller (the next replay overwrites them).
 #    The prefill (the prompt, and the rebuild when the window slides) runs the model's own
 #    forward (GPT._run) eagerly and copies its caches into the static buffers.
 #    FFNs: SparkFFN -> spark_ffn_decode_gpu (weights re-laid once), GatedFFN -> spark.gated_ffn
-#    (cuBLAS GEMVs), the other kinds -> their module (dense compute in torch).
+#    (cuBLAS GEMVs), the other kinds -> their module (dense compute in torch). Each residual add
+#    and the LayerNorm after it run as one kernel (_add_layernorm), in both models.
 # ------------------------------------------------------------------------------------------
 
 
