@@ -2140,7 +2140,8 @@ USE_PDL = True
 
 def _pdl(x, last=False):
     """The launch arguments of a decode kernel on x's device: PDL where the GPU has it (above)."""
-    on = USE_PDL and gdc_wait is not None and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    on = (USE_PDL and gdc_wait is not None and x.is_cuda and torch.version.hip is None
+          and torch.cuda.get_device_capability(x.device)[0] >= 9)  # (NVIDIA Hopper and later only)
     return {"PDL": 1 if last else 2, "launch_pdl": True} if on else {"PDL": 0}
 
 
