@@ -2133,8 +2133,9 @@ COMPACT_CHUNK = 8192  # the select kernel's compaction holds at most this many s
 #     PDL = 1 (a chain's last kernel): wait only; the next is placed as this one exits
 # Why the last kernel waits to be done: what follows it is not ours. In back-to-back Spark
 # attention calls, a merge that let the next call's score kernel be placed at once made every
-# call slower (26.8 against 23.3 us at 8192 tokens on an H200): that kernel's 264 programs were
-# placed on SMs still busy with the gather and ran unevenly. USE_PDL = False gives plain launches.
+# call slower (26.8 against 23.3 us at 8192 tokens on an H200; our reading: that kernel's 264
+# programs were then placed on SMs still busy with the gather, unevenly). USE_PDL = False gives
+# plain launches.
 USE_PDL = True
 
 
