@@ -3258,12 +3258,11 @@ class _GraphDecoder:
         for blk in model.blocks:
             att = blk.attn
             is_spark = isinstance(att, spark.SparkAttention)
-            # k, v [B, Hkv, block_size, hd], zero beyond what prefill and steps write. Spark attention
-            # reads k as two views, k[..., :r] and k[..., r:] (each a contiguous run of every row:
-            # 256 of 512 bytes per token at the Gemma shapes, which a GPU reads at full speed in
-            # 32-byte sectors), so the new token's key is one write, as for dense attention.
-            # k and v are the two halves of one buffer, so that the new token's key and value are
-            # one write (one kernel, not two)
+            # k, v [B, Hkv, block_size, hd], zero beyond what prefill and steps write: the two halves
+            # of one buffer, so that the new token's key and value are one write (one kernel, not
+            # two). Spark attention reads k as two views, k[..., :r] and k[..., r:] (each a
+            # contiguous run of every row: 256 of 512 bytes per token at the Gemma shapes, which a
+            # GPU reads at full speed in 32-byte sectors), as dense attention reads k whole.
             kv = torch.zeros(B, 2, att.Hkv, c.block_size, att.hd, dtype=w.dtype, device=w.device)
             bufs = {"kv": kv, "k": kv[:, 0], "v": kv[:, 1]}
             # The attention projections as [in, out] matrices, q, k and v side by side: one GEMV instead
