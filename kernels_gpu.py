@@ -1437,9 +1437,8 @@ def spark_attention_gpu(q, k, v, k_top, r):
 #
 # Dimension letters (spark.py's): M rows (tokens, all leading dims), d model width, f FFN width,
 # nT = ceil(f / tile) tiles per row, W = tile / C words per slot (capacity W - 1 entries), n the
-# nonzeros of a row. Tile letters: BM rows and BK of d a producer's matmul tile holds at once, RB
-# rows it packs at a time; E entries a consumer program handles at once; BD = d rounded up to a
-# power of two.
+# nonzeros of a row. Tile letters: BM rows and BK of d a producer's matmul tile holds at once;
+# E entries a consumer program handles at once; BD = d rounded up to a power of two.
 #
 # Choices
 # - bf16 in, bf16 out (x, Wg, Wu, Wd and y), float32 accumulation. Every rounding to bf16 is round
@@ -1471,11 +1470,12 @@ def spark_attention_gpu(q, k, v, k_top, r):
 
 # Producer: BM rows x `tile` columns of the gate per matmul tile, BK of d per step, one
 # persistent program per SM (PRODUCE_PROGRAMS on the CPU, so that the interpreter's programs loop
-# over several tiles too); RB rows packed at a time. BM = 128 reads Wg (from L2) half as often as
-# BM = 64: on an H200 the matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64 (section
-# 6c says where the rest goes). bench_twell times the candidates.
+# over several tiles too). BM = 128 reads Wg (from L2) half as often as BM = 64: on an H200 the
+# matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64; BK = 32 leaves shared memory
+# for the epilogue's U (section 6c). bench_twell times the candidates.
 PRODUCE_PROGRAMS = 2
-PRODUCE_CFG = dict(BM=128, BK=64, RB=32, num_warps=8, num_stages=4)
+PRODUCE_CFG = dict(BM=128, BK=32, num_warps=8, num_stages=4)
+OFF32_WORDS = 2**31  # packed words from which the producer's word offsets are int64 (tests lower it)
 # Consumer: E entries at once, each a [E, BD] tile of Wu rows and one of Wd rows.
 CONSUME_CFG = dict(E=4, num_warps=4)
 CONSUME_NTB_MAX = 64  # count words a consumer program reads at once (more tiles: a loop over chunks)
@@ -1601,35 +1601,57 @@ def _dot_tile(
 #
 # A persistent kernel: one program per SM walks the (row block, tile) pairs, tiles fastest, so
 # the programs running side by side share x's row block (read from memory once, then from L2)
-# while all of Wg (d f bf16, 23 MB at d 2048, f 5632) stays in L2. Each program owns a scratch
-# of BM x tile int16 (64 KB; 8.7 MB for 132 SMs), reused for every tile, so it stays in L2 too.
+# while all of Wg (d f bf16, 23 MB at d 2048, f 5632) stays in L2. The epilogue packs the
+# accumulator where it lies, in the tensor cores' register layout; nothing is written but words.
 #
+#     U = [i <= j] for i, j < tile                            # [tile, tile] of ones on and above the diagonal
 #     for each (row block, tile t) of this program:
 #         acc = x[rows] @ Wg[:, t tile : (t + 1) tile]       # [BM, tile] float32, tensor cores
-#         scr = bf16 bits of relu(acc)                        # int16; NaN gate -> 0x7FC0, +inf -> 0x7F81
-#         for each chunk of RB rows of scr:                   # re-read: a row's columns in one warp
-#             nz = scr != 0 and scr != 0x7FC0 (a NaN gate is not an entry)
-#             pos = cumsum(nz) along the tile                 # the k-th nonzero has pos k: its word
-#             count = sum(nz);  over = count > W - 1 or a NaN / +inf gate
-#             word = column | bits << 16   (| NaN bits instead, in an overflowing slot)
-#             packed[row, t W + pos] = word     where nz and pos <= W - 1       (a scatter)
-#             packed[row, t W] = min(count, W - 1);  packed[row, t W + k] = 0 for k > count
-#             overflowing rows: flag[row] = 1
+#         b = float32 bits of relu(acc) + 0x7FFF + bit 16     # high half = bf16(relu(acc)), round to nearest even
+#         nz = (high half != 0);  bad = acc is NaN or +inf
+#         k = nz @ U                                          # tensor cores again: k = 1, 2, ... at a row's
+#                                                             # 1st, 2nd, ... nonzero of the tile: its word
+#         count = sum(nz);  over = count > W - 1 or any bad
+#         word = column | high half of b   (| NaN bits instead, in an overflowing slot)
+#         packed[row, t W + k] = word      where nz and k <= W - 1         (a scatter)
+#         packed[row, t W] = min(count, W - 1);  packed[row, t W + i] = 0 for i > count
+#         overflowing rows: flag[row] = 1
 # The two stores touch disjoint words (1..n, and 0 with n+1..W-1), so no ordering between them
 # is needed and the packed tensor needs no zeroing first: every word is written exactly once.
 #
-# Why the scratch. The first version packed the accumulator where it lay, in the tensor cores'
-# register layout: Triton then moved [BM, tile] tensors through shared memory twice (for the
-# cumsum, which wants a row's columns close together, and for the scattered store) and spilled
-# registers; it took 8.8 ms where the matmul alone takes 4.5 ms (NVIDIA H200). Through the
-# scratch: 7.9 ms, of which writing the bits and reading them back cost 1.0 ms, the cumsum
-# 0.6 ms and the scattered stores 1.8 ms (Triton still moves their addresses, values and masks
-# into a one-column-per-thread layout first). Steps and variants measured in notes/twell.md.
+# Why a matmul for the numbering. A cumsum along the tile (tl.cumsum) wants a row's columns in a
+# layout of its own, and Triton moves [BM, tile] tensors through shared memory to get there; so
+# does a scattered tl.store, into a layout of one column per thread. Both moves, and the spills
+# they caused, cost more than the matmul (notes/twell.md: 7.9-8.8 ms for versions built so,
+# against 4.5 ms for the matmul alone, NVIDIA H200). k = nz @ U is a second tl.dot whose result
+# lies in the same register layout as acc, with 0/1 operands in float8 (exact; tl.dot wants
+# k >= 32 for float8, so tiles of 16 use float16) and float16 sums (exact below 2048). The scatter
+# is one PTX st.global per entry (_scatter_store), which Triton does not re-lay. The price: a
+# [BM, tile] x [tile, tile] product per tile, tile / d = 1/8 of the gate matmul's multiply-adds
+# at half their cost in float8, and U's 64 KB of shared memory, which leaves room for four
+# pipeline stages of 32-wide steps of d (not of 64: the matmul alone took 4.7 ms then, 4.5 ms
+# at 64 x 4).
 #
 # Bytes at M = 131072, d 2048, f 5632, tile 256, C 8: x read once (537 MB), Wg from L2, packed
-# written (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g); the scratch moves 2 x 1476 MB
-# through L2. FLOPs 2 M d f = 3.0e12, a third of the dense FFN's.
+# written (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g). FLOPs 2 M d f = 3.0e12, a third
+# of the dense FFN's, plus 2 M f tile = 0.4e12 for the numbering.
 # ------------------------------------------------------------------------------------------
+
+
+@jit
+def _scatter_store(ptr, value, mask, WIDEN: tl.constexpr):
+    """tl.store(ptr, value, mask=mask) for int32 values, the operands left in their layout.
+
+    A tl.store of pointers computed from data cannot be coalesced, and Triton re-lays its operands
+    into a one-column-per-thread layout first (through shared memory); an inline PTX store is not
+    a memory operation to Triton, so it stores from the registers where the values are. The
+    interpreter cannot run PTX (WIDEN): there it is the plain tl.store.
+    """
+    if WIDEN:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.inline_asm_elementwise("{ @$3 st.global.b32 [$1], $2; mov.b32 $0, 0; }", "=r,l,r,b", [ptr, value, mask],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @jit
@@ -1640,7 +1662,6 @@ def _twell_produce_kernel(
     Stat,  # pointer to int32 [M + 3], zeroed: [0, M) per-row overflow flags (set here), [M]
     #        overflowing rows (the consumer's count), [M + 1] NaN or +inf gates (counted here),
     #        [M + 2] the ok word (the last kernel's)
-    Scr,  # pointer to the scratch [programs, BM TILE] int16; program p owns row p
     M,  # number of rows
     d,  # model width (the summed length)
     f,  # FFN width (columns of Wg)
@@ -1652,13 +1673,13 @@ def _twell_produce_kernel(
     NT: tl.constexpr,  # tiles per row: packed's row is NT W words
     BM: tl.constexpr,  # rows per matmul tile
     BK: tl.constexpr,  # entries of d per matmul step
-    RB: tl.constexpr,  # rows packed at a time
+    OFF64: tl.constexpr,  # M NT W >= 2^31: word offsets in int64
     WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
 ):
-    tl.static_assert(BM % RB == 0)  # the chunks cover the scratch exactly (its loads are not masked)
     pid = tl.program_id(0)
-    scr = Scr + pid.to(tl.int64) * (BM * TILE)  # this program's scratch
     r_loc, c_loc = tl.arange(0, BM), tl.arange(0, TILE)
+    upper = c_loc[:, None] <= c_loc[None, :]  # [TILE, TILE] U
+    OP: tl.constexpr = tl.float8e4nv if TILE >= 32 else tl.float16  # the numbering's operands (0 and 1)
     for tile_id in range(pid, n_tiles, tl.num_programs(0)):
         t = tile_id % NT  # the tile (fastest)
         row0 = (tile_id // NT) * BM
@@ -1666,37 +1687,37 @@ def _twell_produce_kernel(
         cols = t * TILE + c_loc  # [TILE] global columns of this tile (the last one is narrower when f % TILE != 0)
         acc = _dot_tile(X, Wg, rows.to(tl.int64), rows < M, cols, cols < f, d, stride_xm, f, 1, BM, TILE, BK, WIDEN)
         # padded rows and columns read zeros, so their acc is 0: never stored, never counted.
-        # v = bf16 bits of relu(acc) (0 for g = 0 and for what rounds to 0); a NaN gate is marked
-        # 0x7FC0 (not an entry), a +inf gate 0x7F81 (an entry); both make the tile bad. A finite
-        # acc never gives more than 0x7F80 (bf16 inf, for what rounds up to it).
-        v = _bf16_bits(tl.where(acc > 0, acc, 0.0)) >> 16
-        v = tl.where(acc != acc, 0x7FC0, tl.where(acc > 3.4028234663852886e38, 0x7F81, v))
-        tl.store(scr + r_loc[:, None] * TILE + c_loc[None, :], v.to(tl.int16))
-        tl.debug_barrier()  # the chunks below read what other threads wrote
-        for r0 in range(0, BM, RB):
-            # (written exactly so: sharing one [RB] range between the two lines below changed the
-            # compiled code and cost 20 % on an H200 at RB = 32)
-            rr = row0 + r0 + tl.arange(0, RB)  # [RB] rows of x
-            rm = rr < M
-            vv = tl.load(scr + (r0 + tl.arange(0, RB))[:, None] * TILE + c_loc[None, :]).to(tl.int32)  # [RB, TILE]
-            bad = vv > 0x7F80
-            nz = ((vv != 0) & (vv != 0x7FC0)).to(tl.int32)
-            pos = tl.cumsum(nz, axis=1)  # [RB, TILE] the k-th nonzero of the tile has pos k
-            count = tl.sum(nz, axis=1)  # [RB]
-            n_bad = tl.sum(bad.to(tl.int32), axis=1)  # [RB] NaN / +inf gates
-            over = (count > W - 1) | (n_bad > 0)  # [RB] the slot cannot hold the tile
-            # word = j | bf16 << 16: global column j in the low half (< 65536), the value's bits above
-            word = cols[None, :] | tl.where(over[:, None], NAN_WORD, vv << 16)  # [RB, TILE]
-            slot = Packed + rr.to(tl.int64)[:, None] * (NT * W) + t * W  # [RB, 1] word 0 of each row's slot
-            tl.store(slot + pos, word, mask=rm[:, None] & (nz != 0) & (pos < W))  # words 1..min(count, W - 1)
-            n = tl.minimum(count, W - 1)[:, None]  # [RB, 1] the count word, never above the capacity
-            k = tl.arange(0, W)[None, :]  # [1, W]
-            tl.store(slot + k, tl.where(k == 0, n, 0), mask=rm[:, None] & ((k == 0) | (k > n)))  # word 0 and the tail
-            # the row's flag: every tile that overflows writes the same 1 (no race on the value)
-            tl.store(Stat + rr, tl.full((RB,), 1, tl.int32), mask=rm & over)
-            n_bad = tl.sum(tl.where(rm, n_bad, 0), axis=0)
-            tl.atomic_add(Stat + M + 1, n_bad, mask=n_bad > 0)  # one scalar atomic, only when there are any
-        tl.debug_barrier()  # the next tile overwrites the scratch
+        # b: the float32 bits of relu(acc) with bf16(relu(acc)) in the high half (_bf16_bits's
+        # rounding; a NaN gate gives 0, not an entry; a finite acc gives at most 0x7F80, bf16 inf)
+        b = tl.where(acc > 0, acc, 0.0).to(tl.int32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        nz = b >= 65536  # [BM, TILE] an entry: bf16 value nonzero
+        bad = ~(acc <= 3.4028234663852886e38)  # a NaN or +inf gate: the slot is bad
+        # k = nz @ U: the k-th nonzero of a row's tile gets k, in acc's register layout
+        if WIDEN:
+            k = tl.dot(nz.to(tl.float32), upper.to(tl.float32), input_precision="ieee").to(tl.int32)
+        else:
+            # float16 sums started at 1024: then 1024 + k (k < 1024) has the bits 0x6400 + k
+            k = tl.dot(nz.to(tl.float16).to(OP), upper.to(tl.float16).to(OP), tl.full((BM, TILE), 1024.0, tl.float16),
+                       out_dtype=tl.float16).to(tl.int16, bitcast=True).to(tl.int32) - 0x6400
+        cnt = tl.sum(nz.to(tl.int32) + bad.to(tl.int32) * 1024, axis=1)  # [BM] one sum: count + 1024 n_bad
+        count, n_bad = cnt & 1023, cnt >> 10  # (count <= TILE <= 256 < 1024)
+        over = (count > W - 1) | (n_bad > 0)  # [BM] the slot cannot hold the tile
+        # word = j | bf16 << 16: global column j in the low half (< 65536), the value's bits above
+        word = tl.where(over[:, None], NAN_WORD, b & -65536) | cols[None, :]  # (-65536 = 0xFFFF0000)
+        # word 0 of each row's slot: int32 offsets (fewer registers for the scatter) unless packed
+        # has 2^31 words or more (OFF64)
+        slot = (rows.to(tl.int64) if OFF64 else rows)[:, None] * (NT * W) + t * W  # [BM, 1]
+        _scatter_store(Packed + (slot + k), word, nz & (k < W), WIDEN)  # words 1..min(count, W - 1)
+        rm = rows < M
+        n = tl.minimum(count, W - 1)[:, None]  # [BM, 1] the count word, never above the capacity
+        i = tl.arange(0, W)[None, :]  # [1, W]
+        tl.store(Packed + rows.to(tl.int64)[:, None] * (NT * W) + t * W + i, tl.where(i == 0, n, 0),
+                 mask=rm[:, None] & ((i == 0) | (i > n)))  # word 0 and the tail
+        # the row's flag: every tile that overflows writes the same 1 (no race on the value)
+        tl.store(Stat + rows, tl.full((BM,), 1, tl.int32), mask=rm & over)
+        n_bad = tl.sum(tl.where(rm, n_bad, 0), axis=0)
+        tl.atomic_add(Stat + M + 1, n_bad, mask=n_bad > 0)  # one scalar atomic, only when there are any
 
 
 def _produce(xs, Wg, tile, C):
@@ -1707,15 +1728,13 @@ def _produce(xs, Wg, tile, C):
     cfg = dict(PRODUCE_CFG)
     # few rows (decoding): a tile no taller than needed, so that the nT programs waste no work
     BM = min(cfg.pop("BM"), max(16, triton.next_power_of_2(M)))
-    cfg["RB"] = min(cfg["RB"], BM)
     n_tiles = nT * triton.cdiv(M, BM)
     on_gpu = xs.device.type == "cuda"
     programs = min(n_tiles, torch.cuda.get_device_properties(xs.device).multi_processor_count if on_gpu else PRODUCE_PROGRAMS)
     packed = torch.empty(M, nT * W, dtype=torch.int32, device=xs.device)  # every word written by the kernel
     stat = torch.zeros(M + 3, dtype=torch.int32, device=xs.device)
-    scr = torch.empty(programs, BM * tile, dtype=torch.int16, device=xs.device)
-    _twell_produce_kernel[(programs,)](xs, Wg, packed, stat, scr, M, d, f, xs.stride(0), NAN_WORD, n_tiles,
-                                       TILE=tile, W=W, NT=nT, BM=BM, WIDEN=not on_gpu, **cfg)
+    _twell_produce_kernel[(programs,)](xs, Wg, packed, stat, M, d, f, xs.stride(0), NAN_WORD, n_tiles,
+                                       TILE=tile, W=W, NT=nT, BM=BM, OFF64=M * nT * W >= OFF32_WORDS, WIDEN=not on_gpu, **cfg)
     return packed, stat
 
 
@@ -3856,7 +3875,7 @@ def bench_twell(quick=False, tune=True):
             if zeros == 0.995 and C == 8:
                 _count_histogram(counts, f)
                 if tune and not quick:
-                    _tune("producer", PRODUCE_CFG, [dict(RB=rb) for rb in (16, 32, 64)],
+                    _tune("producer", PRODUCE_CFG, [dict(BK=32, num_stages=n) for n in (3, 4, 5)] + [dict(BK=64, num_stages=3)],
                           lambda: twell_gate_pack_gpu(x, Wg))
                     _tune("consumer", CONSUME_CFG, [dict(E=e, num_warps=w) for e in (2, 4, 8) for w in (2, 4, 8)], run)
             _check_ffn(f"twell_ffn_gpu zeros {zeros} C {C}", run(), x, Wg, Wu, Wd)

@@ -136,12 +136,13 @@ def test_producer_words_bit_identical(M, tile, C):
         assert not ref_over[2] and ref_over[1]
 
 
-@pytest.mark.parametrize("BM,RB", [(16, 8), (32, 32)])
-def test_producer_several_row_blocks(BM, RB, monkeypatch):
+@pytest.mark.parametrize("BM,off32", [(16, 2**31), (32, 2**31), (32, 1)])
+def test_producer_several_row_blocks(BM, off32, monkeypatch):
     """Row tiles smaller than M = 37: each persistent program walks several (row block, tile) pairs,
-    reusing its scratch, and the last row block is partial. Same words and flags as spark.twell_pack."""
+    and the last row block is partial; off32 = 1 takes the int64 word offsets that a packed tensor
+    of 2^31 words or more needs. Same words and flags as spark.twell_pack."""
     monkeypatch.setitem(tg.PRODUCE_CFG, "BM", BM)
-    monkeypatch.setitem(tg.PRODUCE_CFG, "RB", RB)
+    monkeypatch.setattr(tg, "OFF32_WORDS", off32)
     x, Wg, _, _ = int_problem(37)
     packed, over = twell_gate_pack_gpu(x, Wg, 256, 8)
     ref, ref_over = twell_pack(F.relu(x @ Wg).cpu(), 256, 8)
