@@ -1624,8 +1624,8 @@ def _dot_tile(
 # does a scattered tl.store, into a layout of one column per thread. Both moves, and the spills
 # they caused, cost more than the matmul (notes/twell.md: 7.9-8.8 ms for versions built so,
 # against 4.5 ms for the matmul alone, NVIDIA H200). k = nz @ U is a second tl.dot whose result
-# lies in the same register layout as acc, with 0/1 operands in float8 (exact; tl.dot wants
-# k >= 32 for float8, so tiles of 16 use float16) and float16 sums (exact below 2048). The scatter
+# lies in the same register layout as acc, with 0/1 operands in float8 (exact) and float16 sums
+# (exact below 2048). The scatter
 # is one PTX st.global per entry (_scatter_store), which Triton does not re-lay. The price: a
 # [BM, tile] x [tile, tile] product per tile, tile / d = 1/8 of the gate matmul's multiply-adds
 # at half their cost in float8, and U's 64 KB of shared memory, which leaves room for four
@@ -1679,7 +1679,11 @@ def _twell_produce_kernel(
     pid = tl.program_id(0)
     r_loc, c_loc = tl.arange(0, BM), tl.arange(0, TILE)
     upper = c_loc[:, None] <= c_loc[None, :]  # [TILE, TILE] U
-    OP: tl.constexpr = tl.float8e4nv if TILE >= 32 else tl.float16  # the numbering's operands (0 and 1)
+    # the numbering's operands, 0 and 1, written as bits: float8 e4m3 (1.0 = 0x38), or float16
+    # (1.0 = 0x3C00) for tiles of 16 (tl.dot wants k >= 32 for float8)
+    OP: tl.constexpr = tl.float8e4nv if TILE >= 32 else tl.float16
+    IT: tl.constexpr = tl.int8 if TILE >= 32 else tl.int16
+    ONE: tl.constexpr = 0x38 if TILE >= 32 else 0x3C00
     for tile_id in range(pid, n_tiles, tl.num_programs(0)):
         t = tile_id % NT  # the tile (fastest)
         row0 = (tile_id // NT) * BM
@@ -1698,8 +1702,8 @@ def _twell_produce_kernel(
             k = tl.dot(nz.to(tl.float32), upper.to(tl.float32), input_precision="ieee").to(tl.int32)
         else:
             # float16 sums started at 1024: then 1024 + k (k < 1024) has the bits 0x6400 + k
-            k = tl.dot(nz.to(tl.float16).to(OP), upper.to(tl.float16).to(OP), tl.full((BM, TILE), 1024.0, tl.float16),
-                       out_dtype=tl.float16).to(tl.int16, bitcast=True).to(tl.int32) - 0x6400
+            k = tl.dot(tl.where(nz, ONE, 0).to(IT).to(OP, bitcast=True), tl.where(upper, ONE, 0).to(IT).to(OP, bitcast=True),
+                       tl.full((BM, TILE), 1024.0, tl.float16), out_dtype=tl.float16).to(tl.int16, bitcast=True).to(tl.int32) - 0x6400
         cnt = tl.sum(nz.to(tl.int32) + bad.to(tl.int32) * 1024, axis=1)  # [BM] one sum: count + 1024 n_bad
         count, n_bad = cnt & 1023, cnt >> 10  # (count <= TILE <= 256 < 1024)
         over = (count > W - 1) | (n_bad > 0)  # [BM] the slot cannot hold the tile
