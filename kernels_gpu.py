@@ -1471,8 +1471,12 @@ def spark_attention_gpu(q, k, v, k_top, r):
 # Producer: BM rows x `tile` columns of the gate per matmul tile, BK of d per step, one
 # persistent program per SM (PRODUCE_PROGRAMS on the CPU, so that the interpreter's programs loop
 # over several tiles too). BM = 128 reads Wg (from L2) half as often as BM = 64: on an H200 the
-# matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64; BK = 32 leaves shared memory
-# for the epilogue's U (section 6c). bench_twell times the candidates.
+# matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64 (with BK 64; 4.7 ms at BK 32,
+# which leaves shared memory for the epilogue's U, section 6c). bench_twell times the candidates.
+# These defaults need 160 KB of shared memory. On a GPU without float8 tensor cores (compute
+# capability below 8.9, such as an A100) U is float16, 2 tile^2 bytes (128 KB at tile 256); for an
+# A100's 164 KB set BM 64, BK 16 and num_stages 2 (160 KB when compiled for sm_80; not run here,
+# for want of such a GPU).
 PRODUCE_PROGRAMS = 2
 PRODUCE_CFG = dict(BM=128, BK=32, num_warps=8, num_stages=4)
 OFF32_WORDS = 2**31  # packed words from which the producer's word offsets are int64 (tests lower it)
@@ -1484,8 +1488,9 @@ DENSE_CFG = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
 # Hybrid capacity when the caller gives none: 1/16 of the rows, at least 64, at most M. Its
 # cost when unused is the buffer (cap f bf16 bytes, 1/16 of dense h) and programs that exit.
 CAP_DIV, CAP_MIN = 16, 64
-MAX_TILE = 256  # the producer's [128, tile] float32 accumulator takes 128 registers a thread at 256, and its
-#                pipelined inputs 192 KB of shared memory: wider tiles would need smaller tiles of rows
+MAX_TILE = 256  # the producer's [128, tile] float32 accumulator takes 128 registers a thread at 256, its
+#                pipelined inputs 96 KB of shared memory and U tile^2 bytes more (64 KB in float8); its
+#                numbering needs tile < 1024 (count and 1024 + k in section 6c)
 NAN_WORD = spark.BF16_NAN << 16  # an entry word of an overflowing slot: bf16 NaN in the high half
 
 
@@ -1625,12 +1630,11 @@ def _dot_tile(
 # they caused, cost more than the matmul (notes/twell.md: 7.9-8.8 ms for versions built so,
 # against 4.5 ms for the matmul alone, NVIDIA H200). k = nz @ U is a second tl.dot whose result
 # lies in the same register layout as acc, with 0/1 operands in float8 (exact) and float16 sums
-# (exact below 2048). The scatter
-# is one PTX st.global per entry (_scatter_store), which Triton does not re-lay. The price: a
-# [BM, tile] x [tile, tile] product per tile, tile / d = 1/8 of the gate matmul's multiply-adds
-# at half their cost in float8, and U's 64 KB of shared memory, which leaves room for four
-# pipeline stages of 32-wide steps of d (not of 64: the matmul alone took 4.7 ms then, 4.5 ms
-# at 64 x 4).
+# (exact below 2048). The scatter is one PTX st.global per entry (_scatter_store), which Triton
+# does not re-lay. The price: a [BM, tile] x [tile, tile] product per tile, tile / d = 1/8 of the
+# gate matmul's multiply-adds at half their cost in float8, and U's 64 KB of shared memory, which
+# leaves room for four pipeline stages of 32-wide steps of d but not of 64 (the matmul alone:
+# 4.7 ms at 32 x 4 stages, 4.5 ms at 64 x 4).
 #
 # Bytes at M = 131072, d 2048, f 5632, tile 256, C 8: x read once (537 MB), Wg from L2, packed
 # written (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g). FLOPs 2 M d f = 3.0e12, a third
@@ -1673,17 +1677,21 @@ def _twell_produce_kernel(
     NT: tl.constexpr,  # tiles per row: packed's row is NT W words
     BM: tl.constexpr,  # rows per matmul tile
     BK: tl.constexpr,  # entries of d per matmul step
-    OFF64: tl.constexpr,  # M NT W >= 2^31: word offsets in int64
+    OFF64: tl.constexpr,  # M NT W >= OFF32_WORDS (2^31): word offsets in int64
+    FP8: tl.constexpr,  # the GPU has float8 tensor cores (compute capability >= 8.9)
     WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
 ):
+    tl.static_assert(TILE < 1024)  # count < 1024 (cnt's low bits) and 1024 + k < 2048 (exact in float16)
     pid = tl.program_id(0)
     r_loc, c_loc = tl.arange(0, BM), tl.arange(0, TILE)
     upper = c_loc[:, None] <= c_loc[None, :]  # [TILE, TILE] U
     # the numbering's operands, 0 and 1, written as bits: float8 e4m3 (1.0 = 0x38), or float16
-    # (1.0 = 0x3C00) for tiles of 16 (tl.dot wants k >= 32 for float8)
-    OP: tl.constexpr = tl.float8e4nv if TILE >= 32 else tl.float16
-    IT: tl.constexpr = tl.int8 if TILE >= 32 else tl.int16
-    ONE: tl.constexpr = 0x38 if TILE >= 32 else 0x3C00
+    # (1.0 = 0x3C00) for tiles of 16 (tl.dot wants k >= 32 for float8) and GPUs without float8
+    F8: tl.constexpr = FP8 and TILE >= 32
+    OP: tl.constexpr = tl.float8e4nv if F8 else tl.float16
+    IT: tl.constexpr = tl.int8 if F8 else tl.int16
+    ONE: tl.constexpr = 0x38 if F8 else 0x3C00
+    u_op = tl.where(upper, ONE, 0).to(IT).to(OP, bitcast=True)  # U as the product's operand
     for tile_id in range(pid, n_tiles, tl.num_programs(0)):
         t = tile_id % NT  # the tile (fastest)
         row0 = (tile_id // NT) * BM
@@ -1696,14 +1704,18 @@ def _twell_produce_kernel(
         b = tl.where(acc > 0, acc, 0.0).to(tl.int32, bitcast=True)
         b = b + 0x7FFF + ((b >> 16) & 1)
         nz = b >= 65536  # [BM, TILE] an entry: bf16 value nonzero
-        bad = ~(acc <= 3.4028234663852886e38)  # a NaN or +inf gate: the slot is bad
+        # a NaN or +inf gate: the slot is bad. (An inf in x also meets the zeros read for the
+        # padding columns of a narrow last tile: inf * 0 = NaN there counts as bad, even where the
+        # real gates are -inf. The FFN of such an x is not finite anyway, through x Wu.)
+        bad = ~(acc <= 3.4028234663852886e38)
         # k = nz @ U: the k-th nonzero of a row's tile gets k, in acc's register layout
         if WIDEN:
             k = tl.dot(nz.to(tl.float32), upper.to(tl.float32), input_precision="ieee").to(tl.int32)
         else:
             # float16 sums started at 1024: then 1024 + k (k < 1024) has the bits 0x6400 + k
-            k = tl.dot(tl.where(nz, ONE, 0).to(IT).to(OP, bitcast=True), tl.where(upper, ONE, 0).to(IT).to(OP, bitcast=True),
-                       tl.full((BM, TILE), 1024.0, tl.float16), out_dtype=tl.float16).to(tl.int16, bitcast=True).to(tl.int32) - 0x6400
+            nz_op = tl.where(nz, ONE, 0).to(IT).to(OP, bitcast=True)
+            k = tl.dot(nz_op, u_op, tl.full((BM, TILE), 1024.0, tl.float16), out_dtype=tl.float16)
+            k = k.to(tl.int16, bitcast=True).to(tl.int32) - 0x6400
         cnt = tl.sum(nz.to(tl.int32) + bad.to(tl.int32) * 1024, axis=1)  # [BM] one sum: count + 1024 n_bad
         count, n_bad = cnt & 1023, cnt >> 10  # (count <= TILE <= 256 < 1024)
         over = (count > W - 1) | (n_bad > 0)  # [BM] the slot cannot hold the tile
@@ -1738,7 +1750,9 @@ def _produce(xs, Wg, tile, C):
     packed = torch.empty(M, nT * W, dtype=torch.int32, device=xs.device)  # every word written by the kernel
     stat = torch.zeros(M + 3, dtype=torch.int32, device=xs.device)
     _twell_produce_kernel[(programs,)](xs, Wg, packed, stat, M, d, f, xs.stride(0), NAN_WORD, n_tiles,
-                                       TILE=tile, W=W, NT=nT, BM=BM, OFF64=M * nT * W >= OFF32_WORDS, WIDEN=not on_gpu, **cfg)
+                                       TILE=tile, W=W, NT=nT, BM=BM, OFF64=M * nT * W >= OFF32_WORDS,
+                                       FP8=on_gpu and torch.cuda.get_device_capability(xs.device) >= (8, 9),
+                                       WIDEN=not on_gpu, **cfg)
     return packed, stat
 
 
@@ -1755,7 +1769,7 @@ def twell_gate_pack_gpu(x, Wg, tile=256, C=8):
 
     Bit for bit spark.twell_pack(relu(x @ Wg), tile, C) when x @ Wg rounds the same (it does
     when the float32 sums are exact; otherwise an entry within float32 rounding of a bf16
-    boundary may differ by one ulp, as two matmuls summing in other orders do). A NaN or inf
+    boundary may differ by one ulp, as two matmuls summing in other orders do). A NaN or +inf
     gate is an error (torch._assert_async: at once on the CPU, at the next sync on a GPU).
     """
     _check_bf16("Wg", Wg, 2)

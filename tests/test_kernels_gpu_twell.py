@@ -136,7 +136,7 @@ def test_producer_words_bit_identical(M, tile, C):
         assert not ref_over[2] and ref_over[1]
 
 
-@pytest.mark.parametrize("BM,off32", [(16, 2**31), (32, 2**31), (32, 1)])
+@pytest.mark.parametrize("BM,off32", [(16, 2**31), (32, 2**31), (32, 1), (64, 1)])
 def test_producer_several_row_blocks(BM, off32, monkeypatch):
     """Row tiles smaller than M = 37: each persistent program walks several (row block, tile) pairs,
     and the last row block is partial; off32 = 1 takes the int64 word offsets that a packed tensor
@@ -147,6 +147,24 @@ def test_producer_several_row_blocks(BM, off32, monkeypatch):
     packed, over = twell_gate_pack_gpu(x, Wg, 256, 8)
     ref, ref_over = twell_pack(F.relu(x @ Wg).cpu(), 256, 8)
     assert_close("words, several row blocks", words(packed), words(ref), 0, 0)
+    assert_close("overflow flags", over.cpu(), ref_over, 0, 0)
+
+
+@pytest.mark.parametrize("tile,C", [(256, 8), (16, 2)])
+def test_producer_writes_every_word(tile, C, monkeypatch):
+    """packed is allocated uninitialised and the producer must write each of its words once (entries,
+    count word, zeroed tail): filled with a sentinel first, no word may keep it."""
+    real_empty = torch.empty
+
+    def sentinel_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(0x5A5A5A5A) if t.dtype == torch.int32 else t
+
+    monkeypatch.setattr(torch, "empty", sentinel_empty)
+    x, Wg, _, _ = int_problem(37)
+    packed, over = twell_gate_pack_gpu(x, Wg, tile, C)
+    ref, ref_over = twell_pack(F.relu(x @ Wg).cpu(), tile, C)
+    assert_close(f"words tile={tile} C={C}, sentinel-filled", words(packed), words(ref), 0, 0)
     assert_close("overflow flags", over.cpu(), ref_over, 0, 0)
 
 
