@@ -1480,8 +1480,8 @@ def spark_attention_gpu(q, k, v, k_top, r):
 PRODUCE_PROGRAMS = 2
 PRODUCE_CFG = dict(BM=128, BK=32, num_warps=8, num_stages=4)
 OFF32_WORDS = 2**31  # packed words from which the producer's word offsets are int64 (tests lower it)
-# Consumer: E entries at once, each a [E, BD] tile of Wu rows and one of Wd rows.
-CONSUME_CFG = dict(E=4, num_warps=4)
+# Consumer: E entries at once, each a [E, d] tile of Wu rows and one of Wd rows (held as [E, d / 2] pairs).
+CONSUME_CFG = dict(E=4, num_warps=2)
 CONSUME_NTB_MAX = 64  # count words a consumer program reads at once (more tiles: a loop over chunks)
 # Hybrid dense kernels: a plain matmul tile.
 DENSE_CFG = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
@@ -1686,8 +1686,13 @@ def _twell_produce_kernel(
     r_loc, c_loc = tl.arange(0, BM), tl.arange(0, TILE)
     upper = c_loc[:, None] <= c_loc[None, :]  # [TILE, TILE] U
     # the numbering's operands, 0 and 1, written as bits: float8 e4m3 (1.0 = 0x38), or float16
-    # (1.0 = 0x3C00) for tiles of 16 (tl.dot wants k >= 32 for float8) and GPUs without float8
-    F8: tl.constexpr = FP8 and TILE >= 32
+    # (1.0 = 0x3C00) for tiles of 16 (tl.dot wants k >= 32 for float8), GPUs without float8, and
+    # row blocks under 64 (decoding). Below 64 rows Triton uses the older tensor-core instruction
+    # (mma, operands in registers), and building U's float8 operand for it goes through shared
+    # memory and conversions: in a program of one tile that costs more than float16 sums save
+    # (offline SASS: a 1482-instruction prologue against 938; one token's producer on an H200:
+    # 28.7-28.9 against 24.6-24.8 us)
+    F8: tl.constexpr = FP8 and TILE >= 32 and BM >= 64
     OP: tl.constexpr = tl.float8e4nv if F8 else tl.float16
     IT: tl.constexpr = tl.int8 if F8 else tl.int16
     ONE: tl.constexpr = 0x38 if F8 else 0x3C00
@@ -1797,18 +1802,57 @@ def twell_gate_pack_gpu(x, Wg, tile=256, C=8):
 #     c = packed[m, t W] for every tile t;  end = cumsum(c);  n = end[-1]
 #     (an overflowing row: n = 0 and y = NaN, overwritten by the hybrid route; it takes
 #      slot = counter++ of the hybrid buffer, Rows[slot] = m when slot < cap)
+#     words = the words of entries 0 .. E - 1
 #     for e0 in range(0, n, E):
-#         for e in e0 .. e0 + E - 1:   ti, word = as above;  j = word & 0xFFFF;  g = high half
-#         u = bf16(Wu^T[j] . x)                     # [E]  E rows of WuT [f, d]
+#         j = words & 0xFFFF;  g = high half of words          # [E]
+#         issue the loads of E rows of WuT [f, d] and of Wd [f, d], rows j
+#         words = the words of entries e0 + E .. e0 + 2E - 1  # in flight during the sums below
+#         u = bf16(Wu^T[j] . x)                     # [E]
 #         h = bf16(g u)                             # [E]
-#         y += sum over the E entries of h Wd[j]    # [d]  E rows of Wd
+#         y += sum over the E entries of h Wd[j]    # [d]
 #     y = bf16(y)
+#
+# The kernel issues instructions more than it waits on memory: on an H200 it took the same time
+# when every row read one row's entries (all hits in L1) as on real rows (3.75 against 3.79 ms,
+# notes/twell.md). So x, y and the weight rows are held as even and odd columns, [d / 2] each:
+# a pair of bf16 columns is one 32-bit word, turned into two float32 by one instruction each
+# (_pairs), and u sums fma(even, x_even, odd x_odd) over the pairs.
 #
 # Bytes per row: 2 n d bf16 weights (a few MB of hot rows stay in L1 and L2; all of Wu and Wd
 # is 46 MB at d 2048, f 5632, within an H200's L2) + x and y (4 d) + nT + n words. FLOPs 4 n d.
 # At n = 30, d = 2048: 246 KB of weight rows and 0.25 MFLOP per row, where the dense FFN's
 # up and down matmuls do 4 f d = 46 MFLOP.
 # ------------------------------------------------------------------------------------------
+
+
+@jit
+def _pairs(Base, j, emask, i2, d: tl.constexpr):
+    """Rows j of a bf16 matrix [., d] (row j at Base + j d), as two float32 tiles [E, BD2]: the
+    even columns 2 i2 and the odd ones 2 i2 + 1 (0 where emask is false or past d).
+
+    A bf16 becomes a float32 by moving its 16 bits to the high half. For even d a pair of columns
+    is one aligned 32-bit word w, and that takes one instruction per value: w << 16 (the even
+    column, the low half) and w & 0xFFFF0000 (the odd one). Triton's own bf16 -> float32 of a
+    loaded pair spends two on the high half (NVIDIA H200, offline SASS). Odd d: two bf16 loads.
+    """
+    if d % 2 == 0:
+        w = tl.load(Base.to(tl.pointer_type(tl.int32)) + j[:, None] * (d // 2) + i2[None, :],
+                    mask=emask[:, None] & (i2 < d // 2)[None, :], other=0)
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    row = Base + j[:, None] * d + 2 * i2[None, :]
+    lo = tl.load(row, mask=emask[:, None] & (2 * i2 < d)[None, :], other=0.0)
+    hi = tl.load(row + 1, mask=emask[:, None] & (2 * i2 + 1 < d)[None, :], other=0.0)
+    return lo.to(tl.float32), hi.to(tl.float32)
+
+
+@jit
+def _entry_words(row, t0, e, n, end, c, W: tl.constexpr):
+    """The words of a row's entries e [E] (0 past the last, n), read from the slots of the NTB
+    tiles from t0 on, whose counts are c [NTB] and running sums end [NTB] (as in the pseudo-code)."""
+    before = end[None, :] <= e[:, None]  # [E, NTB] tiles wholly before entry e
+    ti = tl.sum(before.to(tl.int32), axis=1)  # [E] entry e's tile
+    skip = tl.sum(tl.where(before, c[None, :], 0), axis=1)  # [E] entries in the tiles before it
+    return tl.load(row + (t0 + ti) * W + 1 + (e - skip), mask=e < n, other=0)
 
 
 @jit
@@ -1827,21 +1871,23 @@ def _twell_consume_kernel(
     stride_ym,  # elements from one row of y to the next
     cap,  # hybrid buffer slots
     d: tl.constexpr,  # model width
-    BD: tl.constexpr,  # d rounded up to a power of two
+    BD2: tl.constexpr,  # pairs of columns, ceil(d / 2) rounded up to a power of two
     W: tl.constexpr,  # words per slot
     NT: tl.constexpr,  # tiles per row
     NTB: tl.constexpr,  # tiles read at once (a power of two)
     E: tl.constexpr,  # entries handled at once
 ):
     m = tl.program_id(0).to(tl.int64)
-    dc = tl.arange(0, BD)  # [BD]
-    dmask = dc < d
+    i2 = tl.arange(0, BD2)  # [BD2] column pairs: columns 2 i2 (even) and 2 i2 + 1 (odd)
     over = tl.load(Stat + m) != 0  # this row overflows: the hybrid route computes it
     # its slot in the hybrid buffer: one scalar atomic per overflowing row (past cap: counted only)
     slot = tl.atomic_add(Stat + M, 1, mask=over)
     tl.store(Rows + slot, m.to(tl.int32), mask=over & (slot < cap))
-    x = tl.load(X + m * stride_xm + dc, mask=dmask, other=0.0).to(tl.float32)  # [BD]
-    y = tl.zeros((BD,), dtype=tl.float32)
+    # x and y [d] in registers (float32) as even and odd halves [BD2], the halves of each weight row
+    xe = tl.load(X + m * stride_xm + 2 * i2, mask=2 * i2 < d, other=0.0).to(tl.float32)
+    xo = tl.load(X + m * stride_xm + 2 * i2 + 1, mask=2 * i2 + 1 < d, other=0.0).to(tl.float32)
+    ye = tl.zeros((BD2,), dtype=tl.float32)
+    yo = tl.zeros((BD2,), dtype=tl.float32)
     row = Packed + m * (NT * W)  # the row's first word
     for t0 in range(0, NT, NTB):
         tt = t0 + tl.arange(0, NTB)  # [NTB] tiles
@@ -1849,26 +1895,28 @@ def _twell_consume_kernel(
         c = tl.where(over, 0, c)  # an overflowing row holds no entry for us
         end = tl.cumsum(c, axis=0)  # [NTB] entries up to and including tile tt
         n = tl.sum(c, axis=0)
+        words = _entry_words(row, t0, tl.arange(0, E), n, end, c, W)  # [E] the first E entries
         for e0 in range(0, n, E):
             e = e0 + tl.arange(0, E)  # [E] entry numbers within these tiles
-            emask = e < n
-            before = end[None, :] <= e[:, None]  # [E, NTB] tiles wholly before entry e
-            ti = tl.sum(before.to(tl.int32), axis=1)  # [E] entry e's tile
-            skip = tl.sum(tl.where(before, c[None, :], 0), axis=1)  # [E] entries in the tiles before it
-            word = tl.load(row + (t0 + ti) * W + 1 + (e - skip), mask=emask, other=0)  # [E]
-            j = (word & 0xFFFF).to(tl.int64)  # [E] columns
-            g = (word & -65536).to(tl.float32, bitcast=True)  # [E] bf16 values (the high half)
-            wmask = (emask & (j < f))[:, None] & dmask[None, :]  # [E, BD]
-            # both weight tiles are issued before the reduction, so their reads overlap
-            wu = tl.load(WuT + j[:, None] * d + dc[None, :], mask=wmask, other=0.0).to(tl.float32)  # [E, BD]
-            wd = tl.load(Wd + j[:, None] * d + dc[None, :], mask=wmask, other=0.0).to(tl.float32)  # [E, BD]
+            j = (words & 0xFFFF).to(tl.int64)  # [E] columns
+            g = (words & -65536).to(tl.float32, bitcast=True)  # [E] bf16 values (the high half; 0 past n)
+            wmask = (e < n) & (j < f)  # [E]
+            # both weight tiles are issued before the sums, so their reads overlap, and so is the
+            # next step's words' read
+            wue, wuo = _pairs(WuT, j, wmask, i2, d)  # [E, BD2] twice
+            wde, wdo = _pairs(Wd, j, wmask, i2, d)  # [E, BD2] twice
+            words = _entry_words(row, t0, e + E, n, end, c, W)
             # u_j = x . Wu[:, j];  h_j = g_j u_j   (each rounded to bf16, as torch's bf16 FFN)
-            u = _bf16_round(tl.sum(wu * x[None, :], axis=1))  # [E]
-            h = _bf16_round(g * u)  # [E]; 0 for masked entries (g = 0)
+            u = _bf16_round(tl.sum(tl.fma(wue, xe[None, :], wuo * xo[None, :]), axis=1))  # [E]
+            h = _bf16_round(g * u)[:, None]  # [E, 1]; 0 for masked entries (g = 0)
             # y += sum_j h_j Wd[j, :]
-            y += tl.sum(h[:, None] * wd, axis=0)  # [BD]
-    y = tl.where(over, float("nan"), _bf16_round(y))  # NaN until the hybrid route writes the row
-    tl.store(Y + m * stride_ym + dc, y.to(Y.dtype.element_ty), mask=dmask)  # exact: y is bf16-valued
+            ye += tl.sum(h * wde, axis=0)  # [BD2]
+            yo += tl.sum(h * wdo, axis=0)
+    # NaN until the hybrid route writes the row; exact in bf16: y is bf16-valued
+    ye = tl.where(over, float("nan"), _bf16_round(ye))
+    yo = tl.where(over, float("nan"), _bf16_round(yo))
+    tl.store(Y + m * stride_ym + 2 * i2, ye.to(Y.dtype.element_ty), mask=2 * i2 < d)
+    tl.store(Y + m * stride_ym + 2 * i2 + 1, yo.to(Y.dtype.element_ty), mask=2 * i2 + 1 < d)
 
 
 def _consume(xs, packed, stat, WuT, Wd, tile, C, cap):
@@ -1879,7 +1927,7 @@ def _consume(xs, packed, stat, WuT, Wd, tile, C, cap):
     y = torch.empty(M, d, dtype=torch.bfloat16, device=xs.device)
     rows = torch.empty(max(cap, 1), dtype=torch.int32, device=xs.device)  # slots >= the count are never read
     _twell_consume_kernel[(M,)](xs, WuT, Wd, packed, stat, rows, y, M, f, xs.stride(0), y.stride(0), cap,
-                                d=d, BD=triton.next_power_of_2(d), W=W, NT=nT,
+                                d=d, BD2=triton.next_power_of_2((d + 1) // 2), W=W, NT=nT,
                                 NTB=min(triton.next_power_of_2(nT), CONSUME_NTB_MAX), **CONSUME_CFG)
     return y, rows
 
@@ -3847,8 +3895,11 @@ def _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape):
     recs += _records(f"twell_ffn/producer/{shape}", _ms(lambda: twell_gate_pack_gpu(x, Wg)), t_gate,
                      {"cuBLAS relu(x @ Wg) (dense g)": _ms(lambda: F.relu(x @ Wg))})
     g = F.relu(x @ Wg)  # the consumer's dense counterpart starts from a given g
+    # the consumer's floor: a device copy moving its memory bytes (x and the words read, y written);
+    # its weight rows come from L2 (all of Wu and Wd fits) and are not counted, so this bounds it loosely
+    buf = torch.empty((2 * x.numel() * 2 + p32.numel() * 4) // 2, dtype=torch.uint8, device=x.device)
     recs += _records(f"twell_ffn/consumer/{shape}", _ms(lambda: _consume(x, p32, stat, WuT, Wd, 256, 8, 0)),
-                     t_gate, {"cuBLAS (g * (x @ Wu)) @ Wd, g given": _ms(lambda: (g * (x @ Wu)) @ Wd)})
+                     _ms(lambda: buf.clone()), {"cuBLAS (g * (x @ Wu)) @ Wd, g given": _ms(lambda: (g * (x @ Wu)) @ Wd)})
     del g
     # memory: the packed gate against dense bf16 g (by construction C / 2 = 4x), and the peak of each call
     mb_packed, mb_dense = packed.numel() * 4 / 2**20, M * f * 2 / 2**20

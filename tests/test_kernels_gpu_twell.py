@@ -226,6 +226,25 @@ def test_twell_ffn_exact(tile, C):
     assert_close("empty row", y[0].cpu(), torch.zeros(72), 0, 0)
 
 
+def test_twell_ffn_odd_width():
+    """An odd d (71): the consumer reads its weight rows one bf16 at a time, not as 32-bit pairs
+    (_pairs' other branch); still exact against spark.twell_ffn and the dense FFN.
+
+    The references run torch's bf16 matmuls, which on a GPU may sum in bf16 pieces by default
+    (on an H200, x @ Wu at d = 71 differed from the exact sums in 3 of 37 rows, ours in none):
+    they are asked for float32 sums here, so that exact means exact."""
+    x, Wg, Wu, Wd = int_problem(37, d=71)
+    y = twell_ffn_gpu(x, Wg, Wu, Wd, 256, 8)
+    saved = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        ref, dense = twell_ffn(x, Wg, Wu, Wd, 256, 8), relu_l1_ffn(x, Wg, Wu, Wd)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = saved
+    assert_close("odd d vs spark.twell_ffn", y.cpu(), ref.cpu(), 0, 0)
+    assert_close("odd d vs the dense FFN", y.cpu(), dense.cpu(), 0, 0)
+
+
 def test_twell_ffn_random_within_bound():
     """Random bf16 inputs, a leading batch axis, a prepared WuT: within the bound of the docstring."""
     x, Wg, Wu, Wd = randn_problem(37)
