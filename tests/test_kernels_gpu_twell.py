@@ -37,9 +37,11 @@ B = 8  # the gate's offset in int_problem: g = x Wg - B x[:, 0]
 
 @pytest.fixture(autouse=True)
 def _interpreter_settings(monkeypatch):
-    """In the interpreter, 16 entries per consumer step instead of 4: the same code, 4x fewer steps."""
+    """In the interpreter, 16 entries per consumer step instead of 4 (or 8 for few rows): the same
+    code, fewer steps."""
     if not HAS_CUDA:
         monkeypatch.setitem(tg.CONSUME_CFG, "E", 16)
+        monkeypatch.setattr(tg, "CONSUME_FEW_ROWS", 0)
 
 
 def words(p):
@@ -197,6 +199,7 @@ def test_consumer_reads_spark_words(tile, C, monkeypatch):
     packed, over = twell_pack(F.relu(x @ Wg), tile, C)
     _, WuT, _ = prepare_twell_gpu(Wg, Wu, Wd)
     ref = twell_ffn(x, Wg, Wu, Wd, tile, C)
+    monkeypatch.setattr(tg, "CONSUME_FEW_ROWS", 0)  # CONSUME_CFG for these 37 rows, on a GPU too
     for E, ntb in ((16, 64), (4, 4)):  # also 4 entries per step and count words read 4 tiles at a time
         monkeypatch.setitem(tg.CONSUME_CFG, "E", E)
         monkeypatch.setattr(tg, "CONSUME_NTB_MAX", ntb)
