@@ -1930,6 +1930,9 @@ def _consume(xs, packed, stat, WuT, Wd, tile, C, cap):
     nT, W = _check_tile(f, tile, C)
     y = torch.empty(M, d, dtype=torch.bfloat16, device=xs.device)
     rows = torch.empty(max(cap, 1), dtype=torch.int32, device=xs.device)  # slots >= the count are never read
+    # _pairs reads two bf16 as one 32-bit word: the weights must start on 4 bytes (a view that
+    # starts at an odd element does not; it is copied, never read misaligned)
+    WuT, Wd = (w if w.data_ptr() % 4 == 0 else w.clone() for w in (WuT, Wd))
     _twell_consume_kernel[(M,)](xs, WuT, Wd, packed, stat, rows, y, M, f, xs.stride(0), y.stride(0), cap,
                                 d=d, BD2=triton.next_power_of_2((d + 1) // 2), W=W, NT=nT,
                                 NTB=min(triton.next_power_of_2(nT), CONSUME_NTB_MAX),

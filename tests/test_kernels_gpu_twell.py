@@ -229,6 +229,20 @@ def test_twell_ffn_exact(tile, C):
     assert_close("empty row", y[0].cpu(), torch.zeros(72), 0, 0)
 
 
+def test_consumer_weights_at_an_odd_element():
+    """WuT and Wd as views starting one bf16 into their storage (2 bytes past a 4-byte boundary):
+    the consumer reads pairs of columns as 32-bit words, so such weights are copied first, and
+    the result equals the aligned call's. (On a GPU a misaligned read would fault.)"""
+    x, Wg, Wu, Wd = int_problem(37)
+    Wg_, WuT, Wd_ = prepare_twell_gpu(Wg, Wu, Wd)
+    odd = [torch.empty(w.numel() + 1, dtype=w.dtype, device=w.device)[1:].view(w.shape) for w in (WuT, Wd_)]
+    for o, w in zip(odd, (WuT, Wd_)):
+        o.copy_(w)
+        assert o.data_ptr() % 4 == 2 and o.is_contiguous()
+    y = twell_ffn_gpu(x, Wg_, Wu, odd[1], 256, 8, WuT=odd[0])
+    assert_close("weights at an odd element", y.cpu(), twell_ffn_gpu(x, Wg_, Wu, Wd_, 256, 8, WuT=WuT).cpu(), 0, 0)
+
+
 def test_twell_ffn_odd_width():
     """An odd d (71): the consumer reads its weight rows one bf16 at a time, not as 32-bit pairs
     (_pairs' other branch); still exact against spark.twell_ffn and the dense FFN.
