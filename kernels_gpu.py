@@ -1438,7 +1438,7 @@ def spark_attention_gpu(q, k, v, k_top, r):
 # Dimension letters (spark.py's): M rows (tokens, all leading dims), d model width, f FFN width,
 # nT = ceil(f / tile) tiles per row, W = tile / C words per slot (capacity W - 1 entries), n the
 # nonzeros of a row. Tile letters: BM rows and BK of d a producer's matmul tile holds at once;
-# E entries a consumer program handles at once; BD = d rounded up to a power of two.
+# E entries a consumer program handles at once; BD2 = ceil(d / 2) rounded up to a power of two.
 #
 # Choices
 # - bf16 in, bf16 out (x, Wg, Wu, Wd and y), float32 accumulation. Every rounding to bf16 is round
@@ -1480,11 +1480,14 @@ def spark_attention_gpu(q, k, v, k_top, r):
 PRODUCE_PROGRAMS = 2
 PRODUCE_CFG = dict(BM=128, BK=32, num_warps=8, num_stages=4)
 OFF32_WORDS = 2**31  # packed words from which the producer's word offsets are int64 (tests lower it)
-# Consumer: E entries at once, each a [E, d] tile of Wu rows and one of Wd rows (held as [E, d / 2] pairs).
+# Consumer: E entries at once, each a [E, d] tile of Wu rows and one of Wd rows (held as two [E, BD2]
+# tiles, the even and the odd columns).
 CONSUME_CFG = dict(E=4, num_warps=2)
 # Few rows (decoding): few programs, so the slowest row's chain of steps sets the time; wider
 # steps and more warps shorten it. On an H200 (E, warps) = (8, 4) against (4, 2): one FFN call
-# 60 against 71 us at M = 8, 88 against 109 us at M = 64 (at M = 131072 it is slower).
+# 60 against 71 us at M = 8, 88 against 109 us at M = 64 (tokens other than the benchmark's); at
+# M = 131072 the whole FFN 10.2 against 9.4-9.6 ms. The cut-off of 256 rows lies between the sizes
+# measured; the crossover itself was not measured.
 CONSUME_FEW_CFG, CONSUME_FEW_ROWS = dict(E=8, num_warps=4), 256
 CONSUME_NTB_MAX = 64  # count words a consumer program reads at once (more tiles: a loop over chunks)
 # Hybrid dense kernels: a plain matmul tile.
@@ -1817,10 +1820,11 @@ def twell_gate_pack_gpu(x, Wg, tile=256, C=8):
 #     y = bf16(y)
 #
 # The kernel issues instructions more than it waits on memory: on an H200 it took the same time
-# when every row read one row's entries (all hits in L1) as on real rows (3.75 against 3.79 ms,
-# notes/twell.md). So x, y and the weight rows are held as even and odd columns, [d / 2] each:
-# a pair of bf16 columns is one 32-bit word, turned into two float32 by one instruction each
-# (_pairs), and u sums fma(even, x_even, odd x_odd) over the pairs.
+# when every row read one row's entries (all hits in L1) as on real rows (3.75 against 3.79-3.86
+# ms, notes/twell.md). So x, y and the weight rows are held as even and odd columns, [BD2] each:
+# for even d a pair of bf16 columns is one 32-bit word, turned into two float32 by one
+# instruction each (_pairs; odd d reads them one bf16 at a time), and u sums
+# fma(even, x_even, odd x_odd) over the pairs.
 #
 # Bytes per row: 2 n d bf16 weights (a few MB of hot rows stay in L1 and L2; all of Wu and Wd
 # is 46 MB at d 2048, f 5632, within an H200's L2) + x and y (4 d) + nT + n words. FLOPs 4 n d.
@@ -1835,9 +1839,10 @@ def _pairs(Base, j, emask, i2, d: tl.constexpr):
     even columns 2 i2 and the odd ones 2 i2 + 1 (0 where emask is false or past d).
 
     A bf16 becomes a float32 by moving its 16 bits to the high half. For even d a pair of columns
-    is one aligned 32-bit word w, and that takes one instruction per value: w << 16 (the even
-    column, the low half) and w & 0xFFFF0000 (the odd one). Triton's own bf16 -> float32 of a
-    loaded pair spends two on the high half (NVIDIA H200, offline SASS). Odd d: two bf16 loads.
+    is one 32-bit word w, and that takes one instruction per value: w << 16 (the even column, the
+    low half) and w & 0xFFFF0000 (the odd one). Triton's own bf16 -> float32 of a loaded pair
+    spends two on the high half (NVIDIA H200, offline SASS). Odd d: two bf16 loads.
+    Precondition for even d: Base is 4-byte aligned (then so is every row; _consume ensures it).
     """
     if d % 2 == 0:
         w = tl.load(Base.to(tl.pointer_type(tl.int32)) + j[:, None] * (d // 2) + i2[None, :],
@@ -3903,9 +3908,11 @@ def _main_point_rows(x, Wg, Wu, WuT, Wd, counts, run, t_dense, t_gate, shape):
     recs += _records(f"twell_ffn/producer/{shape}", _ms(lambda: twell_gate_pack_gpu(x, Wg)), t_gate,
                      {"cuBLAS relu(x @ Wg) (dense g)": _ms(lambda: F.relu(x @ Wg))})
     g = F.relu(x @ Wg)  # the consumer's dense counterpart starts from a given g
-    # the consumer's floor: a device copy moving its memory bytes (x and the words read, y written);
-    # its weight rows come from L2 (all of Wu and Wd fits) and are not counted, so this bounds it loosely
-    buf = torch.empty((2 * x.numel() * 2 + p32.numel() * 4) // 2, dtype=torch.uint8, device=x.device)
+    # the consumer's floor: a device copy moving its memory bytes (x read, y written, and the words
+    # it reads: nT count words a row and the entries of the rows without overflow); its weight rows
+    # come from L2 (all of Wu and Wd fits) and are not counted, so this bounds it loosely
+    words_read = M * _check_tile(f, 256, 8)[0] + int(counts[~over].sum())
+    buf = torch.empty((2 * x.numel() * 2 + 4 * words_read) // 2, dtype=torch.uint8, device=x.device)
     recs += _records(f"twell_ffn/consumer/{shape}", _ms(lambda: _consume(x, p32, stat, WuT, Wd, 256, 8, 0)),
                      _ms(lambda: buf.clone()), {"cuBLAS (g * (x @ Wu)) @ Wd, g given": _ms(lambda: (g * (x @ Wu)) @ Wd)})
     del g

@@ -229,17 +229,30 @@ def test_twell_ffn_exact(tile, C):
     assert_close("empty row", y[0].cpu(), torch.zeros(72), 0, 0)
 
 
-def test_consumer_weights_at_an_odd_element():
+def test_consumer_weights_at_an_odd_element(monkeypatch):
     """WuT and Wd as views starting one bf16 into their storage (2 bytes past a 4-byte boundary):
-    the consumer reads pairs of columns as 32-bit words, so such weights are copied first, and
-    the result equals the aligned call's. (On a GPU a misaligned read would fault.)"""
+    the consumer reads pairs of columns as 32-bit words, so such weights must reach its kernel
+    copied to an aligned place (on a GPU a misaligned read faults; the interpreter would not
+    notice, so the test looks at the pointers the kernel gets), and the result equals the
+    aligned call's."""
     x, Wg, Wu, Wd = int_problem(37)
     Wg_, WuT, Wd_ = prepare_twell_gpu(Wg, Wu, Wd)
     odd = [torch.empty(w.numel() + 1, dtype=w.dtype, device=w.device)[1:].view(w.shape) for w in (WuT, Wd_)]
     for o, w in zip(odd, (WuT, Wd_)):
         o.copy_(w)
         assert o.data_ptr() % 4 == 2 and o.is_contiguous()
+    kernel, seen = tg._twell_consume_kernel, []
+
+    class Spy:  # kernel[grid](...) as the launch writes it; records WuT's and Wd's addresses
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.extend([args[1].data_ptr(), args[2].data_ptr()])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tg, "_twell_consume_kernel", Spy())
     y = twell_ffn_gpu(x, Wg_, Wu, odd[1], 256, 8, WuT=odd[0])
+    assert seen and all(p % 4 == 0 for p in seen), f"the consumer got weights at {[p % 4 for p in seen]} bytes past 4"
     assert_close("weights at an odd element", y.cpu(), twell_ffn_gpu(x, Wg_, Wu, Wd_, 256, 8, WuT=WuT).cpu(), 0, 0)
 
 
