@@ -1471,14 +1471,14 @@ def spark_attention_gpu(q, k, v, k_top, r):
 # Producer: BM rows x `tile` columns of the gate per matmul tile, BK of d per step, one
 # persistent program per SM (PRODUCE_PROGRAMS on the CPU, so that the interpreter's programs loop
 # over several tiles too). BM = 128 reads Wg (from L2) half as often as BM = 64: on an H200 the
-# matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64 (with BK 64; 4.7 ms at BK 32,
-# which leaves shared memory for the epilogue's U, section 6c). bench_twell times the candidates.
-# These defaults need 160 KB of shared memory. On a GPU without float8 tensor cores (compute
-# capability below 8.9, such as an A100) U is float16, 2 tile^2 bytes (128 KB at tile 256); for an
-# A100's 164 KB set BM 64, BK 16 and num_stages 2 (160 KB when compiled for sm_80; not run here,
-# for want of such a GPU).
+# matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64 (with BK 64). The defaults need
+# 208 KB of shared memory (four stages of 48 KB, and U's 16 KB in float8; section 6c); the whole
+# producer took 5.56-5.60 ms with them against 5.71-5.87 at BK 32 with 4 or 5 stages and
+# 6.54-6.60 at BK 64 with 3 (one process, NVIDIA H200). bench_twell times the candidates. On a GPU
+# with less shared memory, such as an A100's 164 KB, set BK 32 (72 KB when compiled for sm_80,
+# where U is float16; not run here, for want of such a GPU).
 PRODUCE_PROGRAMS = 2
-PRODUCE_CFG = dict(BM=128, BK=32, num_warps=8, num_stages=4)
+PRODUCE_CFG = dict(BM=128, BK=64, num_warps=8, num_stages=4)
 OFF32_WORDS = 2**31  # packed words from which the producer's word offsets are int64 (tests lower it)
 # Consumer: E entries at once, each a [E, d] tile of Wu rows and one of Wd rows (held as two [E, BD2]
 # tiles, the even and the odd columns).
@@ -1496,8 +1496,8 @@ DENSE_CFG = dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
 # cost when unused is the buffer (cap f bf16 bytes, 1/16 of dense h) and programs that exit.
 CAP_DIV, CAP_MIN = 16, 64
 MAX_TILE = 256  # the producer's [128, tile] float32 accumulator takes 128 registers a thread at 256, its
-#                pipelined inputs 96 KB of shared memory and U tile^2 bytes more (64 KB in float8); its
-#                numbering needs tile < 1024 (count and 1024 + k in section 6c)
+#                pipelined inputs 192 KB of shared memory and U (tile / 2)^2 bytes more (16 KB in float8);
+#                its numbering needs tile < 1024 (count and 1024 + k in section 6c)
 NAN_WORD = spark.BF16_NAN << 16  # an entry word of an overflowing slot: bf16 NaN in the high half
 
 
@@ -1518,11 +1518,11 @@ def _check_same_device(ref_name, ref, **ts):
 
 
 def _check_tile(f, tile, C):
-    """spark's format checks, plus the producer's: 16 <= tile <= MAX_TILE. -> (nT, W)"""
+    """spark's format checks, plus the producer's: 32 <= tile <= MAX_TILE. -> (nT, W)"""
     nT, W = spark._twell_sizes(f, tile, C)
-    if not 16 <= tile <= MAX_TILE:
-        raise ValueError(f"tile must be in [16, {MAX_TILE}] for the Triton producer (tl.dot needs 16 columns, "
-                         f"its [128, tile] accumulator must fit in registers), got {tile}")
+    if not 32 <= tile <= MAX_TILE:
+        raise ValueError(f"tile must be in [32, {MAX_TILE}] for the Triton producer (tl.dot needs 16 columns in "
+                         f"each half of a tile, its [128, tile] accumulator must fit in registers), got {tile}")
     return nT, W
 
 
@@ -1616,20 +1616,19 @@ def _dot_tile(
 # while all of Wg (d f bf16, 23 MB at d 2048, f 5632) stays in L2. The epilogue packs the
 # accumulator where it lies, in the tensor cores' register layout; nothing is written but words.
 #
-#     U = [i <= j] for i, j < tile                            # [tile, tile] of ones on and above the diagonal
+#     U = [i <= j] for i, j < H = tile / 2                   # [H, H] of ones on and above the diagonal
+#     packed = 0                                              # zeroed first (a memset): the tails stay 0
 #     for each (row block, tile t) of this program:
 #         acc = x[rows] @ Wg[:, t tile : (t + 1) tile]       # [BM, tile] float32, tensor cores
-#         b = float32 bits of relu(acc) + 0x7FFF + bit 16     # high half = bf16(relu(acc)), round to nearest even
-#         nz = (high half != 0);  bad = acc is NaN or +inf
-#         k = nz @ U                                          # tensor cores again: k = 1, 2, ... at a row's
+#         for each half h = 0, 1 of the tile (acc0, acc1: its two column halves, [BM, H]):
+#             v_h = bf16 bits of relu(acc_h) << 16            # round to nearest even
+#             nz_h = v_h != 0;  bad_h = acc_h is NaN or +inf
+#         k0 = nz0 @ U;  k1 = sum(nz0) + nz1 @ U              # tensor cores again: k = 1, 2, ... at a row's
 #                                                             # 1st, 2nd, ... nonzero of the tile: its word
-#         count = sum(nz);  over = count > W - 1 or any bad
-#         word = column | high half of b   (| NaN bits instead, in an overflowing slot)
-#         packed[row, t W + k] = word      where nz and k <= W - 1         (a scatter)
-#         packed[row, t W] = min(count, W - 1);  packed[row, t W + i] = 0 for i > count
-#         overflowing rows: flag[row] = 1
-# The two stores touch disjoint words (1..n, and 0 with n+1..W-1), so no ordering between them
-# is needed and the packed tensor needs no zeroing first: every word is written exactly once.
+#         count = sum(nz0) + sum(nz1);  over = count > W - 1 or any bad
+#         word_h = column | v_h   (| NaN bits instead of v_h, in an overflowing slot)
+#         packed[row, t W + k_h] = word_h  where nz_h and k_h <= W - 1     (a scatter)
+#         packed[row, t W] = min(count, W - 1);  overflowing rows: flag[row] = 1
 #
 # Why a matmul for the numbering. A cumsum along the tile (tl.cumsum) wants a row's columns in a
 # layout of its own, and Triton moves [BM, tile] tensors through shared memory to get there; so
@@ -1638,38 +1637,72 @@ def _dot_tile(
 # against 4.5 ms for the matmul alone, NVIDIA H200). k = nz @ U is a second tl.dot whose result
 # lies in the same register layout as acc, with 0/1 operands in float8 (exact) and float16 sums
 # (exact below 2048). The scatter is one PTX st.global per entry (_scatter_store), which Triton
-# does not re-lay. The price: a [BM, tile] x [tile, tile] product per tile, tile / d = 1/8 of the
-# gate matmul's multiply-adds at half their cost in float8, and U's 64 KB of shared memory, which
-# leaves room for four pipeline stages of 32-wide steps of d but not of 64 (the matmul alone:
-# 4.7 ms at 32 x 4 stages, 4.5 ms at 64 x 4).
+# does not re-lay. Why halves: a whole tile's U would be [tile, tile], half of it zeros below the
+# diagonal; two [H, H] products skip the zero block (half the multiply-adds), and U takes 16 KB of
+# shared memory instead of 64 (float8, tile 256), which leaves room for four pipeline stages of
+# 64-wide steps of d instead of 32-wide ones. The halves are a split of each thread's registers
+# (tl.split): nothing moves.
 #
 # Bytes at M = 131072, d 2048, f 5632, tile 256, C 8: x read once (537 MB), Wg from L2, packed
 # written (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g). FLOPs 2 M d f = 3.0e12, a third
-# of the dense FFN's, plus 2 M f tile = 0.4e12 for the numbering.
+# of the dense FFN's, plus M f tile = 0.2e12 for the numbering.
 # ------------------------------------------------------------------------------------------
 
 
 @jit
-def _scatter_store(ptr, value, mask, WIDEN: tl.constexpr):
-    """tl.store(ptr, value, mask=mask) for int32 values, the operands left in their layout.
+def _scatter_store(base, k, value, mask, WIDEN: tl.constexpr):
+    """tl.store(base + k, value, mask=mask) for int32 k and values, the operands left in their layout.
 
     A tl.store of pointers computed from data cannot be coalesced, and Triton re-lays its operands
     into a one-column-per-thread layout first (through shared memory); an inline PTX store is not
-    a memory operation to Triton, so it stores from the registers where the values are. The
+    a memory operation to Triton, so it stores from the registers where the values are. base is
+    one pointer per row ([BM, 1]), and the address base + 4 k one multiply-add (mad.wide). The
     interpreter cannot run PTX (WIDEN): there it is the plain tl.store.
     """
     if WIDEN:
-        tl.store(ptr, value, mask=mask)
+        tl.store(base + k, value, mask=mask)
     else:
-        tl.inline_asm_elementwise("{ @$3 st.global.b32 [$1], $2; mov.b32 $0, 0; }", "=r,l,r,b", [ptr, value, mask],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        tl.inline_asm_elementwise("{ .reg .b64 a; mad.wide.s32 a, $2, 4, $1; @$4 st.global.b32 [a], $3; mov.b32 $0, 0; }",
+                                  "=r,l,r,r,b", [base, k, value, mask], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@jit
+def _gate_bits(a):
+    """Gates a [BM, H] float32 (one half of a tile) -> (v, nz, cnt).
+
+    v: bf16(relu(a)) in the high 16 bits, 0 below (_bf16_bits: round to nearest even); a NaN gate
+    gives 0, not an entry, and a finite gate at most 0x7F80, bf16 inf. nz = v != 0: the entries.
+    cnt [BM]: the row's entries + 1024 x its bad gates, NaN or +inf, in one sum. (An inf in x also
+    meets the zeros read for the padding columns of a narrow last tile: inf * 0 = NaN there counts
+    as bad, even where the real gates are -inf. The FFN of such an x is not finite anyway, through
+    x Wu.)
+    """
+    v = _bf16_bits(tl.where(a > 0, a, 0.0))
+    nz = v != 0
+    bad = ~(a <= 3.4028234663852886e38)
+    return v, nz, tl.sum(nz.to(tl.int32) + bad.to(tl.int32) * 1024, axis=1)
+
+
+@jit
+def _number(nz, u_op, start, ONE: tl.constexpr, IT: tl.constexpr, OP: tl.constexpr, WIDEN: tl.constexpr):
+    """0x6400 + start + k at the k-th entry (k = 1, 2, ...) of each row of nz [BM, H], in nz's
+    register layout: start[row] + nz @ U on the tensor cores, U = u_op [H, H]. (0x6400 + k is how
+    the float16 sums below hold 1024 + k: their bits, read as an integer; start + k < 1024.)"""
+    if WIDEN:  # the interpreter: exact float32 products
+        k = tl.dot(nz.to(tl.float32), u_op, start.to(tl.float32)[:, None] + tl.zeros(nz.shape, tl.float32),
+                   input_precision="ieee")
+        return k.to(tl.int32) + 0x6400
+    nz_op = tl.where(nz, ONE, 0).to(IT).to(OP, bitcast=True)  # 0 / 1 written as bits
+    k = tl.dot(nz_op, u_op, (1024 + start).to(tl.float16)[:, None] + tl.zeros(nz.shape, tl.float16),
+               out_dtype=tl.float16)
+    return k.to(tl.int16, bitcast=True).to(tl.int32)
 
 
 @jit
 def _twell_produce_kernel(
     X,  # pointer to x [M, d] bf16; row m at X + m * stride_xm, entries contiguous
     Wg,  # pointer to Wg [d, f] bf16, contiguous (row k at Wg + k f)
-    Packed,  # pointer to packed [M, NT W] int32 (the uint32 words' bits), contiguous; fully written here
+    Packed,  # pointer to packed [M, NT W] int32 (the uint32 words' bits), contiguous, zeroed; counts and entries written here
     Stat,  # pointer to int32 [M + 3], zeroed: [0, M) per-row overflow flags (set here), [M]
     #        overflowing rows (the consumer's count), [M + 1] NaN or +inf gates (counted here),
     #        [M + 2] the ok word (the last kernel's)
@@ -1688,60 +1721,53 @@ def _twell_produce_kernel(
     FP8: tl.constexpr,  # the GPU has float8 tensor cores (compute capability >= 8.9)
     WIDEN: tl.constexpr,  # the interpreter's float32 dot (see _dot_tile)
 ):
-    tl.static_assert(TILE < 1024)  # count < 1024 (cnt's low bits) and 1024 + k < 2048 (exact in float16)
+    tl.static_assert((TILE < 1024) & (TILE >= 32))  # count < 1024 (cnt's low bits); halves of >= 16 (tl.dot)
+    H: tl.constexpr = TILE // 2  # columns per half
     pid = tl.program_id(0)
-    r_loc, c_loc = tl.arange(0, BM), tl.arange(0, TILE)
-    upper = c_loc[:, None] <= c_loc[None, :]  # [TILE, TILE] U
+    r_loc, c_h = tl.arange(0, BM), tl.arange(0, H)
+    upper = c_h[:, None] <= c_h[None, :]  # [H, H] U
     # the numbering's operands, 0 and 1, written as bits: float8 e4m3 (1.0 = 0x38), or float16
-    # (1.0 = 0x3C00) for tiles of 16 (tl.dot wants k >= 32 for float8), GPUs without float8, and
+    # (1.0 = 0x3C00) for halves of 16 (tl.dot wants k >= 32 for float8), GPUs without float8, and
     # row blocks under 64 (decoding). Below 64 rows Triton uses the older tensor-core instruction
     # (mma, operands in registers), and building U's float8 operand for it goes through shared
     # memory and conversions: in a program of one tile that costs more than float16 sums save
     # (offline SASS: a 1482-instruction prologue against 938; one token's producer on an H200:
     # 28.7-28.9 against 24.6-24.8 us)
-    F8: tl.constexpr = FP8 and TILE >= 32 and BM >= 64
+    F8: tl.constexpr = FP8 and H >= 32 and BM >= 64
     OP: tl.constexpr = tl.float8e4nv if F8 else tl.float16
     IT: tl.constexpr = tl.int8 if F8 else tl.int16
     ONE: tl.constexpr = 0x38 if F8 else 0x3C00
-    u_op = tl.where(upper, ONE, 0).to(IT).to(OP, bitcast=True)  # U as the product's operand
+    u_op = upper.to(tl.float32) if WIDEN else tl.where(upper, ONE, 0).to(IT).to(OP, bitcast=True)  # U as an operand
     for tile_id in range(pid, n_tiles, tl.num_programs(0)):
         t = tile_id % NT  # the tile (fastest)
         row0 = (tile_id // NT) * BM
         rows = row0 + r_loc  # [BM]
-        cols = t * TILE + c_loc  # [TILE] global columns of this tile (the last one is narrower when f % TILE != 0)
+        cols = t * TILE + tl.arange(0, TILE)  # [TILE] global columns of this tile (the last one is narrower when f % TILE != 0)
         acc = _dot_tile(X, Wg, rows.to(tl.int64), rows < M, cols, cols < f, d, stride_xm, f, 1, BM, TILE, BK, WIDEN)
         # padded rows and columns read zeros, so their acc is 0: never stored, never counted.
-        # b: the float32 bits of relu(acc) with bf16(relu(acc)) in the high half (_bf16_bits's
-        # rounding; a NaN gate gives 0, not an entry; a finite acc gives at most 0x7F80, bf16 inf)
-        b = tl.where(acc > 0, acc, 0.0).to(tl.int32, bitcast=True)
-        b = b + 0x7FFF + ((b >> 16) & 1)
-        nz = b >= 65536  # [BM, TILE] an entry: bf16 value nonzero
-        # a NaN or +inf gate: the slot is bad. (An inf in x also meets the zeros read for the
-        # padding columns of a narrow last tile: inf * 0 = NaN there counts as bad, even where the
-        # real gates are -inf. The FFN of such an x is not finite anyway, through x Wu.)
-        bad = ~(acc <= 3.4028234663852886e38)
-        # k = nz @ U: the k-th nonzero of a row's tile gets k, in acc's register layout
-        if WIDEN:
-            k = tl.dot(nz.to(tl.float32), upper.to(tl.float32), input_precision="ieee").to(tl.int32)
-        else:
-            # float16 sums started at 1024: then 1024 + k (k < 1024) has the bits 0x6400 + k
-            nz_op = tl.where(nz, ONE, 0).to(IT).to(OP, bitcast=True)
-            k = tl.dot(nz_op, u_op, tl.full((BM, TILE), 1024.0, tl.float16), out_dtype=tl.float16)
-            k = k.to(tl.int16, bitcast=True).to(tl.int32) - 0x6400
-        cnt = tl.sum(nz.to(tl.int32) + bad.to(tl.int32) * 1024, axis=1)  # [BM] one sum: count + 1024 n_bad
+        # The tile's two column halves, [BM, H] each, and their gates' bits
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BM, 2, H)), (0, 2, 1)))
+        v0, nz0, cnt0 = _gate_bits(acc0)
+        v1, nz1, cnt1 = _gate_bits(acc1)
+        cnt = cnt0 + cnt1
         count, n_bad = cnt & 1023, cnt >> 10  # (count <= TILE <= 256 < 1024)
         over = (count > W - 1) | (n_bad > 0)  # [BM] the slot cannot hold the tile
-        # word = j | bf16 << 16: global column j in the low half (< 65536), the value's bits above
-        word = tl.where(over[:, None], NAN_WORD, b & -65536) | cols[None, :]  # (-65536 = 0xFFFF0000)
-        # word 0 of each row's slot: int32 offsets (fewer registers for the scatter) unless packed
-        # has 2^31 words or more (OFF64)
-        slot = (rows.to(tl.int64) if OFF64 else rows)[:, None] * (NT * W) + t * W  # [BM, 1]
-        _scatter_store(Packed + (slot + k), word, nz & (k < W), WIDEN)  # words 1..min(count, W - 1)
+        # word = j | bf16 << 16: global column j in the low half (< 65536), the value's bits above,
+        # or in an overflowing slot NaN bits instead: (v & keep) | (nan + j). The column is added,
+        # not or-ed (no carry below bit 16), so that each value's constant part of j is one add
+        keep = tl.where(over, 0, -65536)[:, None]  # [BM, 1] (-65536 = 0xFFFF0000)
+        nan = tl.where(over, NAN_WORD, 0)[:, None] + t * TILE  # [BM, 1]
+        # the slot's word 0 (minus 0x6400: _number's k is 0x6400 + k); int32 offsets (fewer
+        # registers for the scatter) unless packed has 2^31 words or more (OFF64)
+        base = Packed + ((rows.to(tl.int64) if OFF64 else rows)[:, None] * (NT * W) + t * W - 0x6400)  # [BM, 1]
+        # words 1..min(count, W - 1): the left half's entries, then the right half's after them
+        k0 = _number(nz0, u_op, tl.zeros((BM,), tl.int32), ONE, IT, OP, WIDEN)
+        _scatter_store(base, k0, (v0 & keep) | (nan + c_h[None, :]), nz0 & (k0 < 0x6400 + W), WIDEN)
+        k1 = _number(nz1, u_op, cnt0 & 1023, ONE, IT, OP, WIDEN)
+        _scatter_store(base, k1, (v1 & keep) | (nan + H + c_h[None, :]), nz1 & (k1 < 0x6400 + W), WIDEN)
         rm = rows < M
-        n = tl.minimum(count, W - 1)[:, None]  # [BM, 1] the count word, never above the capacity
-        i = tl.arange(0, W)[None, :]  # [1, W]
-        tl.store(Packed + rows.to(tl.int64)[:, None] * (NT * W) + t * W + i, tl.where(i == 0, n, 0),
-                 mask=rm[:, None] & ((i == 0) | (i > n)))  # word 0 and the tail
+        # word 0, the count, never above the capacity (the words after the entries stay 0)
+        tl.store(Packed + rows.to(tl.int64) * (NT * W) + t * W, tl.minimum(count, W - 1), mask=rm)
         # the row's flag: every tile that overflows writes the same 1 (no race on the value)
         tl.store(Stat + rows, tl.full((BM,), 1, tl.int32), mask=rm & over)
         n_bad = tl.sum(tl.where(rm, n_bad, 0), axis=0)
@@ -1759,7 +1785,7 @@ def _produce(xs, Wg, tile, C):
     n_tiles = nT * triton.cdiv(M, BM)
     on_gpu = xs.device.type == "cuda"
     programs = min(n_tiles, torch.cuda.get_device_properties(xs.device).multi_processor_count if on_gpu else PRODUCE_PROGRAMS)
-    packed = torch.empty(M, nT * W, dtype=torch.int32, device=xs.device)  # every word written by the kernel
+    packed = torch.zeros(M, nT * W, dtype=torch.int32, device=xs.device)  # the kernel writes counts and entries
     stat = torch.zeros(M + 3, dtype=torch.int32, device=xs.device)
     _twell_produce_kernel[(programs,)](xs, Wg, packed, stat, M, d, f, xs.stride(0), NAN_WORD, n_tiles,
                                        TILE=tile, W=W, NT=nT, BM=BM, OFF64=M * nT * W >= OFF32_WORDS,
@@ -3959,7 +3985,7 @@ def bench_twell(quick=False, tune=True):
             if zeros == 0.995 and C == 8:
                 _count_histogram(counts, f)
                 if tune and not quick:
-                    _tune("producer", PRODUCE_CFG, [dict(BK=32, num_stages=n) for n in (3, 4, 5)] + [dict(BK=64, num_stages=3)],
+                    _tune("producer", PRODUCE_CFG, [dict(BK=32, num_stages=n) for n in (4, 5)] + [dict(BK=64, num_stages=n) for n in (3, 4)],
                           lambda: twell_gate_pack_gpu(x, Wg))
                     _tune("consumer", CONSUME_CFG, [dict(E=e, num_warps=w) for e in (2, 4, 8) for w in (2, 4, 8)], run)
             _check_ffn(f"twell_ffn_gpu zeros {zeros} C {C}", run(), x, Wg, Wu, Wd)

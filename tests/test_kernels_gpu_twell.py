@@ -120,11 +120,11 @@ def assert_within(name, got, ref, bound):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tile,C", [(256, 8), (256, 4), (64, 8), (16, 2)])
+@pytest.mark.parametrize("tile,C", [(256, 8), (256, 4), (64, 8), (32, 2)])
 @pytest.mark.parametrize("M", [37, 1])
 def test_producer_words_bit_identical(M, tile, C):
     """Words and flags equal spark.twell_pack of torch's gate, bit for bit: every C, a narrow last
-    tile (600 = 2 x 256 + 88 = 9 x 64 + 24), tile 16 (the smallest the producer takes), M = 1;
+    tile (600 = 2 x 256 + 88 = 9 x 64 + 24), tile 32 (the smallest the producer takes), M = 1;
     the rows of int_problem overflow or not, and the special rows are all there (M = 37)."""
     x, Wg, _, _ = int_problem(M)
     packed, over = twell_gate_pack_gpu(x, Wg, tile, C)
@@ -152,21 +152,28 @@ def test_producer_several_row_blocks(BM, off32, monkeypatch):
     assert_close("overflow flags", over.cpu(), ref_over, 0, 0)
 
 
-@pytest.mark.parametrize("tile,C", [(256, 8), (16, 2)])
-def test_producer_writes_every_word(tile, C, monkeypatch):
-    """packed is allocated uninitialised and the producer must write each of its words once (entries,
-    count word, zeroed tail): filled with a sentinel first, no word may keep it."""
-    real_empty = torch.empty
-
-    def sentinel_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(0x5A5A5A5A) if t.dtype == torch.int32 else t
-
-    monkeypatch.setattr(torch, "empty", sentinel_empty)
+@pytest.mark.parametrize("tile,C", [(256, 8), (32, 2)])
+def test_producer_writes_every_count_and_entry(tile, C, monkeypatch):
+    """packed is zeroed first (the words after a slot's entries stay 0) and the producer writes every
+    count word and entry: allocated with a sentinel instead of zeros, only those after the entries
+    may keep it."""
     x, Wg, _, _ = int_problem(37)
-    packed, over = twell_gate_pack_gpu(x, Wg, tile, C)
     ref, ref_over = twell_pack(F.relu(x @ Wg).cpu(), tile, C)
-    assert_close(f"words tile={tile} C={C}, sentinel-filled", words(packed), words(ref), 0, 0)
+    real_zeros, sentinel = torch.zeros, 0x5A5A5A5A
+
+    def sentinel_zeros(*args, **kwargs):  # packed is the only 2-D int32 tensor the producer allocates
+        t = real_zeros(*args, **kwargs)
+        return t.fill_(sentinel) if t.dtype == torch.int32 and t.dim() == 2 else t
+
+    monkeypatch.setattr(torch, "zeros", sentinel_zeros)
+    packed, over = twell_gate_pack_gpu(x, Wg, tile, C)
+    monkeypatch.undo()
+    W = tile // C
+    slots = words(ref).view(37, -1, W)
+    after = torch.arange(W) > slots[..., :1]  # [37, nT, W] the words after each slot's entries
+    expected = torch.where(after, torch.tensor(sentinel, dtype=torch.int32), slots).view(37, -1)
+    assert after.any()
+    assert_close(f"words tile={tile} C={C}, sentinel-filled", words(packed), expected, 0, 0)
     assert_close("overflow flags", over.cpu(), ref_over, 0, 0)
 
 
@@ -355,7 +362,7 @@ def test_bad_input():
         twell_ffn_gpu(x, Wg, Wu, Wd, C=3)
     with pytest.raises(ValueError, match="tile must be a power of two"):
         twell_ffn_gpu(x, Wg, Wu, Wd, tile=96)
-    with pytest.raises(ValueError, match="tile must be in \\[16, 256\\]"):
+    with pytest.raises(ValueError, match="tile must be in \\[32, 256\\]"):
         twell_ffn_gpu(x, Wg, Wu, Wd, tile=512)
     with pytest.raises(ValueError, match="cap must be in"):
         twell_ffn_gpu(x, Wg, Wu, Wd, cap=-1)
