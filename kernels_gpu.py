@@ -1473,10 +1473,10 @@ def spark_attention_gpu(q, k, v, k_top, r):
 # over several tiles too). BM = 128 reads Wg (from L2) half as often as BM = 64: on an H200 the
 # matmul alone took 4.5 ms at BM 128 against 6.3-6.5 ms at BM 64 (with BK 64). The defaults need
 # 208 KB of shared memory (four stages of 48 KB, and U's 16 KB in float8; section 6c); the whole
-# producer took 5.56-5.60 ms with them against 5.71-5.87 at BK 32 with 4 or 5 stages and
-# 6.54-6.60 at BK 64 with 3 (one process, NVIDIA H200). bench_twell times the candidates. On a GPU
-# with less shared memory, such as an A100's 164 KB, set BK 32 (72 KB when compiled for sm_80,
-# where U is float16; not run here, for want of such a GPU).
+# producer took 5.56-5.60 ms with them against 5.71-5.83 at BK 32 with 4 stages, 5.74-5.87 with 5,
+# and 6.54-6.60 at BK 64 with 3 (one process, NVIDIA H200). bench_twell times the candidates. On a
+# GPU with less shared memory, such as an A100's 164 KB, set BK 32 (Triton 3.9 compiles that for
+# sm_80, where U is float16, into 72 KB, offline; not run here, for want of such a GPU).
 PRODUCE_PROGRAMS = 2
 PRODUCE_CFG = dict(BM=128, BK=64, num_warps=8, num_stages=4)
 OFF32_WORDS = 2**31  # packed words from which the producer's word offsets are int64 (tests lower it)
@@ -1642,11 +1642,12 @@ def _dot_tile(
 # diagonal; two [H, H] products skip the zero block (half the multiply-adds), and U takes 16 KB of
 # shared memory instead of 64 (float8, tile 256), which leaves room for four pipeline stages of
 # 64-wide steps of d instead of 32-wide ones. The halves are a split of each thread's registers
-# (tl.split; offline SASS for sm_90a shows no data moved for it).
+# (tl.split; in Triton 3.9's code for sm_90a, offline, the epilogue's shared-memory accesses and
+# shuffles stayed as many as before it).
 #
 # Bytes at M = 131072, d 2048, f 5632, tile 256, C 8: x read once (537 MB), Wg from L2, packed
 # zeroed (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g) and then its counts and entries
-# written (26 MB at 27.8 entries a row). FLOPs 2 M d f = 3.0e12, a third
+# written (at most 26 MB at 27.8 nonzeros a row; the overflowing rows' entries are capped). FLOPs 2 M d f = 3.0e12, a third
 # of the dense FFN's, plus M f tile = 0.2e12 for the numbering.
 # ------------------------------------------------------------------------------------------
 
@@ -1690,13 +1691,13 @@ def _number(nz, u_op, start, ONE: tl.constexpr, IT: tl.constexpr, OP: tl.constex
     """0x6400 + start + k at the k-th entry (k = 1, 2, ...) of each row of nz [BM, H], in nz's
     register layout: start[row] + nz @ U on the tensor cores, U = u_op [H, H]. (0x6400 + k is how
     the float16 sums below hold 1024 + k: their bits, read as an integer; start + k < 1024.)"""
-    if WIDEN:  # the interpreter: exact float32 products
-        k = tl.dot(nz.to(tl.float32), u_op, start.to(tl.float32)[:, None] + tl.zeros(nz.shape, tl.float32),
-                   input_precision="ieee")
-        return k.to(tl.int32) + 0x6400
-    nz_op = tl.where(nz, ONE, 0).to(IT).to(OP, bitcast=True)  # 0 / 1 written as bits
-    k = tl.dot(nz_op, u_op, (1024 + start).to(tl.float16)[:, None] + tl.zeros(nz.shape, tl.float16),
-               out_dtype=tl.float16)
+    if WIDEN:  # the interpreter: exact float32 products and sums, then float16 as on a GPU (exact: < 2048)
+        k = tl.dot(nz.to(tl.float32), u_op, (1024 + start).to(tl.float32)[:, None] + tl.zeros(nz.shape, tl.float32),
+                   input_precision="ieee").to(tl.float16)
+    else:
+        nz_op = tl.where(nz, ONE, 0).to(IT).to(OP, bitcast=True)  # 0 / 1 written as bits
+        k = tl.dot(nz_op, u_op, (1024 + start).to(tl.float16)[:, None] + tl.zeros(nz.shape, tl.float16),
+                   out_dtype=tl.float16)
     return k.to(tl.int16, bitcast=True).to(tl.int32)
 
 
@@ -1759,7 +1760,8 @@ def _twell_produce_kernel(
         # not or-ed (no carry below bit 16), so that each value's constant part of j is one add
         keep = tl.where(over, 0, -65536)[:, None]  # [BM, 1] (-65536 = 0xFFFF0000)
         nan = tl.where(over, NAN_WORD, 0)[:, None] + t * TILE  # [BM, 1]
-        # the slot's word 0 (minus 0x6400: _number's k is 0x6400 + k); int32 offsets (fewer
+        # the slot's word 0, minus 0x6400 (_number's k is 0x6400 + k: base itself may point
+        # before packed, but only base + k of an entry is stored to); int32 offsets (fewer
         # registers for the scatter) unless packed has 2^31 words or more (OFF64)
         base = Packed + ((rows.to(tl.int64) if OFF64 else rows)[:, None] * (NT * W) + t * W - 0x6400)  # [BM, 1]
         # words 1..min(count, W - 1): the left half's entries, then the right half's after them
@@ -1847,9 +1849,9 @@ def twell_gate_pack_gpu(x, Wg, tile=256, C=8):
 #         y += sum over the E entries of h Wd[j]    # [d]
 #     y = bf16(y)
 #
-# The kernel issues instructions more than it waits on memory: on an H200 it took the same time
-# when every row read one row's entries (all hits in L1) as on real rows (3.75 against 3.79-3.86
-# ms, notes/twell.md). So x, y and the weight rows are held as even and odd columns, [BD2] each:
+# Its time is not memory's: on an H200 it took the same time when every column was folded onto 8
+# neurons, whose 64 KB of weight rows stay in L1, as on the real columns (3.27-3.35 against
+# 3.29-3.31 ms, notes/twell.md). x, y and the weight rows are held as even and odd columns, [BD2] each:
 # for even d a pair of bf16 columns is one 32-bit word, turned into two float32 by one
 # instruction each (_pairs; odd d reads them one bf16 at a time), and u sums
 # fma(even, x_even, odd x_odd) over the pairs.
@@ -1960,7 +1962,7 @@ def _consume(xs, packed, stat, WuT, Wd, tile, C, cap):
     """Launch the consumer. xs [M, d] rows, packed int32 [M, nT W], stat int32 [M + 3].
     -> y [M, d] bf16, rows int32 [max(cap, 1)] (the hybrid buffer's row ids)"""
     (M, d), f = xs.shape, Wd.shape[0]
-    nT, W = _check_tile(f, tile, C)
+    nT, W = spark._twell_sizes(f, tile, C)
     y = torch.empty(M, d, dtype=torch.bfloat16, device=xs.device)
     rows = torch.empty(max(cap, 1), dtype=torch.int32, device=xs.device)  # slots >= the count are never read
     # _pairs reads two bf16 as one 32-bit word: the weights must start on 4 bytes (a view that
@@ -1986,7 +1988,7 @@ def twell_consume_gpu(x, packed, overflow, WuT, Wd, tile=256, C=8):
     _check_bf16("Wd", Wd, 2)
     f, d = WuT.shape
     xs = _x_rows(x, d, "WuT.shape[1]")
-    nT, W = _check_tile(f, tile, C)
+    nT, W = spark._twell_sizes(f, tile, C)  # any tile and C of the format (the producer's limits do not apply)
     M = xs.shape[0]
     if Wd.shape != (f, d):
         raise ValueError(f"Wd must be [f, d] = {[f, d]} (WuT's shape), got {tuple(Wd.shape)}")
