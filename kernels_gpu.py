@@ -1647,8 +1647,8 @@ def _dot_tile(
 #
 # Bytes at M = 131072, d 2048, f 5632, tile 256, C 8: x read once (537 MB), Wg from L2, packed
 # zeroed (M nT W 4 = 369 MB, against 1476 MB of dense bf16 g) and then its counts and entries
-# written (at most 26 MB at 27.8 nonzeros a row; the overflowing rows' entries are capped). FLOPs 2 M d f = 3.0e12, a third
-# of the dense FFN's, plus M f tile = 0.2e12 for the numbering.
+# written (at most 26 MB at 27.8 nonzeros a row; the overflowing rows' entries are capped).
+# FLOPs 2 M d f = 3.0e12, a third of the dense FFN's, plus M f tile = 0.2e12 for the numbering.
 # ------------------------------------------------------------------------------------------
 
 
@@ -1705,7 +1705,8 @@ def _number(nz, u_op, start, ONE: tl.constexpr, IT: tl.constexpr, OP: tl.constex
 def _twell_produce_kernel(
     X,  # pointer to x [M, d] bf16; row m at X + m * stride_xm, entries contiguous
     Wg,  # pointer to Wg [d, f] bf16, contiguous (row k at Wg + k f)
-    Packed,  # pointer to packed [M, NT W] int32 (the uint32 words' bits), contiguous, zeroed; counts and entries written here
+    Packed,  # pointer to packed [M, NT W] int32 (the uint32 words' bits), contiguous, zeroed;
+    #          counts and entries written here
     Stat,  # pointer to int32 [M + 3], zeroed: [0, M) per-row overflow flags (set here), [M]
     #        overflowing rows (the consumer's count), [M + 1] NaN or +inf gates (counted here),
     #        [M + 2] the ok word (the last kernel's)

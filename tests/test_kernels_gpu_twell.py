@@ -365,6 +365,8 @@ def test_bad_input():
         twell_ffn_gpu(x, Wg, Wu, Wd, tile=96)
     with pytest.raises(ValueError, match="tile must be in \\[32, 256\\]"):
         twell_ffn_gpu(x, Wg, Wu, Wd, tile=512)
+    with pytest.raises(ValueError, match="tile must be in \\[32, 256\\]"):  # a valid format, below the producer's halves
+        twell_gate_pack_gpu(x, Wg, tile=16, C=2)
     with pytest.raises(ValueError, match="cap must be in"):
         twell_ffn_gpu(x, Wg, Wu, Wd, cap=-1)
     big = torch.zeros(16, 65537, dtype=torch.bfloat16, device=DEVICE)  # f > 65536: a column needs 17 bits
