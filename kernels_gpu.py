@@ -2242,11 +2242,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # ------------------------------------------------------------------------------------------
 
 MAX_TOKENS = 8  # tokens per FFN launch (MP = 16 rows of tl.dot); more tokens: one launch per 8
-FFN_BF, FFN_BR = 128, 128  # predictor tile: BF neurons x BR of r per step (108 programs at f = 13824)
-FFN_FS = 128  # neurons per sparse program (108 programs at f = 13824, ~10 survivors each at 8 %)
-FFN_E = 32  # survivors gathered at once
-FFN_BK = 256  # chunk of a K2t row (d - r) and of a V row (d)
-FFN_WARPS = 8  # warps per sparse program
+FFN_BI, FFN_BJ = 16, 1024  # moments kernel: BI rows of R per program (64 programs at r = 1024), BJ columns per step
+FFN_BR, FFN_STAGES = 128, 3  # sparse kernel: input dims per step of p, pipeline stages
+FFN_FS1, FFN_E, FFN_WARPS1 = 64, 8, 4  # one token: neurons and warps per program (216 at f = 13824, ~5 survivors), rows at once
+FFN_FS, FFN_BK, FFN_WARPS = 128, 256, 8  # several tokens: neurons per program (108), chunk of a K2t / V row, warps
 FFN_RB = 32  # columns per reduce program (72 programs at d = 2304)
 TARGET_PROGRAMS = 264  # attention splits aim at two programs per SM of an H200
 MIN_SPLIT = 64  # at least this many cache tokens per split
@@ -2302,36 +2301,41 @@ def _shapes(**tensors):
 #    p = x[:r] K1;  theta = mean(p) + std(p) Q(1 - k/f);  t = max(p - theta, 0)
 #    y = sum over survivors j (p_j > theta) of gelu(t_j) (x[r:] . K2t[j]) V[j]
 #
-#    Bytes read (weights): r f + m (d - r) + m d, m the (union of) survivors, vs 3 d f_gated for
-#    the dense gated FFN of equal parameters: at Gemma-2 2B shapes (d 2304, f 13824, r 1024,
-#    k 1106) 18.1 M vs 63.7 M values, the 3.52x byte limit. FLOPs 2 x the weights read (x M).
+#    The lesson of this section: theta does not need p. The mean and the variance of p over the
+#    f neurons are a linear and a quadratic function of x1 = x[:r], with coefficients that depend
+#    on K1 only, so they are computed once when the weights are prepared:
+#        mean(p) = x1 . mu,                 mu = K1's row means (mu_i = mean_j K1[i, j])  [r]
+#        var(p)  = |R x1|^2,                R^T R = (K1 - mu)(K1 - mu)^T / f             [r, r]
+#    R is the triangular factor of a QR decomposition of (K1 - mu)^T / sqrt(f), taken in float64.
+#    var(p) is then a sum of squares: never negative, no cancellation, and only R's upper
+#    triangle is read (r^2 / 2 float32 values, 2 MB at r = 1024, against K1's 28 MB).
+#    So one kernel can compute its slice of p, threshold it and gather its survivors' rows at once,
+#    and a program gathering overlaps others still streaming K1: no second pass waits for all of p.
+#
+#    Bytes read (weights): r f + m (d - r) + m d (+ 2 r^2 float32), m the (union of) survivors,
+#    vs 3 d f_gated for the dense gated FFN of equal parameters: at Gemma-2 2B shapes (d 2304,
+#    f 13824, r 1024, k 1106) 18.1 M values + 2.1 MB vs 63.7 M values: a 3.33x byte limit (3.52x
+#    without R). FLOPs 2 x the weights read (x M).
 #
 #    Three kernels, no host synchronisation, deterministic:
 #
-#    _ffn_predict_kernel (one program per BF neurons; r in steps of BR):
-#        p[:, cols] = X[:, :r] @ K1[:, cols]                  # tl.dot, tokens padded to 16 rows
-#        store p (float32), and per token the block's mean and M2 (sum of squared deviations,
-#        centred on the block's first entry: a constant row gives M2 = 0 exactly)
+#    _ffn_moments_kernel (one program per BI rows of R; PDL: waits for x, then lets the next kernel start):
+#        part[b] = (x1[rows] . mu[rows],  sum over its rows i of (R[i, i:] . x1[i:])^2)
 #    _ffn_sparse_kernel (one program per FS neurons):
-#        theta from the NB block statistics (Chan, Golub and LeVeque's merge, centred on block
-#            0's mean: every program computes the same bits, in the same order)
-#        keep_j = any token with p_j > theta                  # the union mask over this slice
-#        pos = cumsum(keep) - 1; list[pos] = j                # compaction, no sort, in registers
-#        for E listed neurons at a time (usually one step):
-#            u = X[:, r:] @ K2t[list]^T                       # phase 1: ~8 % of K2t's rows
-#            a = gelu(max(p[list] - theta, 0)) * u
-#            for each chunk of d:                             # phase 2: ~8 % of V's rows
-#                y_part[:, chunk] += a V[list, chunk]
+#        p = X[:, :r] @ K1[:, slice]                           # tl.dot, tokens padded to 16 rows
+#        (PDL: only now wait for the moments)
+#        theta = sum_b part[b, 0] + q sqrt(sum_b part[b, 1])   # every program the same bits
+#        keep = p > theta;  listed_j = any token keeps j       # the union over tokens
+#        u = X[:, r:] @ K2t[listed]^T                          # loads of unlisted rows are masked off
+#        a = gelu(where(keep, p - theta, 0)) * u               # 0 where a token does not keep j
+#        y_part[slice] = a @ V[listed]                         # one chunk of d at a time
 #    _ffn_reduce_kernel (one program per FFN_RB columns and token):
 #        y = sum over the programs of y_part, in program order; a NaN row where x is not finite
 #
-#    Why per-slice lists rather than one global list: a global compaction needs the survivors'
+#    Why per-slice partial y rather than one list of survivors: a global list needs the survivors'
 #    count of every earlier slice (a second launch, or atomics whose order changes from run to
-#    run). Each slice's list is local, so one launch finds, compacts and gathers. The price is
-#    the partial y of every slice: 2 NS M d float32 values written and read (108 x 2304 x 8 bytes
-#    = 2 MB per token at Gemma-2 2B shapes, 6 % of the weights' 36 MB), and ~10 survivors per
-#    program: each program's row loads are short, and on an H200 this kernel is latency-bound
-#    (a chain of dependent loads per program; notes/kernels_gpu.md).
+#    run). The price is the partial y of every slice: 2 NS M d float32 values written and read
+#    (216 x 2304 x 8 bytes = 4 MB per token at Gemma-2 2B shapes, from L2).
 # ------------------------------------------------------------------------------------------
 
 
@@ -2339,181 +2343,197 @@ def prepare_spark_ffn_gpu(K1, K2, V):
     """Re-lay Spark FFN weights for decoding, once: K1 [r, f], K2 [d-r, f], V [f, d]
     (spark.SparkFFN's parameters) -> (K1 [r, f], K2t [f, d-r], V [f, d]), contiguous, detached,
     in the order spark_ffn_decode_gpu takes them. K2 is stored transposed so that neuron j's
-    weights are one contiguous row (a gathered row is then whole cache lines)."""
+    weights are one contiguous row (a gathered row is then whole cache lines). The returned K1
+    carries p's moments (above) as K1.spark_moments = (mu [r], R [min(r, f), r], K1's version),
+    float32; spark_ffn_decode_gpu refuses a K1 without them or changed in place since."""
     _check_inputs("prepare_spark_ffn_gpu", False, K1=K1, K2=K2, V=V)  # (any strides: we copy)
     if K1.dim() != 2 or K2.dim() != 2 or K2.shape[1] != K1.shape[1] or V.shape != (K1.shape[1], K1.shape[0] + K2.shape[0]):
         raise ValueError(f"prepare_spark_ffn_gpu: expected K1 [r, f], K2 [d-r, f], V [f, d]; got {_shapes(K1=K1, K2=K2, V=V)}")
-    return K1.detach().contiguous(), K2.detach().t().contiguous(), V.detach().contiguous()
+    K1p = K1.detach().contiguous()  # (a new tensor object, even when it shares K1's storage)
+    if not torch.isfinite(K1p).all():
+        raise ValueError("prepare_spark_ffn_gpu: K1 holds NaN or +-inf")
+    f = K1p.shape[1]
+    K = K1p.double()
+    mu = K.mean(dim=1)  # [r]
+    # (K1 - mu)^T / sqrt(f) = Q R: R^T R = (K1 - mu)(K1 - mu)^T / f, R upper triangular [min(f, r), r]
+    R = torch.linalg.qr((K - mu[:, None]).t() / f ** 0.5, mode="r")[1]
+    K1p.spark_moments = (mu.float(), R.float().contiguous(), K1p._version)
+    return K1p, K2.detach().t().contiguous(), V.detach().contiguous()
 
 
-# Kernel 1, the predictor GEMV. The tokens are padded to MP = 16 rows so that tl.dot runs on
-# the tensor cores: at M = 1 fifteen rows of products are wasted, but decoding is bound by the
-# r f weights read (28 MB in bf16 at Gemma-2 2B shapes), not by FLOPs. The statistics of each
-# block come free: the block's p is in registers when the program stores it.
-#     for each step of BR input dims:  acc += x[:, step] @ K1[step, cols]      # [MP, BF]
-#     store p = acc;  store per token (mean, M2) of acc's BF values, centred on its first
+# Kernel 1: the two moments of p, as partial sums over blocks of BI rows of R (and of mu). Row i
+# of R is zero left of the diagonal, so a program reads R[rows, rows[0]:] only: the upper
+# triangle, r^2 / 2 values. A program's rows are few (BI = 16) and the tokens at most 8, so the
+# products are broadcasts on the CUDA cores, float32 throughout (no tensor-core rounding).
+#     for each chunk of BJ columns from rows[0]:  z[m, i] += sum_j R[i, j] x1[m, j]
+#     part[b, m] = (sum_i x1[m, i] mu[i],  sum_i z[m, i]^2)
 @jit
-def _ffn_predict_kernel(
-    X,  # pointer to x [M, d]; token m starts at X + m * stride_xm, entries contiguous
-    K1,  # pointer to K1 [r, f], contiguous: row i (input dim i) at K1 + i * F
-    P,  # pointer to p [M, f] float32, contiguous (written)
-    Part,  # pointer to the block statistics [NB, M, 2] float32, contiguous (written): mean, M2
+def _ffn_moments_kernel(
+    X,  # pointer to x [M, d]; token m at X + m * stride_xm, entries contiguous
+    Mu,  # pointer to mu [r] float32
+    Rm,  # pointer to R [NR, r] float32, contiguous, zero below the diagonal
+    Part,  # pointer to the partial moments [NBM, M, 2] float32 (written)
     stride_xm,  # elements from one token of x to the next
-    M,  # tokens (1 .. MAX_TOKENS)
-    F: tl.constexpr,  # f (compiled in: one value per layer shape)
+    M,  # tokens
+    NR,  # rows of R, min(r, f)
     R: tl.constexpr,  # r
-    MP: tl.constexpr,  # tokens padded to 16 rows
-    BF: tl.constexpr,  # neurons per program
-    BR: tl.constexpr,  # input dims per step
-    PREC: tl.constexpr,  # "ieee" or "tf32" (kernels_gpu._dot)
+    MT: tl.constexpr,  # tokens padded to a power of two
+    BI: tl.constexpr,  # rows of R per program
+    BJ: tl.constexpr,  # columns per step
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
-    _wait_previous(PDL)
-    pid = tl.program_id(0)
-    rows = tl.arange(0, MP)  # [MP] tokens
-    cols = pid * BF + tl.arange(0, BF)  # [BF] neurons
-    kk = tl.arange(0, BR)  # [BR]
-    rmask, cmask = rows < M, cols < F
-    acc = tl.zeros((MP, BF), tl.float32)
-    for r0 in range(0, R, BR):
-        # p += x[:, r0:r0+BR] K1[r0:r0+BR, cols]   (zero padding past r and past M adds nothing)
-        x1 = tl.load(X + rows[:, None] * stride_xm + (r0 + kk)[None, :], mask=rmask[:, None] & (r0 + kk < R)[None, :],
-                     other=0.0)
-        w = tl.load(K1 + (r0 + kk).to(tl.int64)[:, None] * F + cols[None, :],
-                    mask=(r0 + kk < R)[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(x1, w, acc, PREC)
-    mask = rmask[:, None] & cmask[None, :]
-    tl.store(P + rows[:, None] * F + cols[None, :], acc, mask=mask)
-    # the block's statistics, centred on its first entry p0: c = p - p0, mean_c, M2 = sum (c - mean_c)^2
-    n_b = tl.minimum(F - pid * BF, BF).to(tl.float32)
-    p0 = tl.sum(tl.where(tl.arange(0, BF)[None, :] == 0, acc, 0.0), axis=1)  # [MP]
-    c = tl.where(mask, acc - p0[:, None], 0.0)
-    mean_c = tl.sum(c, axis=1) / n_b
-    dev = tl.where(mask, c - mean_c[:, None], 0.0)
-    tl.store(Part + (pid * M + rows) * 2, p0 + mean_c, mask=rmask)
-    tl.store(Part + (pid * M + rows) * 2 + 1, tl.sum(dev * dev, axis=1), mask=rmask)
+    # x must be complete before the next kernel starts (it reads x before its own wait): so wait
+    # first, then let it be placed
+    if PDL >= 1:
+        gdc_wait()
+    if PDL == 2:
+        gdc_launch_dependents()
+    b = tl.program_id(0)
+    rows = tl.arange(0, MT)  # [MT] tokens
+    rmask = rows < M
+    i = b * BI + tl.arange(0, BI)  # [BI] rows of R (and entries of mu)
+    z = tl.zeros((MT, BI), tl.float32)  # z[m, i] = (R x1_m)_i
+    # unrolled, so that every chunk's load is issued before the first product (one round trip);
+    # R[i, j] = 0 for j < i: the loads left of the block's first row are masked off (no traffic)
+    for j0 in tl.static_range(0, R, BJ):
+        jj = j0 + tl.arange(0, BJ)  # [BJ] columns
+        rt = tl.load(Rm + i.to(tl.int64)[:, None] * R + jj[None, :],
+                     mask=(i < NR)[:, None] & ((jj >= b * BI) & (jj < R))[None, :], other=0.0)  # [BI, BJ]
+        for m in tl.static_range(MT):  # each token against the same tile of R
+            x1 = tl.load(X + m * stride_xm + jj, mask=jj < tl.where(m < M, R, 0), other=0.0).to(tl.float32)  # [BJ]
+            z += tl.where(rows[:, None] == m, tl.sum(rt * x1[None, :], axis=1)[None, :], 0.0)
+    xi = tl.load(X + rows[:, None] * stride_xm + i[None, :], mask=rmask[:, None] & (i < R)[None, :],
+                 other=0.0).to(tl.float32)  # [MT, BI]
+    mu = tl.load(Mu + i, mask=i < R, other=0.0)
+    tl.store(Part + (b * M + rows) * 2, tl.sum(xi * mu[None, :], axis=1), mask=rmask)
+    tl.store(Part + (b * M + rows) * 2 + 1, tl.sum(z * z, axis=1), mask=rmask)
 
 
-# theta is needed by every program of kernel 2; each merges the NB block statistics itself (a few
-# KB from L2) rather than waiting for a separate launch to do it once. They all sum the same
-# numbers in the same order, so they all find the same bits. One pass over the blocks, so that
-# their means and M2 are loaded together (one round trip to L2, not two).
-@jit
-def _ffn_theta(Part, rows, rmask, M, q, F: tl.constexpr, BF: tl.constexpr, NB: tl.constexpr, NBC: tl.constexpr):
-    """theta [MP] of each token from the NB blocks' (mean_b, M2_b), in a fixed order, centred on
-    block 0's mean (a constant row then keeps mean = p0 and M2 = 0 exactly):
-        d_b = mean_b - mean_0;  mean = mean_0 + sum_b n_b d_b / f
-        M2 = sum_b (M2_b + n_b d_b^2) - f (mean - mean_0)^2       (the parallel-axis theorem)
-        theta = mean + q sqrt(M2 / f)        (population std; NaN when p holds NaN or +-inf)
-    The subtracted term is about M2 / BF for data without a trend across blocks: no cancellation."""
-    base = tl.load(Part + rows * 2, mask=rmask, other=0.0)  # [MP] block 0's means
-    s1 = tl.zeros_like(base)
-    s2 = tl.zeros_like(base)
-    for b0 in tl.static_range(0, NB, NBC):
-        b = b0 + tl.arange(0, NBC)  # [NBC] blocks
-        msk = rmask[:, None] & (b < NB)[None, :]
-        mb = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0)  # [MP, NBC]
-        m2b = tl.load(Part + (b[None, :] * M + rows[:, None]) * 2 + 1, mask=msk, other=0.0)
-        nb = tl.minimum(F - b * BF, BF).to(tl.float32)[None, :]
-        db = tl.where(msk, mb - base[:, None], 0.0)
-        s1 += tl.sum(nb * db, axis=1)
-        s2 += tl.sum(tl.where(msk, m2b + nb * db * db, 0.0), axis=1)
-    dm = s1 / F  # mean - mean_0
-    m2 = s2 - F * dm * dm
-    m2 = tl.where(m2 < 0.0, 0.0, m2)  # rounding can dip it below 0 (a NaN stays NaN)
-    return base + dm + q * tl.sqrt(m2 / F)
-
-
-# Kernel 2 (the section's pseudo-code), one program per slice of FS neurons. The rows it reads
-# are its survivors only: the loads of a row with no survivor are never issued. The list and
-# the activations stay in registers: on an H200 this kernel is a chain of dependent loads, and
-# every trip through memory (a scratch written, a barrier, read back) adds ~1 us to the chain.
+# Kernel 2 (the section's pseudo-code), one program per slice of FS neurons. Its rows of K2t and
+# V are loaded only where some token keeps the neuron: a masked-off row issues no memory access,
+# so the bytes read are the survivors' (~5 of the 64 rows of a slice at 8 %). No list is built:
+# the products run over the whole slice, zeros where nothing is kept (the tensor cores idle
+# anyway; the kernel waits on memory). Many programs per SM: while one waits on its few scattered
+# rows, the others stream their K1 columns.
 @jit
 def _ffn_sparse_kernel(
     X,  # pointer to x [M, d]; token m at X + m * stride_xm, entries contiguous
+    K1,  # pointer to K1 [r, f], contiguous: row i (input dim i) at K1 + i * F
     K2t,  # pointer to K2t [f, d-r], contiguous: neuron j's row at K2t + j * D2
     V,  # pointer to V [f, d], contiguous: neuron j's row at V + j * D
-    P,  # pointer to p [M, f] float32 (kernel 1)
-    Part,  # pointer to the block statistics [NB, M, 2] float32 (kernel 1)
-    Ypart,  # pointer to the partial outputs [NS, M, d] float32, contiguous (written; read back when the list
-    #         takes several steps)
+    Part,  # pointer to the partial moments [NBM, M, 2] float32 (kernel 1)
+    Ypart,  # pointer to the partial outputs [NS, M, d] float32, contiguous (written)
     stride_xm,  # elements from one token of x to the next
     M,  # tokens
     q,  # Q(1 - k/f) (float32)
+    NBM,  # kernel 1's programs
     F: tl.constexpr,  # f
     D: tl.constexpr,  # d
     R: tl.constexpr,  # r
     MP: tl.constexpr,  # tokens padded to 16
-    BF: tl.constexpr,  # kernel 1's neurons per block
-    NB: tl.constexpr,  # kernel 1's blocks, cdiv(f, BF)
-    NBC: tl.constexpr,  # blocks merged at once (a power of two)
+    NBP: tl.constexpr,  # partial moments summed at once (a power of two)
     FS: tl.constexpr,  # neurons per program (a power of two)
-    E: tl.constexpr,  # survivors per step (>= 16)
-    BK: tl.constexpr,  # chunk of a row (>= 16)
+    BR: tl.constexpr,  # input dims per step of p
+    MT: tl.constexpr,  # tokens padded to a power of two (<= 8)
+    BK: tl.constexpr,  # several tokens: chunk of a K2t or V row (>= 16)
+    E: tl.constexpr,  # one token: listed neurons gathered at once
+    D2P: tl.constexpr,  # one token: d - r padded to a power of two
+    DP: tl.constexpr,  # one token: d padded to a power of two
     ALL: tl.constexpr,  # k == f: statistical top-k keeps every neuron unshifted (t = p)
     PREC: tl.constexpr,  # "ieee" or "tf32" (kernels_gpu._dot)
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
-    _wait_previous(PDL)
+    if PDL == 2:
+        gdc_launch_dependents()  # the reduction may be placed (it waits for this kernel to finish)
     D2: tl.constexpr = D - R
     pid = tl.program_id(0)
-    rows = tl.arange(0, MP)
+    rows = tl.arange(0, MP)  # [MP] tokens
     rmask = rows < M
-    # p of this slice, loaded before theta so that both round trips to L2 overlap
     j = pid * FS + tl.arange(0, FS)  # [FS] neurons
     inside = rmask[:, None] & (j < F)[None, :]
-    p = tl.load(P + rows[:, None] * F + j[None, :], mask=inside, other=0.0)  # [MP, FS]
-    theta = _ffn_theta(Part, rows, rmask, M, q, F, BF, NB, NBC)  # [MP] (NaN when x[:r] is not finite: no survivors)
-    # this program's survivors: the union over tokens of p_j > theta, numbered with a cumsum
+    # p = x[:, :r] K1[:, slice], before waiting for kernel 1 (x is complete: kernel 1 waited for it)
+    kk = tl.arange(0, BR)
+    p = tl.zeros((MP, FS), tl.float32)
+    for r0 in range(0, R, BR):
+        x1 = tl.load(X + rows[:, None] * stride_xm + (r0 + kk)[None, :], mask=rmask[:, None] & (r0 + kk < R)[None, :],
+                     other=0.0)
+        w = tl.load(K1 + (r0 + kk).to(tl.int64)[:, None] * F + j[None, :], mask=(r0 + kk < R)[:, None] & (j < F)[None, :],
+                    other=0.0)  # [BR, FS]
+        p = _dot(x1, w, p, PREC)
+    if PDL >= 1:
+        gdc_wait()
+    # theta = mean + q std from kernel 1's partial sums, in block order (every program the same bits)
+    s1 = tl.zeros((MP,), tl.float32)
+    s2 = tl.zeros((MP,), tl.float32)
+    for b0 in range(0, NBM, NBP):
+        bb = b0 + tl.arange(0, NBP)
+        msk = rmask[:, None] & (bb < NBM)[None, :]
+        s1 += tl.sum(tl.load(Part + (bb[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0), axis=1)
+        s2 += tl.sum(tl.load(Part + (bb[None, :] * M + rows[:, None]) * 2 + 1, mask=msk, other=0.0), axis=1)
+    theta = s1 + q * tl.sqrt(s2)  # [MP] (NaN when x[:r] is not finite: no survivors)
+    # t = statistical_topk(p) = p - theta on each token's survivors, 0 elsewhere (k == f: p)
     if ALL:
         keep = inside
+        t = p
     else:
         keep = inside & (p > theta[:, None])
-    union = tl.max(keep.to(tl.int32), axis=0)  # [FS] 1 where any token keeps neuron j
-    pos = tl.where(union > 0, tl.cumsum(union, axis=0) - 1, -1)  # [FS] its place in the list (-1: not listed)
-    n_loc = tl.sum(union, axis=0)  # list length (~10 at 8 % of FS = 128: one step of E)
-    # E listed neurons at a time (at least one step, so that y_part is written even with none)
-    for e0 in range(0, tl.maximum(n_loc, 1), E):
-        e = e0 + tl.arange(0, E)  # [E] list positions
-        em = e < n_loc
-        # jj[e] = the neuron listed at e: the compaction as a sum over the slice (no scratch)
-        jj = tl.sum(tl.where(pos[None, :] == e[:, None], j[None, :], 0), axis=1)  # [E]
-        # phase 1: u = x[:, r:] K2t[jj]^T, one chunk of d - r at a time (only the listed rows of K2t are read)
-        # (a loop, not unrolled: unrolled, the compiler hoists every chunk of x[r:] out of the
-        # list loop and keeps them all in registers, 255 registers and spills at d - r = 1280)
-        u = tl.zeros((MP, E), tl.float32)
+        t = tl.where(keep, p - theta[:, None], 0.0)
+    g, _ = _gelu_tanh(t)  # [MP, FS] (0 where a token does not keep the neuron)
+    if MT > 1:
+        # several tokens: the products run over the whole slice on the tensor cores, zeros where no
+        # token keeps a neuron; its rows of K2t and V are loaded only where some token keeps it (a
+        # masked-off row issues no memory access). At 8 tokens half the rows are listed anyway.
+        listed = tl.max(keep.to(tl.int32), axis=0) > 0  # [FS] the union over tokens
+        # u = x[:, r:] K2t[listed]^T, one chunk of d - r at a time
+        u = tl.zeros((MP, FS), tl.float32)
         for k0 in range(0, D2, BK):
-            kk = k0 + tl.arange(0, BK)
-            x2 = tl.load(X + rows[:, None] * stride_xm + R + kk[None, :], mask=rmask[:, None] & (kk < D2)[None, :],
+            kc = k0 + tl.arange(0, BK)
+            x2 = tl.load(X + rows[:, None] * stride_xm + R + kc[None, :], mask=rmask[:, None] & (kc < D2)[None, :],
                          other=0.0)
-            w = tl.load(K2t + jj.to(tl.int64)[:, None] * D2 + kk[None, :], mask=em[:, None] & (kk < D2)[None, :],
-                        other=0.0)  # [E, BK]
-            u = _dot(x2, tl.trans(w), u, PREC)
-        pj = tl.load(P + rows[:, None] * F + jj[None, :], mask=rmask[:, None] & em[None, :], other=0.0)  # [MP, E]
-        # t = statistical_topk(p) = p - theta on the token's survivors, 0 elsewhere (k == f: p)
-        if ALL:
-            t = pj
-        else:
-            t = tl.where(pj > theta[:, None], pj - theta[:, None], 0.0)
-        g, _ = _gelu_tanh(t)
-        a = (g * u).to(V.dtype.element_ty)  # [MP, E] rounded to V's dtype for the tensor cores, as the dense bf16 FFN rounds h
-        # phase 2: y_part += a V[jj], one chunk of d at a time (only the listed rows of V are read;
-        # after the first step of E, y_part is read back and added to: one program owns its row)
+            w2 = tl.load(K2t + j.to(tl.int64)[:, None] * D2 + kc[None, :], mask=listed[:, None] & (kc < D2)[None, :],
+                         other=0.0)  # [FS, BK]
+            u = _dot(x2, tl.trans(w2), u, PREC)
+        a = (g * u).to(V.dtype.element_ty)  # [MP, FS] rounded to V's dtype, as the dense bf16 FFN rounds h
+        # y_part = a V[listed], one chunk of d at a time
         for d0 in range(0, D, BK):
             dd = d0 + tl.arange(0, BK)
-            ymask = rmask[:, None] & (dd < D)[None, :]
-            y_ptr = Ypart + (pid * M + rows[:, None]) * D + dd[None, :]
-            vt = tl.load(V + jj.to(tl.int64)[:, None] * D + dd[None, :], mask=em[:, None] & (dd < D)[None, :],
-                         other=0.0)  # [E, BK]
-            acc = tl.load(y_ptr, mask=ymask & (e0 > 0), other=0.0)  # [MP, BK] (no load in the first step)
-            tl.store(y_ptr, _dot(a, vt, acc, PREC), mask=ymask)
-        tl.debug_barrier()  # the next step reads y_part back, in other threads than those that wrote it
+            vt = tl.load(V + j.to(tl.int64)[:, None] * D + dd[None, :], mask=listed[:, None] & (dd < D)[None, :],
+                         other=0.0)  # [FS, BK]
+            y = _dot(a, vt, tl.zeros((MP, BK), tl.float32), PREC)
+            tl.store(Ypart + (pid * M + rows[:, None]) * D + dd[None, :], y, mask=rmask[:, None] & (dd < D)[None, :])
+    else:
+        # one token: its survivors listed (a cumsum), E whole rows of K2t and V loaded at once (one
+        # round trip to memory; rows in chunks of a pipelined loop waited ~1 us a chunk on an H200),
+        # and the two products on the CUDA cores
+        kept = keep.to(tl.int32)  # [MP, FS], only row 0 can be nonzero
+        listed = tl.max(kept, axis=0)  # [FS]
+        pos = tl.where(listed > 0, tl.cumsum(listed, axis=0) - 1, -1)  # [FS] its place in the list (-1: not listed)
+        n_loc = tl.sum(listed, axis=0)  # list length (~5 at 8 % of FS = 64: one step of E = 8)
+        g0 = tl.sum(g, axis=0)  # [FS] the token's g (the padded rows are 0)
+        c2 = tl.arange(0, D2P)  # [D2P] columns of a K2t row (d - r, padded)
+        cd = tl.arange(0, DP)  # [DP] columns of a V row (d, padded)
+        x2 = tl.load(X + R + c2, mask=c2 < D2, other=0.0).to(tl.float32)  # [D2P]
+        # E listed neurons at a time (at least one step, so that y_part is written even with none)
+        for e0 in range(0, tl.maximum(n_loc, 1), E):
+            e = e0 + tl.arange(0, E)  # [E] list positions
+            em = e < n_loc
+            pick = pos[None, :] == e[:, None]  # [E, FS] one-hot: row e marks the neuron listed at e
+            jj = tl.sum(tl.where(pick, j[None, :], 0), axis=1).to(tl.int64)  # [E] the neurons listed
+            w2 = tl.load(K2t + jj[:, None] * D2 + c2[None, :], mask=em[:, None] & (c2 < D2)[None, :], other=0.0)
+            vt = tl.load(V + jj[:, None] * D + cd[None, :], mask=em[:, None] & (cd < D)[None, :], other=0.0)
+            u = tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)  # [E] u = K2t[jj] x[r:]
+            g_e = tl.sum(tl.where(pick, g0[None, :], 0.0), axis=1)  # [E] g at the listed neurons (one term each)
+            a = (g_e * u).to(V.dtype.element_ty).to(tl.float32)  # rounded to V's dtype, as above
+            y = tl.sum(a[:, None] * vt.to(tl.float32), axis=0)  # [DP] y_part (+)= sum_e a_e V[jj_e]
+            y += tl.load(Ypart + pid * D + cd, mask=(cd < D) & (e0 > 0), other=0.0)  # (no load in the first step)
+            tl.store(Ypart + pid * D + cd, y, mask=cd < D)
+            tl.debug_barrier()  # the next step reads y_part back, in other threads than those that wrote it
 
 
 # Kernel 3: y[m, cols] = sum over the NS slices of y_part[s, m, cols], the slices in order.
-# It reads 4 NS M d bytes (1 MB per token at Gemma-2 2B shapes) and writes y. Many narrow
+# It reads 4 NS M d bytes (2 MB per token at Gemma-2 2B shapes) and writes y. Many narrow
 # programs (BK columns each), each loading its partials SB at a time (all of them at Gemma-2 2B
-# shapes, NS = 108: one round trip).
+# shapes, NS = 216: one round trip).
 # A token whose x holds NaN or +-inf gets a NaN row (the reference's); each program checks the
 # token's whole x (d values from L2) in the same round trip.
 @jit
@@ -2549,30 +2569,30 @@ def _ffn_reduce_kernel(
 
 # The launches. Every size comes from the shapes (f, d, r, M), never from the data, so the same
 # three launches are valid for any x: a CUDA graph can replay them. Scratch, float32:
-#     p [M, f], block statistics [NB, M, 2], y_part [NS, M, d]
-# at Gemma-2 2B shapes and M = 1: 55 KB, 0.9 KB and 1 MB.
+#     partial moments [NBM, M, 2], y_part [NS, M, d]
+# at Gemma-2 2B shapes and M = 1: 1 KB and 2 MB.
 def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     """The three kernels on X [M, d] (M <= MAX_TOKENS, unit stride along d) into Y [M, d]."""
     M, d = X.shape
     f = V.shape[0]
+    mu, Rm, _ = K1.spark_moments
     dev, f32 = X.device, torch.float32
-    BR = min(FFN_BR, _pad16(r))
-    NB = triton.cdiv(f, FFN_BF)
-    FS = min(FFN_FS, _pad16(f))
+    NBM = triton.cdiv(r, FFN_BI)
+    FS, warps = (FFN_FS1, FFN_WARPS1) if M == 1 else (FFN_FS, FFN_WARPS)
+    FS = min(FS, _pad16(f))
     NS = triton.cdiv(f, FS)
-    BK = min(FFN_BK, _pad16(d))
-    P = torch.empty(M, f, dtype=f32, device=dev)
-    part = torch.empty(NB, M, 2, dtype=f32, device=dev)
+    part = torch.empty(NBM, M, 2, dtype=f32, device=dev)
     ypart = torch.empty(NS, M, d, dtype=f32, device=dev)
-    prec = _precision(X)
-    _ffn_predict_kernel[(NB,)](X, K1, P, part, X.stride(0), M, F=f, R=r, MP=16, BF=FFN_BF, BR=BR, PREC=prec, num_warps=4,
-                               num_stages=4, **_pdl(X))
+    _ffn_moments_kernel[(NBM,)](X, mu, Rm, part, X.stride(0), M, Rm.shape[0], R=r, MT=triton.next_power_of_2(M),
+                                BI=FFN_BI, BJ=min(FFN_BJ, triton.next_power_of_2(r)), num_warps=4, **_pdl(X))
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
-    _ffn_sparse_kernel[(NS,)](X, K2t, V, P, part, ypart, X.stride(0), M, q, F=f, D=d, R=r, MP=16,
-                              BF=FFN_BF, NB=NB, NBC=min(256, triton.next_power_of_2(NB)), FS=FS, E=FFN_E,
-                              BK=BK, ALL=k == f, PREC=prec, num_warps=FFN_WARPS, **_pdl(X))
+    _ffn_sparse_kernel[(NS,)](X, K1, K2t, V, part, ypart, X.stride(0), M, q, NBM, F=f, D=d, R=r, MP=16,
+                              NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(FFN_BR, _pad16(r)),
+                              MT=triton.next_power_of_2(M), BK=min(FFN_BK, _pad16(d)), E=FFN_E,
+                              D2P=triton.next_power_of_2(d - r), DP=triton.next_power_of_2(d), ALL=k == f,
+                              PREC=_precision(X), num_warps=warps, num_stages=FFN_STAGES, **_pdl(X))
     _ffn_reduce_kernel[(triton.cdiv(d, FFN_RB), M)](ypart, X, Y, X.stride(0), M, NS, D=d, DP=triton.next_power_of_2(d),
-                                                    SB=min(128, triton.next_power_of_2(NS)), BK=FFN_RB, num_warps=4, **_pdl(X, last=True))
+                                                    SB=min(256, triton.next_power_of_2(NS)), BK=FFN_RB, num_warps=4, **_pdl(X, last=True))
 
 
 @torch.no_grad()
@@ -2598,6 +2618,13 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
     if not (K1.is_contiguous() and K2t.is_contiguous() and V.is_contiguous()):
         raise ValueError(f"{where}: K1, K2t and V must be contiguous (a strided view such as K2.t() is not a "
                          f"prepared layout: use prepare_spark_ffn_gpu)")
+    moments = getattr(K1, "spark_moments", None)
+    if moments is None:
+        raise ValueError(f"{where}: K1 carries no moments of p (K1.spark_moments): prepare the weights with "
+                         f"prepare_spark_ffn_gpu")
+    if moments[2] != K1._version:
+        raise ValueError(f"{where}: K1 was changed in place since prepare_spark_ffn_gpu computed its moments: "
+                         f"prepare the weights again")
     check_k(k, f)
     X = x.reshape(-1, d)  # [M, d] (a view when possible; the last axis is contiguous)
     Y = torch.empty(X.shape, dtype=x.dtype, device=x.device)

@@ -83,12 +83,28 @@ FFN_CASES = [
     (3, 33, 300, 32, 1),  # r = d - 1 (x[r:] is one value), k = 1
     (8, 40, 300, 20, 24),  # 8 tokens: their union
     (5, 17, 70, 9, 70),  # k = f: every neuron, unshifted
+    (4, 40, 20, 32, 2),  # f < r: R is [f, r], a trapezoid
+    (1, 17, 70, 9, 70),  # one token, every neuron: several steps of E
 ]
 
 
 # tiles far smaller than the GPU's, so that these shapes have several of each: predictor blocks,
 # slices, reduce programs (d = 40 -> 3 of 16), chunks of x[r:] and of V's rows
-SMALL_FFN_TILES = dict(FFN_BF=32, FFN_BR=16, FFN_FS=64, FFN_E=16, FFN_BK=16, FFN_RB=16)
+SMALL_FFN_TILES = dict(FFN_BI=4, FFN_BJ=8, FFN_BR=16, FFN_FS1=32, FFN_E=4, FFN_FS=32, FFN_BK=16, FFN_RB=16)
+
+
+@pytest.mark.parametrize("f", [300, 20])
+def test_spark_ffn_moments_give_mean_and_variance_of_p(f):
+    """prepare_spark_ffn_gpu's moments: x1 . mu is the mean of p = x1 K1 over the f neurons and
+    |R x1|^2 its (population) variance, for any x1 (float64 from float32 moments: 1e-6); f < r too."""
+    r = 32
+    _, K1, K2, V = ffn_case(1, 40, f, r)
+    mu, Rm, _ = dg.prepare_spark_ffn_gpu(K1, K2, V)[0].spark_moments
+    assert Rm.shape == (min(f, r), r) and torch.equal(Rm, Rm.triu())
+    x1 = np.random.default_rng(0).normal(size=(5, r))
+    p = x1 @ np64(K1)
+    assert_close("mean of p", x1 @ np64(mu), p.mean(axis=1), 1e-6, 1e-6)
+    assert_close("variance of p", ((x1 @ np64(Rm).T) ** 2).sum(axis=1), p.var(axis=1), 1e-6, 1e-6)
 
 
 @pytest.mark.parametrize("tiles", ["default", "small"])
@@ -136,6 +152,10 @@ def test_spark_ffn_decode_edge_tokens():
     y, y2 = dg.spark_ffn_decode_gpu(x, *w, k, r), dg.spark_ffn_decode_gpu(x2, *w, k, r)
     assert torch.isnan(y[0]).all() and torch.isnan(y2[2]).all()
     assert_close("y of a constant row", y[1], np.zeros(d), 0.0, 0.0)
+    # the same tokens one at a time (one token takes its own path through the kernel)
+    assert torch.isnan(dg.spark_ffn_decode_gpu(x[0], *w, k, r)).all()
+    assert_close("one constant token", dg.spark_ffn_decode_gpu(x[1], *w, k, r), np.zeros(d), 0.0, 0.0)
+    assert torch.isnan(dg.spark_ffn_decode_gpu(x2[2], *w, k, r)).all()
     ref = spark.spark_ffn_np(np64(x[2:]), np64(K1), np64(K2), np64(V), k, r)
     assert_close("y of the finite token", y[2:], ref, 1e-5 * np.abs(ref).max(), 1e-5)
 
@@ -161,6 +181,17 @@ def test_spark_ffn_decode_bad_input(monkeypatch):
         dg.spark_ffn_decode_gpu(x, K1p, K2t, Vp, k, d)
     with pytest.raises(ValueError, match="prepare_spark_ffn_gpu: expected"):
         dg.prepare_spark_ffn_gpu(K1, K2.t(), V)
+    with pytest.raises(ValueError, match="K1 carries no moments"):  # K1 as stored by the module
+        dg.spark_ffn_decode_gpu(x, K1, K2t, Vp, k, r)
+    K1c = K1p.clone()  # (a clone has no moments either)
+    with pytest.raises(ValueError, match="K1 carries no moments"):
+        dg.spark_ffn_decode_gpu(x, K1c, K2t, Vp, k, r)
+    K1p.mul_(2.0)  # changed in place after its moments were computed
+    with pytest.raises(ValueError, match="K1 was changed in place"):
+        dg.spark_ffn_decode_gpu(x, K1p, K2t, Vp, k, r)
+    K1[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="K1 holds NaN"):
+        dg.prepare_spark_ffn_gpu(K1, K2, V)
     if not HAS_CUDA:  # a CPU tensor outside the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="x must be on a CUDA device"):
