@@ -2172,10 +2172,11 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # and no sort in between. The kernels here do that:
 #
 #     spark_ffn_decode_gpu(x, K1, K2t, V, k, r)         reference: spark.spark_ffn_np
-#         _ffn_predict_kernel: p = x[:r] K1 for every neuron, and (mean, M2) of each block of p;
-#         _ffn_sparse_kernel:  theta from the block statistics, the survivors of a slice of
-#                              neurons compacted with a cumsum, then u = x[r:] . K2t[j] and
-#                              y_slice = sum_j gelu(p_j - theta) u_j V[j] over the survivors only;
+#         _ffn_moments_kernel: mean and variance of p from x[:r] alone (moments of K1 computed
+#                              once by prepare_spark_ffn_gpu), as partial sums;
+#         _ffn_sparse_kernel:  a slice of p = x[:r] K1, theta from the partial sums, then
+#                              u = x[r:] . K2t[j] and y_slice = sum_j gelu(p_j - theta) u_j V[j]
+#                              over the survivors only;
 #         _ffn_reduce_kernel:  y = sum of the slices' partial y, in a fixed order (NaN rows for
 #                              tokens whose x is not finite).
 #     spark_attention_decode_gpu(q, k1, k2, v, k_top, r)   reference: spark.spark_attention_np, T = 1
@@ -2196,9 +2197,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Dimension letters (kernels_cpu.py's): d model width, f FFN neurons, r predictor slice, k target
 # survivors per token, M tokens in one call (at most MAX_TOKENS per launch), B batch, H query heads,
 # Hkv KV heads, G = H // Hkv, hd head size, n cached tokens (capacity of the cache tensors), kt =
-# min(k_top, visible tokens). Tile letters: BF, BR the predictor tile; FS neurons per sparse program;
-# E rows gathered at once; BK, BD chunks of a row; CH cache tokens per split, BN keys per tile;
-# MP, GP token / head rows padded to 16 (tl.dot's smallest M).
+# min(k_top, visible tokens). Tile letters: BI, BJ the moments kernel's tile of R; BR input dims
+# per step of p; FS neurons per sparse program; E rows gathered at once; BK, BD chunks of a row;
+# CH cache tokens per split, BN keys per tile; MP, GP token / head rows padded to 16 (tl.dot's
+# smallest M), MT tokens padded to a power of two.
 #
 # Choices
 # - float32, bfloat16 or float16 (x and the weights, or q and the cache, share one dtype); every
@@ -2208,8 +2210,8 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   survivors, of kept tokens and of visible tokens live on the device), so each public function
 #   can be captured in a CUDA graph. Deterministic: no floating-point atomics; every sum runs in
 #   an order fixed by the shapes and the data, so two runs give the same bits.
-# - Several tokens in one FFN call gather the UNION of their survivors (one compaction over the
-#   union mask; a token's non-survivors inside it get a = 0). Cost: each union row is read once
+# - Several tokens in one FFN call gather the UNION of their survivors (a row is loaded when any
+#   token keeps it; a token's non-survivors inside it get a = 0). Cost: each union row is read once
 #   for all tokens, so the rows read grow as f (1 - (1 - k/f)^M): 8 %, 15 %, 28 %, 49 % of f at M
 #   = 1, 2, 4, 8 (k/f = 8 %, independent tokens); walking each token's own list instead would read
 #   M k rows (8, 16, 32, 64 %), worse unless the rows of different tokens share L2.
@@ -2230,9 +2232,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 1.84x faster than torch's dense GeGLU (byte limit 3.53x), Spark attention is slower
-# than dense flash-decoding (0.50-0.84x; 0.99-1.09x SDPA from 8192 tokens on), its select costing
-# ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.16x faster than the dense one.
+# token is 2.13x faster than torch's dense GeGLU (byte limit 3.33x with the moments), Spark
+# attention is slower than dense flash-decoding (0.49-0.85x; 1.00-1.09x SDPA from 8192 tokens on),
+# its select costing ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.21x faster
+# than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
@@ -4095,14 +4098,16 @@ def bench_spark_ffn_decode(M, d=2304, f_gated=9216, r=1024, density=0.08, dtype=
            2.0**-7 * float(ref.abs().max()), 2.0**-7)
     # The baseline: the dense GeGLU of equal parameters (3 d f_gated = 2 d f) as torch runs it,
     # three cuBLAS GEMVs and two elementwise kernels, in a CUDA graph like ours. It reads
-    # 3 d f_gated weights; ours r f + m (2 d - r), m the survivors gathered (their union at M > 1).
+    # 3 d f_gated weights; ours r f + m (2 d - r), m the survivors gathered (their union at M > 1),
+    # and the moments.
     gated = lambda x, Wg, Wu, Wd: (F.gelu(x @ Wg, approximate="tanh") * (x @ Wu)) @ Wd  # noqa: E731
     t_dense = _ms(_cycled(lambda *w: gated(x, *w), dense))
     t_ours = _ms(_cycled(lambda *w: spark_ffn_decode_gpu(x, *w, k, r), sparse))
-    # neurons actually gathered: the union of the M tokens' survivors
+    # neurons actually gathered: the union of the M tokens' survivors; and p's moments, float32:
+    # R's upper triangle and mu
     m = float((statistical_topk(x.double()[:, :r] @ K1.double(), k) > 0).any(0).sum())
     el = x.element_size()
-    bytes_ours, bytes_dense = (r * f + m * (2 * d - r)) * el, 3 * d * f_gated * el
+    bytes_ours, bytes_dense = (r * f + m * (2 * d - r)) * el + 4 * (r * (r + 1) // 2 + r), 3 * d * f_gated * el
     return _byte_records(f"spark_ffn_decode/d{d}_f{f}_r{r}_k{k}/M{M}", t_ours, bytes_ours,
                          {f"dense GeGLU f {f_gated} (torch, CUDA graph)": (t_dense, bytes_dense)})
 

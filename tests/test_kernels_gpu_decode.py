@@ -1,8 +1,8 @@
 """Tests for the Triton decode kernels (kernels_gpu.py, section 7) against spark.py's NumPy references.
 
 Where this runs: without CUDA (CI, laptops) tests/conftest.py sets TRITON_INTERPRET=1 and the
-kernels run in Triton's interpreter on CPU tensors, at small awkward shapes (f = 300 in 5
-predictor blocks and 3 sparse slices; caches of 1 to 100 tokens in splits of 16; r = 1 and
+kernels run in Triton's interpreter on CPU tensors, at small awkward shapes (f = 300 in 3 to
+10 slices of neurons; caches of 1 to 100 tokens in splits of 16; r = 1 and
 hd - 1 / d - 1; k = 1 and k = f; k_top = 1, below and above n; grouped-query heads; batch > 1;
 1 to 8 tokens and a call of 10 split into launches). The launch settings are lowered (monkeypatch)
 so that several splits, chunks and launches happen at these sizes. The `gpu` tests add CUDA
@@ -43,8 +43,7 @@ pytestmark = pytest.mark.skipif(kernels_gpu.triton is None, reason="needs triton
 
 @pytest.fixture(autouse=True)
 def _small_launches(monkeypatch):
-    """Several programs at the test sizes: 5 predictor blocks and 3 sparse slices at f = 300,
-    splits of 16 cache tokens, gather chunks of 16 kept tokens (kernels_gpu's tests do the same)."""
+    """Several programs at the test sizes: splits of 16 cache tokens, gather chunks of 16 kept tokens (kernels_gpu's tests do the same)."""
     monkeypatch.setattr(dg, "MIN_SPLIT", 16)
     monkeypatch.setattr(dg, "ATTN_BN", 16)
     monkeypatch.setattr(dg, "TARGET_PROGRAMS", 8)
@@ -73,10 +72,11 @@ def ffn_case(M, d, f, r, dtype=torch.float32):
                                                                                   std=(d - r) ** -0.5), rand(f, d, dtype=dtype, std=f ** -0.5)
 
 
-# (M, d, f, r, k): f = 300 = 2 predictor blocks of 128 + 44 (with SMALL_FFN_TILES 9 of 32 + 12), 2
-# slices of 128 + 44 (4 of 64 + 44); r = 1 and d - 1; k = 1, 8 % and f.
-# d = 33 and 40 are not multiples of 16 (the chunks of x[r:] and of V's rows are masked); M = 3,
-# 5 and 8 pad to 16 rows in tl.dot; k = 24 of 300 is the paper's 8 %.
+# (M, d, f, r, k): f = 300 = 4 slices of 64 + 44 for one token, 2 of 128 + 44 for several (with
+# SMALL_FFN_TILES 9 of 32 + 12 either way); r = 1 and d - 1; k = 1, 8 % and f; f < r.
+# d = 33 and 40 are not multiples of 16 (the chunks of x[r:] and of V's rows are masked, and a
+# whole row is a masked power of two); M = 3, 5 and 8 pad to 16 rows in tl.dot; k = 24 of 300 is
+# the paper's 8 %.
 FFN_CASES = [
     (1, 40, 300, 13, 24),
     (2, 40, 300, 1, 24),  # r = 1
@@ -88,8 +88,9 @@ FFN_CASES = [
 ]
 
 
-# tiles far smaller than the GPU's, so that these shapes have several of each: predictor blocks,
-# slices, reduce programs (d = 40 -> 3 of 16), chunks of x[r:] and of V's rows
+# tiles far smaller than the GPU's, so that these shapes have several of each: moments programs
+# (r = 13 -> 4 of 4 rows of R) and chunks of R's rows, chunks of p's r, slices, steps of E listed
+# rows, reduce programs (d = 40 -> 3 of 16), chunks of x[r:] and of V's rows
 SMALL_FFN_TILES = dict(FFN_BI=4, FFN_BJ=8, FFN_BR=16, FFN_FS1=32, FFN_E=4, FFN_FS=32, FFN_BK=16, FFN_RB=16)
 
 
@@ -181,6 +182,10 @@ def test_spark_ffn_decode_bad_input(monkeypatch):
         dg.spark_ffn_decode_gpu(x, K1p, K2t, Vp, k, d)
     with pytest.raises(ValueError, match="prepare_spark_ffn_gpu: expected"):
         dg.prepare_spark_ffn_gpu(K1, K2.t(), V)
+    # The threshold comes from moments of p that prepare_spark_ffn_gpu computes from K1 and
+    # attaches to it: a K1 without them, or changed since, would give a wrong theta silently.
+    # So K1 as stored by the module, a copy of the prepared one, a prepared K1 modified in
+    # place (its version counter moved) and a K1 whose moments cannot be computed are refused.
     with pytest.raises(ValueError, match="K1 carries no moments"):  # K1 as stored by the module
         dg.spark_ffn_decode_gpu(x, K1, K2t, Vp, k, r)
     K1c = K1p.clone()  # (a clone has no moments either)

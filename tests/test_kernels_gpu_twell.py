@@ -287,6 +287,9 @@ def test_twell_ffn_random_within_bound():
     """Random bf16 inputs, a leading batch axis, a prepared WuT: within the bound of the docstring."""
     x, Wg, Wu, Wd = randn_problem(37)
     Wg_, WuT, Wd_ = prepare_twell_gpu(Wg, Wu, Wd)
+    # random gates put nonzeros anywhere, so some rows overflow their C slots and go through
+    # the dense route: the bound covers both routes, and two calls must give the same bits
+    # (no atomics, a fixed order of sums)
     y = twell_ffn_gpu(x.view(1, 37, 72), Wg_, Wu, Wd_, 256, 8, WuT=WuT)
     assert y.shape == (1, 37, 72)
     ref, bound = dense_bound(x, Wg, Wu, Wd)
@@ -320,6 +323,8 @@ def test_more_overflowing_rows_than_cap_is_an_error():
     if HAS_CUDA:
         pytest.skip("a device-side assert would leave the CUDA context unusable for the other tests")
     x, Wg, Wu, Wd = int_problem(4)
+    # int_problem's row 1 has every gate nonzero, far more than the 31 slots a tile of 256
+    # holds at C = 8, so a batch of copies of it is a batch of overflowing rows
     x_all = x[1:2].expand(37, 72).contiguous()  # every row overflows
     # 37 overflowing rows, room for 36; then one overflowing row, room for none
     with pytest.raises(RuntimeError, match="more rows overflowed a tile than cap = 36"):
