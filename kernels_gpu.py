@@ -2232,9 +2232,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 2.13x faster than torch's dense GeGLU (byte limit 3.33x with the moments), Spark
-# attention is slower than dense flash-decoding (0.49-0.85x; 1.00-1.09x SDPA from 8192 tokens on),
-# its select costing ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.21x faster
+# token is 2.12-2.13x faster than torch's dense GeGLU (byte limit 3.32x with the moments), Spark
+# attention is slower than dense flash-decoding (0.49-0.85x; 0.99-1.09x SDPA from 8192 tokens on),
+# its select costing ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.20-1.22x faster
 # than the dense one.
 
 
@@ -2315,10 +2315,10 @@ def _shapes(**tensors):
 #    So one kernel can compute its slice of p, threshold it and gather its survivors' rows at once,
 #    and a program gathering overlaps others still streaming K1: no second pass waits for all of p.
 #
-#    Bytes read (weights): r f + m (d - r) + m d (+ 2 r^2 float32), m the (union of) survivors,
-#    vs 3 d f_gated for the dense gated FFN of equal parameters: at Gemma-2 2B shapes (d 2304,
-#    f 13824, r 1024, k 1106) 18.1 M values + 2.1 MB vs 63.7 M values: a 3.33x byte limit (3.52x
-#    without R). FLOPs 2 x the weights read (x M).
+#    Bytes read (weights): r f + m (d - r) + m d values (+ 2 r^2 bytes: R's triangle in float32),
+#    m the (union of) survivors, vs 3 d f_gated for the dense gated FFN of equal parameters: at
+#    Gemma-2 2B shapes (d 2304, f 13824, r 1024, k 1106) 18.1 M values + 2.1 MB vs 63.7 M values:
+#    a 3.32x byte limit (3.52x without R). FLOPs 2 x the weights read (x M).
 #
 #    Three kernels, no host synchronisation, deterministic:
 #
@@ -2331,7 +2331,7 @@ def _shapes(**tensors):
 #        keep = p > theta;  listed_j = any token keeps j       # the union over tokens
 #        u = X[:, r:] @ K2t[listed]^T                          # loads of unlisted rows are masked off
 #        a = gelu(where(keep, p - theta, 0)) * u               # 0 where a token does not keep j
-#        y_part[slice] = a @ V[listed]                         # one chunk of d at a time
+#        y_part[slice] = a @ V[listed]                         # (one token: E listed rows at a time)
 #    _ffn_reduce_kernel (one program per FFN_RB columns and token):
 #        y = sum over the programs of y_part, in program order; a NaN row where x is not finite
 #
@@ -2348,7 +2348,11 @@ def prepare_spark_ffn_gpu(K1, K2, V):
     in the order spark_ffn_decode_gpu takes them. K2 is stored transposed so that neuron j's
     weights are one contiguous row (a gathered row is then whole cache lines). The returned K1
     carries p's moments (above) as K1.spark_moments = (mu [r], R [min(r, f), r], K1's version),
-    float32; spark_ffn_decode_gpu refuses a K1 without them or changed in place since."""
+    float32; spark_ffn_decode_gpu refuses a K1 without them or changed in place since (through
+    torch's version counter: a write that bypasses it, such as K1.data.copy_(...) or a write to
+    the module's parameter through its .data, is not seen; prepare again after changing K1).
+    R is stored whole, [min(r, f), r] (4 MB at r = 1024), though the kernels read its upper
+    triangle only."""
     _check_inputs("prepare_spark_ffn_gpu", False, K1=K1, K2=K2, V=V)  # (any strides: we copy)
     if K1.dim() != 2 or K2.dim() != 2 or K2.shape[1] != K1.shape[1] or V.shape != (K1.shape[1], K1.shape[0] + K2.shape[0]):
         raise ValueError(f"prepare_spark_ffn_gpu: expected K1 [r, f], K2 [d-r, f], V [f, d]; got {_shapes(K1=K1, K2=K2, V=V)}")
@@ -2386,7 +2390,9 @@ def _ffn_moments_kernel(
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
     # x must be complete before the next kernel starts (it reads x before its own wait): so wait
-    # first, then let it be placed
+    # first, then let it be placed. (PTX promises the visibility of a finished kernel's writes to
+    # the kernel that waited for it; the next one relies on that carrying one launch further:
+    # by then the writer has finished and its writes have reached global memory.)
     if PDL >= 1:
         gdc_wait()
     if PDL == 2:
@@ -2414,10 +2420,13 @@ def _ffn_moments_kernel(
 
 # Kernel 2 (the section's pseudo-code), one program per slice of FS neurons. Its rows of K2t and
 # V are loaded only where some token keeps the neuron: a masked-off row issues no memory access,
-# so the bytes read are the survivors' (~5 of the 64 rows of a slice at 8 %). No list is built:
-# the products run over the whole slice, zeros where nothing is kept (the tensor cores idle
-# anyway; the kernel waits on memory). Many programs per SM: while one waits on its few scattered
-# rows, the others stream their K1 columns.
+# so the bytes read are the survivors'. Two ways to gather them, measured on an H200
+# (notes/kernels_gpu.md):
+# - several tokens (FS = 128, half the rows listed at 8 tokens): no list; the products run over
+#   the whole slice on the tensor cores, zeros where nothing is kept;
+# - one token (FS = 64, ~5 survivors at 8 %): a list (a cumsum), then E whole rows of K2t and V
+#   loaded in one statement, one round trip to memory, and the products on the CUDA cores. Rows
+#   loaded in chunks of a pipelined loop took ~1 us a chunk, whatever the tiles and stages.
 @jit
 def _ffn_sparse_kernel(
     X,  # pointer to x [M, d]; token m at X + m * stride_xm, entries contiguous
@@ -2516,8 +2525,9 @@ def _ffn_sparse_kernel(
         c2 = tl.arange(0, D2P)  # [D2P] columns of a K2t row (d - r, padded)
         cd = tl.arange(0, DP)  # [DP] columns of a V row (d, padded)
         x2 = tl.load(X + R + c2, mask=c2 < D2, other=0.0).to(tl.float32)  # [D2P]
-        # E listed neurons at a time (at least one step, so that y_part is written even with none)
-        for e0 in range(0, tl.maximum(n_loc, 1), E):
+        y = tl.zeros((DP,), tl.float32)  # this slice's part of y
+        # E listed neurons at a time (usually one step)
+        for e0 in range(0, n_loc, E):
             e = e0 + tl.arange(0, E)  # [E] list positions
             em = e < n_loc
             pick = pos[None, :] == e[:, None]  # [E, FS] one-hot: row e marks the neuron listed at e
@@ -2527,10 +2537,8 @@ def _ffn_sparse_kernel(
             u = tl.sum(w2.to(tl.float32) * x2[None, :], axis=1)  # [E] u = K2t[jj] x[r:]
             g_e = tl.sum(tl.where(pick, g0[None, :], 0.0), axis=1)  # [E] g at the listed neurons (one term each)
             a = (g_e * u).to(V.dtype.element_ty).to(tl.float32)  # rounded to V's dtype, as above
-            y = tl.sum(a[:, None] * vt.to(tl.float32), axis=0)  # [DP] y_part (+)= sum_e a_e V[jj_e]
-            y += tl.load(Ypart + pid * D + cd, mask=(cd < D) & (e0 > 0), other=0.0)  # (no load in the first step)
-            tl.store(Ypart + pid * D + cd, y, mask=cd < D)
-            tl.debug_barrier()  # the next step reads y_part back, in other threads than those that wrote it
+            y += tl.sum(a[:, None] * vt.to(tl.float32), axis=0)  # [DP] y += sum_e a_e V[jj_e]
+        tl.store(Ypart + pid * D + cd, y, mask=cd < D)
 
 
 # Kernel 3: y[m, cols] = sum over the NS slices of y_part[s, m, cols], the slices in order.
@@ -2573,7 +2581,7 @@ def _ffn_reduce_kernel(
 # The launches. Every size comes from the shapes (f, d, r, M), never from the data, so the same
 # three launches are valid for any x: a CUDA graph can replay them. Scratch, float32:
 #     partial moments [NBM, M, 2], y_part [NS, M, d]
-# at Gemma-2 2B shapes and M = 1: 1 KB and 2 MB.
+# at Gemma-2 2B shapes and M = 1: 512 bytes and 2 MB.
 def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     """The three kernels on X [M, d] (M <= MAX_TOKENS, unit stride along d) into Y [M, d]."""
     M, d = X.shape
@@ -2591,7 +2599,8 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
     _ffn_sparse_kernel[(NS,)](X, K1, K2t, V, part, ypart, X.stride(0), M, q, NBM, F=f, D=d, R=r, MP=16,
                               NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(FFN_BR, _pad16(r)),
-                              MT=triton.next_power_of_2(M), BK=min(FFN_BK, _pad16(d)), E=FFN_E,
+                              MT=triton.next_power_of_2(M), BK=min(FFN_BK, _pad16(d)),
+                              E=max(2, min(FFN_E, 32768 // triton.next_power_of_2(d))),  # (E rows of d in registers)
                               D2P=triton.next_power_of_2(d - r), DP=triton.next_power_of_2(d), ALL=k == f,
                               PREC=_precision(X), num_warps=warps, num_stages=FFN_STAGES, **_pdl(X))
     _ffn_reduce_kernel[(triton.cdiv(d, FFN_RB), M)](ypart, X, Y, X.stride(0), M, NS, D=d, DP=triton.next_power_of_2(d),
@@ -3346,7 +3355,7 @@ def spark_attention_decode_gpu(q, k1, k2, v, k_top, r, *, lengths=None):
 # at one token on an H200, four per layer). One program per row of d values:
 #     x' = bf16(x + a)                    (the residual stream, rounded as the model's x + a is)
 #     h = (x' - mean x') / sqrt(var x' + eps) w + b        (float32 sums; nn.LayerNorm's formula)
-# As a decode kernel it launches with PDL: the kernel after it (our FFN's predictor, or a GEMV)
+# As a decode kernel it launches with PDL: the kernel after it (our FFN's moments kernel, or a GEMV)
 # is placed while it runs.
 @jit
 def _add_layernorm_kernel(

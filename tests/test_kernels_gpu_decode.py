@@ -85,6 +85,8 @@ FFN_CASES = [
     (5, 17, 70, 9, 70),  # k = f: every neuron, unshifted
     (4, 40, 20, 32, 2),  # f < r: R is [f, r], a trapezoid
     (1, 17, 70, 9, 70),  # one token, every neuron: several steps of E
+    (1, 33, 20, 32, 2),  # one token: f < r and d - r = 1
+    (1, 40, 300, 1, 24),  # one token: r = 1
 ]
 
 
