@@ -2312,8 +2312,9 @@ def _shapes(**tensors):
 #    R is the triangular factor of a QR decomposition of (K1 - mu)^T / sqrt(f), taken in float64.
 #    var(p) is then a sum of squares: never negative, no cancellation, and only R's upper
 #    triangle is read (r^2 / 2 float32 values, 2 MB at r = 1024, against K1's 28 MB).
-#    So one kernel can compute its slice of p, threshold it and gather its survivors' rows at once,
-#    and a program gathering overlaps others still streaming K1: no second pass waits for all of p.
+#    So one kernel can compute its slice of p, threshold it and gather its survivors' rows at once:
+#    no second launch waits for all of p. (The programs stream K1 in step and then all gather, so
+#    on an H200 the gathers overlap little with the streaming: notes/kernels_gpu.md.)
 #
 #    Bytes read (weights): r f + m (d - r) + m d values (+ 2 r^2 bytes: R's triangle in float32),
 #    m the (union of) survivors, vs 3 d f_gated for the dense gated FFN of equal parameters: at
@@ -2517,8 +2518,7 @@ def _ffn_sparse_kernel(
         # one token: its survivors listed (a cumsum), E whole rows of K2t and V loaded at once (one
         # round trip to memory; rows in chunks of a pipelined loop waited ~1 us a chunk on an H200),
         # and the two products on the CUDA cores
-        kept = keep.to(tl.int32)  # [MP, FS], only row 0 can be nonzero
-        listed = tl.max(kept, axis=0)  # [FS]
+        listed = tl.max(keep.to(tl.int32), axis=0)  # [FS] (only row 0 of keep can be set)
         pos = tl.where(listed > 0, tl.cumsum(listed, axis=0) - 1, -1)  # [FS] its place in the list (-1: not listed)
         n_loc = tl.sum(listed, axis=0)  # list length (~5 at 8 % of FS = 64: one step of E = 8)
         g0 = tl.sum(g, axis=0)  # [FS] the token's g (the padded rows are 0)
