@@ -2232,9 +2232,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 2.12-2.13x faster than torch's dense GeGLU (byte limit 3.32x with the moments), Spark
+# token is 2.16x faster than torch's dense GeGLU (byte limit 3.32x with the moments), Spark
 # attention is slower than dense flash-decoding (0.49-0.85x; 0.99-1.09x SDPA from 8192 tokens on),
-# its select costing ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.20-1.22x faster
+# its select costing ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.21-1.22x faster
 # than the dense one.
 
 
@@ -2326,7 +2326,9 @@ def _shapes(**tensors):
 #    _ffn_moments_kernel (one program per BI rows of R; PDL: waits for x, then lets the next kernel start):
 #        part[b] = (x1[rows] . mu[rows],  sum over its rows i of (R[i, i:] . x1[i:])^2)
 #    _ffn_sparse_kernel (one program per FS neurons):
-#        p = X[:, :r] @ K1[:, slice]                           # tl.dot, tokens padded to 16 rows
+#        p = X[:, :r] @ K1[:, slice]                           # tl.dot, tokens padded to 16 rows; the
+#                                                              # slice is one contiguous block (K1 is
+#                                                              # stored as K1^T [f, r])
 #        (PDL: only now wait for the moments)
 #        theta = sum_b part[b, 0] + q sqrt(sum_b part[b, 1])   # every program the same bits
 #        keep = p > theta;  listed_j = any token keeps j       # the union over tokens
@@ -2345,9 +2347,12 @@ def _shapes(**tensors):
 
 def prepare_spark_ffn_gpu(K1, K2, V):
     """Re-lay Spark FFN weights for decoding, once: K1 [r, f], K2 [d-r, f], V [f, d]
-    (spark.SparkFFN's parameters) -> (K1 [r, f], K2t [f, d-r], V [f, d]), contiguous, detached,
-    in the order spark_ffn_decode_gpu takes them. K2 is stored transposed so that neuron j's
-    weights are one contiguous row (a gathered row is then whole cache lines). The returned K1
+    (spark.SparkFFN's parameters) -> (K1 [r, f], K2t [f, d-r], V [f, d]), detached, in the order
+    spark_ffn_decode_gpu takes them, every matrix neuron-major: K2 is stored transposed, so that
+    neuron j's weights are one contiguous row (a gathered row is then whole cache lines), and K1
+    is a [r, f] view of a contiguous K1^T [f, r], so that a program's slice of neurons is one
+    contiguous block (on an H200 that made the whole FFN 2-4 % faster than a contiguous
+    [r, f], at 1 to 8 tokens). K2t and V are contiguous. The returned K1
     carries p's moments (above) as K1.spark_moments = (mu [r], R [min(r, f), r], K1's version),
     float32; spark_ffn_decode_gpu refuses a K1 without them or changed in place since (through
     torch's version counter: a write that bypasses it, such as K1.data.copy_(...) or a write to
@@ -2357,7 +2362,7 @@ def prepare_spark_ffn_gpu(K1, K2, V):
     _check_inputs("prepare_spark_ffn_gpu", False, K1=K1, K2=K2, V=V)  # (any strides: we copy)
     if K1.dim() != 2 or K2.dim() != 2 or K2.shape[1] != K1.shape[1] or V.shape != (K1.shape[1], K1.shape[0] + K2.shape[0]):
         raise ValueError(f"prepare_spark_ffn_gpu: expected K1 [r, f], K2 [d-r, f], V [f, d]; got {_shapes(K1=K1, K2=K2, V=V)}")
-    K1p = K1.detach().contiguous()  # (a new tensor object, even when it shares K1's storage)
+    K1p = K1.detach().t().contiguous().t()  # strides (1, r) (a new tensor object, even when it shares K1's storage)
     if not torch.isfinite(K1p).all():
         raise ValueError("prepare_spark_ffn_gpu: K1 holds NaN or +-inf")
     f = K1p.shape[1]
@@ -2431,12 +2436,13 @@ def _ffn_moments_kernel(
 @jit
 def _ffn_sparse_kernel(
     X,  # pointer to x [M, d]; token m at X + m * stride_xm, entries contiguous
-    K1,  # pointer to K1 [r, f], contiguous: row i (input dim i) at K1 + i * F
+    K1,  # pointer to K1 [r, f]: element [i, j] at K1 + i * stride_ki + j * stride_kj (prepared: 1, r)
     K2t,  # pointer to K2t [f, d-r], contiguous: neuron j's row at K2t + j * D2
     V,  # pointer to V [f, d], contiguous: neuron j's row at V + j * D
     Part,  # pointer to the partial moments [NBM, M, 2] float32 (kernel 1)
     Ypart,  # pointer to the partial outputs [NS, M, d] float32, contiguous (written)
     stride_xm,  # elements from one token of x to the next
+    stride_ki, stride_kj,  # elements between consecutive input dims, neurons of K1
     M,  # tokens
     q,  # Q(1 - k/f) (float32)
     NBM,  # kernel 1's programs
@@ -2470,8 +2476,8 @@ def _ffn_sparse_kernel(
     for r0 in range(0, R, BR):
         x1 = tl.load(X + rows[:, None] * stride_xm + (r0 + kk)[None, :], mask=rmask[:, None] & (r0 + kk < R)[None, :],
                      other=0.0)
-        w = tl.load(K1 + (r0 + kk).to(tl.int64)[:, None] * F + j[None, :], mask=(r0 + kk < R)[:, None] & (j < F)[None, :],
-                    other=0.0)  # [BR, FS]
+        w = tl.load(K1 + (r0 + kk).to(tl.int64)[:, None] * stride_ki + j.to(tl.int64)[None, :] * stride_kj,
+                    mask=(r0 + kk < R)[:, None] & (j < F)[None, :], other=0.0)  # [BR, FS]
         p = _dot(x1, w, p, PREC)
     if PDL >= 1:
         gdc_wait()
@@ -2597,7 +2603,7 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     _ffn_moments_kernel[(NBM,)](X, mu, Rm, part, X.stride(0), M, Rm.shape[0], R=r, MT=triton.next_power_of_2(M),
                                 BI=FFN_BI, BJ=min(FFN_BJ, triton.next_power_of_2(r)), num_warps=4, **_pdl(X))
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
-    _ffn_sparse_kernel[(NS,)](X, K1, K2t, V, part, ypart, X.stride(0), M, q, NBM, F=f, D=d, R=r, MP=16,
+    _ffn_sparse_kernel[(NS,)](X, K1, K2t, V, part, ypart, X.stride(0), K1.stride(0), K1.stride(1), M, q, NBM, F=f, D=d, R=r, MP=16,
                               NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(FFN_BR, _pad16(r)),
                               MT=triton.next_power_of_2(M), BK=min(FFN_BK, _pad16(d)),
                               E=max(2, min(FFN_E, 32768 // triton.next_power_of_2(d))),  # (E rows of d in registers)
@@ -2611,14 +2617,16 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
 def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
     """Spark FFN for decoding in Triton; computes spark.spark_ffn_np(x, K1, K2t^T, V, k, r).
 
-    x [d] or [M, d] (any leading shape) in the weights' dtype; K1 [r, f], K2t [f, d-r], V [f, d]
-    from prepare_spark_ffn_gpu -> y, x's shape and dtype. k: target survivors per token
+    x [d] or [M, d] (any leading shape) in the weights' dtype; K1 [r, f] (any strides: the
+    prepared one is neuron-major), K2t [f, d-r], V [f, d] from prepare_spark_ffn_gpu -> y, x's
+    shape and dtype. k: target survivors per token
     (statistical top-k, soft threshold, fill 0; k == f keeps every neuron unshifted, as topk),
     r: predictor slice. Several tokens gather the union of their survivors (module docstring);
     more than MAX_TOKENS tokens run MAX_TOKENS at a time.
     """
     where = "spark_ffn_decode_gpu"
-    _check_inputs(where, x=x, K1=K1, K2t=K2t, V=V)
+    _check_inputs(where, x=x, K2t=K2t, V=V)
+    _check_same(where, "x", x, False, K1=K1)  # (K1 is read through its strides)
     if x.dim() == 0 or K1.dim() != 2 or K2t.dim() != 2 or V.dim() != 2:
         raise ValueError(f"{where}: expected x [..., d], K1 [r, f], K2t [f, d-r], V [f, d]; got {_shapes(x=x, K1=K1, K2t=K2t, V=V)}")
     d, f = x.shape[-1], V.shape[0]
@@ -2627,8 +2635,8 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
         raise ValueError(f"{where}: with x [..., d={d}], r={r}, f={f} expected K1 [r, f] = {(r, f)}, K2t [f, d-r] = "
                          f"{(f, d - r)} (K2 transposed: use prepare_spark_ffn_gpu), V [f, d] = {(f, d)}; got "
                          f"{_shapes(K1=K1, K2t=K2t, V=V)}")
-    if not (K1.is_contiguous() and K2t.is_contiguous() and V.is_contiguous()):
-        raise ValueError(f"{where}: K1, K2t and V must be contiguous (a strided view such as K2.t() is not a "
+    if not (K2t.is_contiguous() and V.is_contiguous()):
+        raise ValueError(f"{where}: K2t and V must be contiguous (a strided view such as K2.t() is not a "
                          f"prepared layout: use prepare_spark_ffn_gpu)")
     moments = getattr(K1, "spark_moments", None)
     if moments is None:

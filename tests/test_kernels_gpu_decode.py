@@ -114,17 +114,36 @@ def test_spark_ffn_moments_give_mean_and_variance_of_p(f):
 @pytest.mark.parametrize("case", FFN_CASES, ids=lambda c: "M{}d{}f{}r{}k{}".format(*c))
 def test_spark_ffn_decode_matches_reference(case, tiles, monkeypatch):
     """y of every case against spark_ffn_np on float64 copies of the same float32 values; the
-    prepared layout (K2t contiguous) and y's shape, dtype and device."""
+    prepared layout (neuron-major: K1 a view of a contiguous K1^T, K2t contiguous) and y's shape,
+    dtype and device."""
     for name, value in (SMALL_FFN_TILES.items() if tiles == "small" else ()):
         monkeypatch.setattr(dg, name, value)
     M, d, f, r, k = case
     x, K1, K2, V = ffn_case(M, d, f, r)
     K1p, K2t, Vp = dg.prepare_spark_ffn_gpu(K1, K2, V)
-    assert K2t.shape == (f, d - r) and K2t.is_contiguous()
+    assert K1p.shape == (r, f) and K1p.t().is_contiguous() and K2t.shape == (f, d - r) and K2t.is_contiguous()
     y = dg.spark_ffn_decode_gpu(x, K1p, K2t, Vp, k, r)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     ref = spark.spark_ffn_np(np64(x), np64(K1), np64(K2), np64(V), k, r)
     assert_close("y", y, ref, 1e-5 * np.abs(ref).max(), 1e-5)
+
+
+def test_spark_ffn_decode_reads_k1_through_its_strides():
+    """The kernels read K1 through its strides: a row-major K1 [r, f] carrying the prepared
+    moments gives the prepared (neuron-major) K1's result, one token and several."""
+    d, f, r, k = 40, 96, 12, 9
+    x, K1, K2, V = ffn_case(3, d, f, r)
+    K1p, K2t, Vp = dg.prepare_spark_ffn_gpu(K1, K2, V)
+    # The same values with row-major strides (r f elements, f apart between input dims): a
+    # prepared K1 is neuron-major only for speed (each program's slice of neurons is then one
+    # contiguous block), so any strides must give the same y. Its moments are the prepared
+    # ones, with the copy's own version counter.
+    K1r = K1p.contiguous()  # [r, f] row-major
+    K1r.spark_moments = K1p.spark_moments[:2] + (K1r._version,)
+    assert K1r.is_contiguous() and not K1p.is_contiguous()
+    for xs in (x[:1], x):
+        assert_close("row-major K1", dg.spark_ffn_decode_gpu(xs, K1r, K2t, Vp, k, r),
+                     dg.spark_ffn_decode_gpu(xs, K1p, K2t, Vp, k, r), 1e-6, 1e-6)
 
 
 def test_spark_ffn_decode_bf16_and_many_tokens(monkeypatch):
