@@ -2183,7 +2183,7 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #         _spark_scores_kernel: s_j = q[:r] . K1_j / sqrt(r), the cache split over all SMs;
 #         _spark_select_kernel: the kt-th largest score per query head by a search over an
 #                               interval of order keys that starts from a statistical guess, the
-#                               kept tokens compacted (cumsum);
+#                               kept tokens compacted (cumsum); past 8192 tokens in two passes;
 #         _spark_gather_kernel: K2 and V of the kept tokens only, partial (m, l, acc) per chunk;
 #         _decode_merge_kernel: out = sum acc / sum l (flash-decoding's merge).
 #     attention_decode_gpu(q, k, v)                     reference: spark.attention_np, T = 1
@@ -2254,6 +2254,7 @@ TARGET_PROGRAMS = 264  # attention splits aim at two programs per SM of an H200
 MIN_SPLIT = 64  # at least this many cache tokens per split
 ATTN_BN = 32  # keys per tile in the split kernels
 GATHER_E = 16  # kept tokens per gather program (kt 256 -> 16 programs per query head)
+SELECT_SPLIT, SELECT_PARTS = 8192, 8  # longer caches are selected in two passes, the first over 8 parts
 MAX_SELECT_IN_REGISTERS = 32768  # a query head's scores held at once by the select kernel
 SELECT_CHUNK = 4096  # longer caches: chunks re-read from L2 for every step of the search
 COMPACT_CHUNK = 8192  # the select kernel's compaction holds at most this many scores at once
@@ -2708,6 +2709,12 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #    bits a step (the first version here). When the guess misses (two modes far apart, very heavy
 #    tails), the quarter points start from the whole key range and it can take as many or more:
 #    11 on average for two modes 10 std apart (radix: 10), 17 at the very most.
+#
+#    Long caches (n > SELECT_SPLIT = 8192): one program per query head holding 32768 scores takes
+#    ~2x as long per sweep, and past MAX_SELECT_IN_REGISTERS it re-reads its scores from L2 every
+#    sweep. So the select runs twice: first on each of SELECT_PARTS = 8 parts of the row (8x the
+#    programs, each over n / 8 scores), then on the 8 kt listed candidates. The kt largest of the
+#    row are among the kt largest of their parts, so the result is the same list.
 # ------------------------------------------------------------------------------------------
 
 
@@ -3074,34 +3081,44 @@ def _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK: tl.constexpr):
         return tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
 
 
-# Spark pass 2, one program per query head (the section's pseudo-code). Everything it reads is
-# the head's row of S (4 n bytes, just written, so in L2); everything it writes is the list of
-# kt positions and scores, the max and kt. The sweeps of the search run on registers.
+# Spark pass 2, one program per (part of L scores, query head) (the section's pseudo-code).
+# Everything it reads is its part of the head's row of S (4 L bytes, just written, so in L2);
+# everything it writes is the list of the part's kt positions and scores, its max and kt. The
+# sweeps of the search run on registers. Caches longer than SELECT_SPLIT run it twice
+# (_spark_select): FILL (first pass) pads each part's list to KT entries; HAS_POS (second pass)
+# maps a kept candidate to its token position.
 @jit
 def _spark_select_kernel(
-    S,  # pointer to the scores [B H, n] float32 (entries of the visible tokens)
-    Idx,  # pointer to the kept list [B H, KT] int32 (written: the first kt entries, ascending positions)
-    Ssel,  # pointer to their scores [B H, KT] float32 (written)
-    Mx,  # pointer to each query head's max score [B H] float32 (written)
-    Kt,  # pointer to each query head's kept count kt [B H] int32 (written)
+    S,  # pointer to the scores [B H, N] float32 (entries of the visible tokens)
+    Idx,  # pointer to the kept lists [B H, NP, KT] int32 (written: the first kt entries, ascending positions)
+    Ssel,  # pointer to their scores [B H, NP, KT] float32 (written)
+    Mx,  # pointer to each list's max score [B H, NP] float32 (written)
+    Kt,  # pointer to each list's kept count kt [B H, NP] int32 (written)
     Len,  # pointer to lengths [B] int32 (read when HAS_LEN)
+    Pos,  # pointer to the positions of the scores [B H, N] int32 (read when HAS_POS)
     H,  # query heads
-    N,  # cache capacity n
-    KT,  # row length of Idx and Ssel, min(k_top, n)
+    N,  # row length of S: cache capacity n, or the candidates of the first pass
+    L,  # scores per part (N for one part)
+    KT,  # list length, min(k_top, L)
     k_top,  # tokens kept per query at most
+    KTP: tl.constexpr,  # KT padded to a power of two (FILL)
     BLOCK: tl.constexpr,  # scores held at once (a power of two)
-    ONE_BLOCK: tl.constexpr,  # all n scores in registers (else chunks re-read from L2 every sweep)
+    ONE_BLOCK: tl.constexpr,  # all L scores in registers (else chunks re-read from L2 every sweep)
     CBLOCK: tl.constexpr,  # scores compacted at once (<= BLOCK; smaller: chunks re-read from L2 once)
     HAS_LEN: tl.constexpr,  # lengths given
+    HAS_POS: tl.constexpr,  # positions given
+    FILL: tl.constexpr,  # list entries past kt written (position 0, score -inf, or NaN for a NaN part)
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
     _wait_previous(PDL)
-    bh = tl.program_id(0)
-    n_b = _visible(Len, bh // H, N, HAS_LEN)
+    part, bh = tl.program_id(0), tl.program_id(1)
+    NP = tl.num_programs(0)
+    first = part * L  # the part's first score
+    n_b = tl.minimum(tl.maximum(_visible(Len, bh // H, N, HAS_LEN) - first, 0), L)  # its visible scores
     kt = tl.minimum(n_b, k_top)
     ktf = kt.to(tl.float32)
     need = n_b > k_top  # else every visible token is kept
-    row = S + bh.to(tl.int64) * N
+    row = S + bh.to(tl.int64) * N + first
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
         s_all = tl.load(row + cols, mask=cols < n_b, other=float("-inf"))  # [BLOCK]
@@ -3115,7 +3132,7 @@ def _spark_select_kernel(
     s2 = tl.zeros((), tl.float32)
     for start in range(0, n_b, BLOCK):
         s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
-        sv = tl.where(start + cols < n_b, s, 0.0)
+        sv = tl.where((start + cols < n_b) & (s != float("-inf")), s, 0.0)  # (-inf: a first pass's padding)
         a0, a1, a2 = tl.reduce((s, sv, sv * sv), 0, _max_add_add)
         m = tl.maximum(m, a0)
         s1 += a1
@@ -3123,9 +3140,10 @@ def _spark_select_kernel(
     # the search (section header): lo, hi order keys (int64 holding 32 bits) with
     # count(s >= float(lo)) = n_lo >= kt > count(s >= float(hi)); padding (-inf) never counts
     nf = n_b.to(tl.float32)
-    mu = s1 / nf
-    sd = tl.sqrt(tl.maximum(s2 / nf - mu * mu, 0.0))
-    z = _normal_quantile_upper(ktf / nf)  # mean + z std: the kt-th largest of normal scores
+    n1 = tl.maximum(nf, 1.0)  # (a first pass's part past every visible token has none)
+    mu = s1 / n1
+    sd = tl.sqrt(tl.maximum(s2 / n1 - mu * mu, 0.0))
+    z = _normal_quantile_upper(ktf / n1)  # mean + z std: the kt-th largest of normal scores
     lo = tl.full((), 0x007FFFFF, tl.int64)  # the key of -inf: every visible score is >= it
     n_lo = nf
     hi = _key64_of_float(m) + 1
@@ -3182,7 +3200,8 @@ def _spark_select_kernel(
     # chunks of CBLOCK, re-read once from L1 / L2.
     ties = tl.zeros((), tl.int32)
     kept = tl.zeros((), tl.int32)
-    out = bh.to(tl.int64) * KT
+    lst = bh * NP + part  # this program's list
+    out = lst.to(tl.int64) * KT
     ccols = tl.arange(0, CBLOCK)
     for start in range(0, n_b, CBLOCK):
         if ONE_BLOCK and CBLOCK == BLOCK:
@@ -3199,13 +3218,26 @@ def _spark_select_kernel(
             ties += tl.sum(tie.to(tl.int32), axis=0)
         pos = kept + _cumsum_rows(keep.to(tl.int32), CBLOCK, 32) - 1
         in_list = keep & (pos < KT)  # (always, by construction; a guard so that no bug writes past the list)
-        tl.store(Idx + out + pos, start + ccols, mask=in_list)
+        if HAS_POS:
+            where = tl.load(Pos + bh.to(tl.int64) * N + first + start + ccols, mask=in_list, other=0)
+        else:
+            where = first + start + ccols
+        tl.store(Idx + out + pos, where, mask=in_list)
         tl.store(Ssel + out + pos, s, mask=in_list)
         kept += tl.sum(keep.to(tl.int32), axis=0)
-    tl.store(Mx + bh, m)
+    kept = tl.minimum(kept, KT)
+    tl.store(Mx + lst, m)
     # the entries listed: kt by construction (fewer only if scores were NaN, and then the gather
     # kernel reads no unwritten entry)
-    tl.store(Kt + bh, tl.minimum(kept, KT))
+    tl.store(Kt + lst, kept)
+    if FILL:
+        # the rest of the list, for the second pass: token 0 (any valid row) with score -inf, which
+        # no kept token's weight e^(s - m) notices; NaN when the part's scores were NaN, so that a
+        # NaN query head stays NaN through both passes
+        e = tl.arange(0, KTP)
+        pad = tl.where(s1 == s1, float("-inf"), float("nan"))
+        tl.store(Idx + out + e, 0, mask=(e >= kept) & (e < KT))
+        tl.store(Ssel + out + e, tl.zeros((KTP,), tl.float32) + pad, mask=(e >= kept) & (e < KT))
 
 
 # Spark pass 3, one program per (GATHER_E listed tokens, query head):
@@ -3268,22 +3300,44 @@ def _spark_gather_kernel(
     tl.store(Accp + row * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
 
 
-def _spark_select(S, k_top, H, lens, has_len):
-    """The select kernel on scores S [B H, n] float32 (entries past each sequence's length
-    ignored). -> idx int32 [B H, KT] (kept positions, ascending; the first kt of each row
-    written), their scores float32 [B H, KT], each row's max [B H] and kt [B H] int32; KT = min(k_top, n)"""
-    (BH, n), dev = S.shape, S.device
-    KT = min(k_top, n)
-    idx = torch.empty(BH, KT, dtype=torch.int32, device=dev)
-    ssel = torch.empty(BH, KT, dtype=torch.float32, device=dev)
-    mx = torch.empty(BH, dtype=torch.float32, device=dev)
-    kt = torch.empty(BH, dtype=torch.int32, device=dev)
-    one = triton.next_power_of_2(n) <= MAX_SELECT_IN_REGISTERS
-    block = triton.next_power_of_2(n) if one else SELECT_CHUNK
-    _spark_select_kernel[(BH,)](S, idx, ssel, mx, kt, lens, H, n, KT, k_top, BLOCK=block, ONE_BLOCK=one,
-                                CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
-                                num_warps=min(16, max(4, block // 1024)), **_pdl(S))
+def _select_pass(S, k_top, H, lens, has_len, parts, pos=None):
+    """One launch of the select kernel over scores S [B H, N], each row in `parts` parts of
+    cdiv(N, parts) scores (parts > 1: lists padded to KT, FILL). -> idx int32 [B H, parts KT],
+    scores float32 [B H, parts KT], max [B H parts], kt int32 [B H parts]; KT = min(k_top, part)"""
+    (BH, N), dev = S.shape, S.device
+    L = triton.cdiv(N, parts)
+    KT = min(k_top, L)
+    idx = torch.empty(BH, parts * KT, dtype=torch.int32, device=dev)
+    ssel = torch.empty(BH, parts * KT, dtype=torch.float32, device=dev)
+    mx = torch.empty(BH * parts, dtype=torch.float32, device=dev)
+    kt = torch.empty(BH * parts, dtype=torch.int32, device=dev)
+    one = triton.next_power_of_2(L) <= MAX_SELECT_IN_REGISTERS
+    block = triton.next_power_of_2(L) if one else SELECT_CHUNK
+    _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, S if pos is None else pos, H, N, L, KT, k_top,
+                                      KTP=triton.next_power_of_2(KT), BLOCK=block, ONE_BLOCK=one,
+                                      CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len, HAS_POS=pos is not None,
+                                      FILL=parts > 1, num_warps=min(16, max(4, block // 1024)), **_pdl(S))
     return idx, ssel, mx, kt
+
+
+def _spark_select(S, k_top, H, lens, has_len):
+    """The select on scores S [B H, n] float32 (entries past each sequence's length ignored).
+    -> idx int32 [B H, KT] (kept positions, ascending; the first kt of each row written), their
+    scores float32 [B H, KT], each row's max [B H] and kt [B H] int32; KT = min(k_top, n).
+
+    A cache longer than SELECT_SPLIT is selected in two passes: the kt largest of each of
+    SELECT_PARTS parts of the row (in parallel, one program each), then the kt largest of those
+    parts' lists. Exact: a token among the kt largest of the row is among the kt largest of its
+    part. Ties stay in position order (the lists are in part order and ascending within a part).
+    A part with fewer than kt visible tokens pads its list with scores of -inf, which the second
+    pass ranks last and the gather weighs by e^(-inf) = 0. On an H200 (8 query heads, kt 256):
+    32768 tokens 37 us against 49 in one pass, 65536 tokens 51 against 178 (notes/kernels_gpu.md)."""
+    n = S.shape[1]
+    parts = SELECT_PARTS if n > SELECT_SPLIT else 1
+    if parts == 1 or k_top >= triton.cdiv(n, parts):  # (one pass, or parts that would keep every score)
+        return _select_pass(S, k_top, H, lens, has_len, 1)
+    idx, ssel, _, _ = _select_pass(S, k_top, H, lens, has_len, parts)
+    return _select_pass(ssel, k_top, H, lens, False, 1, pos=idx)
 
 
 def _spark_decode(q, k1, k2, v, k_top, r, lengths):

@@ -280,15 +280,20 @@ def test_spark_attention_decode_matches_reference(case):
 def chunk_select(monkeypatch, mode):
     """The select kernel's long-cache paths at small n: "search" (scores re-read in chunks of 16
     for every sweep, and compacted in chunks), "compaction" (scores in registers for the search,
-    compacted in chunks of 16, as a 32K-token cache on the GPU)."""
-    if mode == "search":
+    compacted in chunks of 16, as a 32K-token cache on the GPU), "two passes" (past 48 scores,
+    the kt largest of each half of the row, then of their lists, as a cache longer than 8192
+    tokens on the GPU)."""
+    if mode == "two passes":
+        monkeypatch.setattr(dg, "SELECT_SPLIT", 48)
+        monkeypatch.setattr(dg, "SELECT_PARTS", 2)
+    elif mode == "search":
         monkeypatch.setattr(dg, "MAX_SELECT_IN_REGISTERS", 16)
         monkeypatch.setattr(dg, "SELECT_CHUNK", 16)
     elif mode == "compaction":
         monkeypatch.setattr(dg, "COMPACT_CHUNK", 16)
 
 
-@pytest.mark.parametrize("mode", ["search", "compaction"])
+@pytest.mark.parametrize("mode", ["search", "compaction", "two passes"])
 def test_spark_attention_decode_chunked_select(mode, monkeypatch):
     """A cache longer than the select kernel holds at once, both ways (chunk_select)."""
     chunk_select(monkeypatch, mode)
@@ -297,7 +302,7 @@ def test_spark_attention_decode_chunked_select(mode, monkeypatch):
     assert_close("out", out, spark.spark_attention_np(np64(q), np64(k), np64(v), 20, 6), 1e-5, 1e-5)
 
 
-@pytest.mark.parametrize("chunked", [None, "search", "compaction"])
+@pytest.mark.parametrize("chunked", [None, "search", "compaction", "two passes"])
 def test_spark_attention_decode_ties_keep_exactly_kt(chunked, monkeypatch):
     """Scores with ties across the kt-th place: tokens are copies of 6 prototype rows (equal keys,
     equal values), integer predictor parts so that equal scores are equal bits. The kernel keeps
@@ -360,7 +365,7 @@ def check_select(scores, k_top):
     assert float(mx[0]) == float(S.max())
 
 
-@pytest.mark.parametrize("chunked", [None, "search"])
+@pytest.mark.parametrize("chunked", [None, "search", "two passes"])
 @pytest.mark.parametrize("kind,n,k_top", [("sinks", 300, 40), ("powers of two", 300, 40), ("negative", 300, 40),
                                           ("normal", 300, 280), ("powers of two", 300, 290)])
 def test_spark_attention_decode_select_any_score_shape(kind, n, k_top, chunked, monkeypatch):
@@ -404,9 +409,12 @@ def test_spark_attention_decode_nan_query():
     assert_close("the other heads", out[:, keep], ref[:, keep], 1e-5, 1e-5)
 
 
-def test_decode_lengths():
+@pytest.mark.parametrize("chunked", [None, "two passes"])
+def test_decode_lengths(chunked, monkeypatch):
     """lengths [B]: each query sees the first lengths[b] tokens of its cache (one sequence below
-    k_top, one above), as the reference on the truncated caches; out-of-range values are an error."""
+    k_top, one above), as the reference on the truncated caches; out-of-range values are an error.
+    In two passes the second part has no visible token, and sequence 0 fewer than k_top in all."""
+    chunk_select(monkeypatch, chunked)
     B, H, Hkv, n, hd, r, k_top = 2, 4, 2, 50, 16, 6, 12
     q, k, v = kv_case(B, H, Hkv, n, hd)
     lengths = torch.tensor([9, 41], dtype=torch.int32, device=DEVICE)
