@@ -2232,10 +2232,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   its private pool): no global state, so concurrent calls on different streams are safe.
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
 # 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 2.16x faster than torch's dense GeGLU (byte limit 3.32x with the moments), Spark
-# attention is slower than dense flash-decoding (0.49-0.85x; 0.99-1.09x SDPA from 8192 tokens on),
-# its select costing ~1 us per sweep, and a whole Gemma-2-2B-shaped model decodes 1.21-1.22x faster
-# than the dense one.
+# token is 2.16x faster than torch's dense GeGLU (byte limit 3.32x with the moments); Spark
+# attention, its select costing ~1 us per sweep, is slower than dense flash-decoding up to 16384
+# tokens (0.49-0.91x; 1.00x SDPA at 8192) and faster than both at 32768 (1.12x, 1.44x SDPA); a
+# whole Gemma-2-2B-shaped model decodes 1.21-1.22x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
