@@ -2352,9 +2352,10 @@ def prepare_spark_ffn_gpu(K1, K2, V):
     spark_ffn_decode_gpu takes them, every matrix neuron-major: K2 is stored transposed, so that
     neuron j's weights are one contiguous row (a gathered row is then whole cache lines), and K1
     is a [r, f] view of a contiguous K1^T [f, r], so that a program's slice of neurons is one
-    contiguous block (on an H200 that made the whole FFN 2-4 % faster than a contiguous
-    [r, f], at 1 to 8 tokens). K2t and V are contiguous. K1 and K2 are copies (r f and (d - r) f
-    values, 28 and 35 MB a layer at Gemma-2 2B shapes in bf16), V is shared. The returned K1
+    contiguous block (on an H200 that made the whole FFN 2-5 % faster than a contiguous
+    [r, f], at 1 to 8 tokens). K2t and V are contiguous. K1 and K2 are copies unless already laid
+    out so (r f and (d - r) f values, 28 and 35 MB a layer at Gemma-2 2B shapes in bf16); V is
+    shared when contiguous. The returned K1
     carries p's moments (above) as K1.spark_moments = (mu [r], R [min(r, f), r], K1's version),
     float32; spark_ffn_decode_gpu refuses a K1 without them or changed in place since (through
     torch's version counter: a write that bypasses it, such as K1.data.copy_(...) or a write to
@@ -2364,7 +2365,7 @@ def prepare_spark_ffn_gpu(K1, K2, V):
     _check_inputs("prepare_spark_ffn_gpu", False, K1=K1, K2=K2, V=V)  # (any strides: we copy)
     if K1.dim() != 2 or K2.dim() != 2 or K2.shape[1] != K1.shape[1] or V.shape != (K1.shape[1], K1.shape[0] + K2.shape[0]):
         raise ValueError(f"prepare_spark_ffn_gpu: expected K1 [r, f], K2 [d-r, f], V [f, d]; got {_shapes(K1=K1, K2=K2, V=V)}")
-    K1p = K1.detach().t().contiguous().t()  # strides (1, r) (a new tensor object, even when it shares K1's storage)
+    K1p = K1.detach().t().contiguous().t()  # strides (1, r) for r > 1 (a new tensor object, even when it shares K1's storage)
     if not torch.isfinite(K1p).all():
         raise ValueError("prepare_spark_ffn_gpu: K1 holds NaN or +-inf")
     f = K1p.shape[1]
@@ -2678,7 +2679,7 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #        _spark_select_kernel: per query head, over its n scores (in registers up to
 #                              MAX_SELECT_IN_REGISTERS): m = max s; the kt-th largest by an
 #                              interval search (below); the kept tokens compacted (cumsum) into
-#                              a list, ascending
+#                              a list, ascending (past SELECT_SPLIT tokens: two passes, below)
 #        _spark_gather_kernel: per GATHER_E listed tokens of a query head: K2_j and V_j of those
 #                              tokens only, w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r)),
 #                              l = sum e^(s_j - m), acc = sum w_j V_j
@@ -2710,11 +2711,11 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #    tails), the quarter points start from the whole key range and it can take as many or more:
 #    11 on average for two modes 10 std apart (radix: 10), 17 at the very most.
 #
-#    Long caches (n > SELECT_SPLIT = 8192): one program per query head holding 32768 scores takes
-#    ~2x as long per sweep, and past MAX_SELECT_IN_REGISTERS it re-reads its scores from L2 every
-#    sweep. So the select runs twice: first on each of SELECT_PARTS = 8 parts of the row (8x the
-#    programs, each over n / 8 scores), then on the 8 kt listed candidates. The kt largest of the
-#    row are among the kt largest of their parts, so the result is the same list.
+#    Long caches (n > SELECT_SPLIT = 8192): one program per query head over 32768 scores counts
+#    4x the scores of 8192 in every sweep, and past MAX_SELECT_IN_REGISTERS it re-reads them from
+#    L2 for every sweep. So the select runs twice: first on each of SELECT_PARTS = 8 parts of the
+#    row (8x the programs, each over n / 8 scores), then on the 8 kt listed candidates. The kt
+#    largest of the row are among the kt largest of their parts, so the result is the same list.
 # ------------------------------------------------------------------------------------------
 
 
@@ -3084,9 +3085,10 @@ def _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK: tl.constexpr):
 # Spark pass 2, one program per (part of L scores, query head) (the section's pseudo-code).
 # Everything it reads is its part of the head's row of S (4 L bytes, just written, so in L2);
 # everything it writes is the list of the part's kt positions and scores, its max and kt. The
-# sweeps of the search run on registers. Caches longer than SELECT_SPLIT run it twice
-# (_spark_select): FILL (first pass) pads each part's list to KT entries; HAS_POS (second pass)
-# maps a kept candidate to its token position.
+# sweeps of the search run on registers. Caches longer than SELECT_SPLIT run it twice (the
+# section header): FILL (the first pass) pads each part's list to KT entries; HAS_POS (the
+# second) reads those lists as its row, counts as tokens only their kept entries, and maps a
+# kept candidate back to its token position.
 @jit
 def _spark_select_kernel(
     S,  # pointer to the scores [B H, N] float32 (entries of the visible tokens)
@@ -3096,12 +3098,15 @@ def _spark_select_kernel(
     Kt,  # pointer to each list's kept count kt [B H, NP] int32 (written)
     Len,  # pointer to lengths [B] int32 (read when HAS_LEN)
     Pos,  # pointer to the positions of the scores [B H, N] int32 (read when HAS_POS)
+    Cnt,  # pointer to the first pass's kept counts [B H, NPREV] int32 (read when HAS_POS)
     H,  # query heads
     N,  # row length of S: cache capacity n, or the candidates of the first pass
     L,  # scores per part (N for one part)
     KT,  # list length, min(k_top, L)
     k_top,  # tokens kept per query at most
-    KTP: tl.constexpr,  # KT padded to a power of two (FILL)
+    NPREV,  # the first pass's parts (HAS_POS)
+    PP: tl.constexpr,  # NPREV padded to a power of two (HAS_POS; else 1)
+    KTP: tl.constexpr,  # KT padded to a power of two (FILL; else 1)
     BLOCK: tl.constexpr,  # scores held at once (a power of two)
     ONE_BLOCK: tl.constexpr,  # all L scores in registers (else chunks re-read from L2 every sweep)
     CBLOCK: tl.constexpr,  # scores compacted at once (<= BLOCK; smaller: chunks re-read from L2 once)
@@ -3115,9 +3120,14 @@ def _spark_select_kernel(
     NP = tl.num_programs(0)
     first = part * L  # the part's first score
     n_b = tl.minimum(tl.maximum(_visible(Len, bh // H, N, HAS_LEN) - first, 0), L)  # its visible scores
-    kt = tl.minimum(n_b, k_top)
+    if HAS_POS:  # the tokens among the candidates: the first pass's kept entries, not its padding
+        pp = tl.arange(0, PP)
+        n_tok = tl.sum(tl.load(Cnt + bh * NPREV + pp, mask=pp < NPREV, other=0), axis=0)
+    else:
+        n_tok = n_b
+    kt = tl.minimum(n_tok, k_top)
     ktf = kt.to(tl.float32)
-    need = n_b > k_top  # else every visible token is kept
+    need = n_tok > k_top  # else every visible token is kept
     row = S + bh.to(tl.int64) * N + first
     cols = tl.arange(0, BLOCK)
     if ONE_BLOCK:
@@ -3140,10 +3150,10 @@ def _spark_select_kernel(
     # the search (section header): lo, hi order keys (int64 holding 32 bits) with
     # count(s >= float(lo)) = n_lo >= kt > count(s >= float(hi)); padding (-inf) never counts
     nf = n_b.to(tl.float32)
-    n1 = tl.maximum(nf, 1.0)  # (a first pass's part past every visible token has none)
-    mu = s1 / n1
-    sd = tl.sqrt(tl.maximum(s2 / n1 - mu * mu, 0.0))
-    z = _normal_quantile_upper(ktf / n1)  # mean + z std: the kt-th largest of normal scores
+    nd = tl.maximum(nf, 1.0)  # (a first pass's part past every visible token has none)
+    mu = s1 / nd
+    sd = tl.sqrt(tl.maximum(s2 / nd - mu * mu, 0.0))
+    z = _normal_quantile_upper(ktf / nd)  # mean + z std: the kt-th largest of normal scores
     lo = tl.full((), 0x007FFFFF, tl.int64)  # the key of -inf: every visible score is >= it
     n_lo = nf
     hi = _key64_of_float(m) + 1
@@ -3180,8 +3190,9 @@ def _spark_select_kernel(
             go = need & (n_lo != ktf) & (hi - lo > 1)
     # Exactly kt scores >= t0 (the usual end, or no search): keep those. Otherwise hi = lo + 1,
     # so t0 = v is the kt-th largest value itself, held by several scores: keep s > v, then the
-    # first kt - count(s > v) of the s == v in position order.
-    t0 = tl.where(need, _float_of_key(lo.to(tl.int32)), float("-inf"))
+    # first kt - count(s > v) of the s == v in position order. No search: every finite score
+    # (t0 the lowest float, so a first pass's -inf padding is not kept).
+    t0 = tl.where(need, _float_of_key(lo.to(tl.int32)), -3.4028234663852886e38)
     exact = (n_lo == ktf) | (not need)
     v = t0
     quota = kt
@@ -3300,10 +3311,11 @@ def _spark_gather_kernel(
     tl.store(Accp + row * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
 
 
-def _select_pass(S, k_top, H, lens, has_len, parts, pos=None):
+def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
     """One launch of the select kernel over scores S [B H, N], each row in `parts` parts of
-    cdiv(N, parts) scores (parts > 1: lists padded to KT, FILL). -> idx int32 [B H, parts KT],
-    scores float32 [B H, parts KT], max [B H parts], kt int32 [B H parts]; KT = min(k_top, part)"""
+    cdiv(N, parts) scores (parts > 1: lists padded to KT, FILL), or (prev: the first pass's idx,
+    kt and parts) over the first pass's lists. -> idx int32 [B H, parts KT], scores float32
+    [B H, parts KT], max [B H parts], kt int32 [B H parts]; KT = min(k_top, part)"""
     (BH, N), dev = S.shape, S.device
     L = triton.cdiv(N, parts)
     KT = min(k_top, L)
@@ -3313,10 +3325,12 @@ def _select_pass(S, k_top, H, lens, has_len, parts, pos=None):
     kt = torch.empty(BH * parts, dtype=torch.int32, device=dev)
     one = triton.next_power_of_2(L) <= MAX_SELECT_IN_REGISTERS
     block = triton.next_power_of_2(L) if one else SELECT_CHUNK
-    _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, S if pos is None else pos, H, N, L, KT, k_top,
-                                      KTP=triton.next_power_of_2(KT), BLOCK=block, ONE_BLOCK=one,
-                                      CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len, HAS_POS=pos is not None,
-                                      FILL=parts > 1, num_warps=min(16, max(4, block // 1024)), **_pdl(S))
+    pos, cnt, nprev = prev if prev is not None else (S, S, 1)  # (without prev: pointers never read)
+    _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
+                                      PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
+                                      BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
+                                      HAS_POS=prev is not None, FILL=parts > 1, num_warps=min(16, max(4, block // 1024)),
+                                      **_pdl(S))
     return idx, ssel, mx, kt
 
 
@@ -3329,15 +3343,17 @@ def _spark_select(S, k_top, H, lens, has_len):
     SELECT_PARTS parts of the row (in parallel, one program each), then the kt largest of those
     parts' lists. Exact: a token among the kt largest of the row is among the kt largest of its
     part. Ties stay in position order (the lists are in part order and ascending within a part).
-    A part with fewer than kt visible tokens pads its list with scores of -inf, which the second
-    pass ranks last and the gather weighs by e^(-inf) = 0. On an H200 (8 query heads, kt 256):
+    A part with fewer than kt visible tokens pads its list (score -inf); the second pass counts
+    as tokens only the lists' kept entries, so a sequence with fewer than k_top visible tokens
+    keeps them all and nothing else, as in one pass. Two passes only when the first pass's lists
+    hold at most half the row (else one pass over about as many candidates costs less). On an H200 (8 query heads, kt 256):
     32768 tokens 37 us against 49 in one pass, 65536 tokens 51 against 178 (notes/kernels_gpu.md)."""
     n = S.shape[1]
     parts = SELECT_PARTS if n > SELECT_SPLIT else 1
-    if parts == 1 or k_top >= triton.cdiv(n, parts):  # (one pass, or parts that would keep every score)
+    if parts == 1 or 2 * parts * min(k_top, triton.cdiv(n, parts)) > n:
         return _select_pass(S, k_top, H, lens, has_len, 1)
-    idx, ssel, _, _ = _select_pass(S, k_top, H, lens, has_len, parts)
-    return _select_pass(ssel, k_top, H, lens, False, 1, pos=idx)
+    idx, ssel, _, kt = _select_pass(S, k_top, H, lens, has_len, parts)
+    return _select_pass(ssel, k_top, H, lens, False, 1, prev=(idx, kt, parts))
 
 
 def _spark_decode(q, k1, k2, v, k_top, r, lengths):

@@ -141,6 +141,8 @@ def test_spark_ffn_decode_reads_k1_through_its_strides():
     K1r = K1p.contiguous()  # [r, f] row-major
     K1r.spark_moments = K1p.spark_moments[:2] + (K1r._version,)
     assert K1r.is_contiguous() and not K1p.is_contiguous()
+    # (the same products summed in the same order: equal bits in the interpreter; 1e-6 leaves
+    # room for a GPU compiler that orders a tile's float32 products differently per layout)
     for xs in (x[:1], x):
         assert_close("row-major K1", dg.spark_ffn_decode_gpu(xs, K1r, K2t, Vp, k, r),
                      dg.spark_ffn_decode_gpu(xs, K1p, K2t, Vp, k, r), 1e-6, 1e-6)
@@ -281,28 +283,40 @@ def chunk_select(monkeypatch, mode):
     """The select kernel's long-cache paths at small n: "search" (scores re-read in chunks of 16
     for every sweep, and compacted in chunks), "compaction" (scores in registers for the search,
     compacted in chunks of 16, as a 32K-token cache on the GPU), "two passes" (past 48 scores,
-    the kt largest of each half of the row, then of their lists, as a cache longer than 8192
-    tokens on the GPU)."""
+    the kt largest of each third of the row, then of their lists, as a cache longer than 8192
+    tokens on the GPU; only when the lists hold at most half the row, so the tests using it
+    take n >= 6 k_top). -> the parts of every select launch, recorded in "two passes" (a test
+    asserts that a first pass of several parts ran), else None."""
     if mode == "two passes":
         monkeypatch.setattr(dg, "SELECT_SPLIT", 48)
-        monkeypatch.setattr(dg, "SELECT_PARTS", 2)
-    elif mode == "search":
+        monkeypatch.setattr(dg, "SELECT_PARTS", 3)
+        passes, launch = [], dg._select_pass
+        monkeypatch.setattr(dg, "_select_pass", lambda *a, **kw: passes.append(a[5]) or launch(*a, **kw))
+        return passes
+    if mode == "search":
         monkeypatch.setattr(dg, "MAX_SELECT_IN_REGISTERS", 16)
         monkeypatch.setattr(dg, "SELECT_CHUNK", 16)
     elif mode == "compaction":
         monkeypatch.setattr(dg, "COMPACT_CHUNK", 16)
+    return None
+
+
+def ran_two_passes(passes):
+    """True unless chunk_select recorded launches of which none was a first pass of parts."""
+    return passes is None or max(passes, default=1) > 1
 
 
 @pytest.mark.parametrize("mode", ["search", "compaction", "two passes"])
 def test_spark_attention_decode_chunked_select(mode, monkeypatch):
     """A cache longer than the select kernel holds at once, both ways (chunk_select)."""
-    chunk_select(monkeypatch, mode)
-    q, k, v = kv_case(2, 4, 2, 70, 16)
+    passes = chunk_select(monkeypatch, mode)
+    q, k, v = kv_case(2, 4, 2, 130, 16)
     out = dg.spark_attention_decode_gpu(q, *dg.prepare_spark_kv_gpu(k, v, 6), 20, 6)
     assert_close("out", out, spark.spark_attention_np(np64(q), np64(k), np64(v), 20, 6), 1e-5, 1e-5)
+    assert ran_two_passes(passes)
 
 
-@pytest.mark.parametrize("chunked", [None, "search", "compaction", "two passes"])
+@pytest.mark.parametrize("chunked", [None, "search", "compaction"])
 def test_spark_attention_decode_ties_keep_exactly_kt(chunked, monkeypatch):
     """Scores with ties across the kt-th place: tokens are copies of 6 prototype rows (equal keys,
     equal values), integer predictor parts so that equal scores are equal bits. The kernel keeps
@@ -350,33 +364,51 @@ def test_spark_attention_decode_adjacent_floats():
 # Score shapes the select's statistical first guess gets wrong (its bracket of mean + z std misses
 # the kt-th score), so that the search must recover from it: conftest.scores_of, and kt near n
 # (the threshold near the bottom, below zero).
-def check_select(scores, k_top):
-    """The select kernel alone on one row of distinct scores: its list must be the positions of
-    the k_top largest, ascending, with their scores, and its max the row's. (Through the whole
-    attention the extreme shapes below would hide a wrong list: with a few huge scores the
-    softmax gives every other token a weight of ~0, whichever of them is kept.)"""
+def check_select(scores, k_top, visible=None):
+    """The select kernel alone on one row of scores (the first `visible` of them seen): its list
+    must be the positions of the k_top largest, ties in position order, ascending, with their
+    scores, and its max the row's. (Through the whole attention the extreme shapes below would
+    hide a wrong list: with a few huge scores the softmax gives every other token a weight of
+    ~0, whichever of them is kept; and tokens with equal scores and equal rows hide the tie order.)"""
     S = scores.float().to(DEVICE)[None]  # [1, n]
-    idx, ssel, mx, kt = dg._spark_select(S, k_top, 1, S, False)  # (no lengths: S is an unused pointer)
-    KT = min(k_top, S.shape[1])
-    ref = torch.sort(torch.topk(S[0].cpu(), KT).indices).values
+    n = S.shape[1] if visible is None else visible
+    lens = S if visible is None else torch.tensor([visible], dtype=torch.int32, device=DEVICE)
+    idx, ssel, mx, kt = dg._spark_select(S, k_top, 1, lens, visible is not None)  # (no lengths: S is an unused pointer)
+    KT = min(k_top, n)
+    seen = S[0, :n].cpu()
+    ref = torch.tensor(sorted(sorted(range(n), key=lambda i: (-float(seen[i]), i))[:KT]))  # stable: lower positions first
     assert int(kt[0]) == KT
     assert torch.equal(idx[0, :KT].cpu().long(), ref), "the kept positions"
     assert torch.equal(ssel[0, :KT].cpu(), S[0].cpu()[ref])
-    assert float(mx[0]) == float(S.max())
+    assert float(mx[0]) == float(seen.max())
 
 
-@pytest.mark.parametrize("chunked", [None, "search", "two passes"])
-@pytest.mark.parametrize("kind,n,k_top", [("sinks", 300, 40), ("powers of two", 300, 40), ("negative", 300, 40),
-                                          ("normal", 300, 280), ("powers of two", 300, 290)])
-def test_spark_attention_decode_select_any_score_shape(kind, n, k_top, chunked, monkeypatch):
+@pytest.mark.parametrize("chunked,kind,n,k_top", [
+    (c, *shape) for c in (None, "search", "two passes")
+    for shape in (("sinks", 300, 40), ("powers of two", 300, 40), ("negative", 300, 40))] + [
+    (c, *shape) for c in (None, "search") for shape in (("normal", 300, 280), ("powers of two", 300, 290))])
+def test_spark_attention_decode_select_any_score_shape(chunked, kind, n, k_top, monkeypatch):
     """The select is exact whatever the scores look like: distinct scores (no ties) drawn from
     shapes far from normal, where its statistical first guess misses. kt near n (280, 290 of
     300) puts the kt-th score low, where the guess mean + z std has z < 0, and the "search" mode
     re-reads the scores in chunks for every sweep."""
-    chunk_select(monkeypatch, chunked)
+    passes = chunk_select(monkeypatch, chunked)
     scores = scores_of(kind, n, torch.Generator().manual_seed(3)).float()
     assert len(torch.unique(scores)) == n, "distinct scores"
     check_select(scores, k_top)
+    assert ran_two_passes(passes)
+
+
+@pytest.mark.parametrize("chunked", [None, "two passes"])
+@pytest.mark.parametrize("visible", [None, 100, 25])
+def test_spark_attention_decode_select_ties_in_position_order(chunked, visible, monkeypatch):
+    """Integer scores with many ties (300 tokens, 12 values; the 40th place inside a tie) and
+    lengths below n and below k_top: the list is the stable order's, so a tie keeps its lowest
+    positions, also when the tie straddles the two-pass select's parts."""
+    passes = chunk_select(monkeypatch, chunked)
+    scores = torch.randint(0, 12, (300,), generator=torch.Generator().manual_seed(4)).float()
+    check_select(scores, 40, visible)
+    assert ran_two_passes(passes)
 
 
 def test_spark_attention_decode_select_longest_search():
@@ -395,10 +427,12 @@ def test_spark_attention_decode_select_longest_search():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN arithmetic
-def test_spark_attention_decode_nan_query():
-    """A query head holding NaN has NaN scores: its output is NaN, no list entry of it is read
-    unwritten, and the other heads are untouched."""
-    q, k, v = kv_case(1, 4, 2, 50, 16)
+@pytest.mark.parametrize("chunked", [None, "two passes"])
+def test_spark_attention_decode_nan_query(chunked, monkeypatch):
+    """A query head holding NaN has NaN scores: its output is NaN (in two passes too: its
+    padding is NaN), no list entry of it is read unwritten, and the other heads are untouched."""
+    passes = chunk_select(monkeypatch, chunked)
+    q, k, v = kv_case(1, 4, 2, 70, 16)
     q[0, 1, 0, 2] = float("nan")
     out = dg.spark_attention_decode_gpu(q, *dg.prepare_spark_kv_gpu(k, v, 4), 10, 4)
     assert torch.isnan(out[0, 1]).all()
@@ -407,15 +441,16 @@ def test_spark_attention_decode_nan_query():
     ref = spark.spark_attention_np(np64(finite), np64(k), np64(v), 10, 4)
     keep = [0, 2, 3]
     assert_close("the other heads", out[:, keep], ref[:, keep], 1e-5, 1e-5)
+    assert ran_two_passes(passes)
 
 
 @pytest.mark.parametrize("chunked", [None, "two passes"])
 def test_decode_lengths(chunked, monkeypatch):
     """lengths [B]: each query sees the first lengths[b] tokens of its cache (one sequence below
     k_top, one above), as the reference on the truncated caches; out-of-range values are an error.
-    In two passes the second part has no visible token, and sequence 0 fewer than k_top in all."""
-    chunk_select(monkeypatch, chunked)
-    B, H, Hkv, n, hd, r, k_top = 2, 4, 2, 50, 16, 6, 12
+    In two passes the last part has no visible token, and sequence 0 fewer than k_top in all."""
+    passes = chunk_select(monkeypatch, chunked)
+    B, H, Hkv, n, hd, r, k_top = 2, 4, 2, 80, 16, 6, 12
     q, k, v = kv_case(B, H, Hkv, n, hd)
     lengths = torch.tensor([9, 41], dtype=torch.int32, device=DEVICE)
     k1, k2, vv = dg.prepare_spark_kv_gpu(k, v, r)
@@ -425,12 +460,13 @@ def test_decode_lengths(chunked, monkeypatch):
         args = np64(q[b:b + 1]), np64(k[b:b + 1, :, :L]), np64(v[b:b + 1, :, :L])
         assert_close(f"spark out, sequence {b}", got_s[b:b + 1], spark.spark_attention_np(*args, k_top, r), 1e-5, 1e-5)
         assert_close(f"dense out, sequence {b}", got_d[b:b + 1], spark.attention_np(*args), 1e-5, 1e-5)
+    assert ran_two_passes(passes)
     # lengths past the cache, or below 1, are an error: a device-side check, which raises at once on
     # the CPU; on a GPU it fails the process's CUDA context at the next synchronisation, which a
     # test cannot recover from, so it is checked where the tests run in the interpreter
     if DEVICE == "cpu":
         for bad in ([n + 7, n], [0, 5]):
-            with pytest.raises(RuntimeError, match=r"lengths\[b\] must be in \[1, n = 50\]"):
+            with pytest.raises(RuntimeError, match=r"lengths\[b\] must be in \[1, n = 80\]"):
                 dg.attention_decode_gpu(q, k, v, lengths=torch.tensor(bad, dtype=torch.int32, device=DEVICE))
 
 
