@@ -3346,8 +3346,9 @@ def _spark_select(S, k_top, H, lens, has_len):
     A part with fewer than kt visible tokens pads its list (score -inf); the second pass counts
     as tokens only the lists' kept entries, so a sequence with fewer than k_top visible tokens
     keeps them all and nothing else, as in one pass. Two passes only when the first pass's lists
-    hold at most half the row (else one pass over about as many candidates costs less). On an H200 (8 query heads, kt 256):
-    32768 tokens 37 us against 49 in one pass, 65536 tokens 51 against 178 (notes/kernels_gpu.md)."""
+    hold at most half the row (else one pass over about as many candidates costs less). On an
+    H200 (8 query heads, kt 256): 32768 tokens 37 us against 49 in one pass, 65536 tokens 51
+    against 178 (notes/kernels_gpu.md)."""
     n = S.shape[1]
     parts = SELECT_PARTS if n > SELECT_SPLIT else 1
     if parts == 1 or 2 * parts * min(k_top, triton.cdiv(n, parts)) > n:
@@ -3357,7 +3358,8 @@ def _spark_select(S, k_top, H, lens, has_len):
 
 
 def _spark_decode(q, k1, k2, v, k_top, r, lengths):
-    """spark_attention_decode_gpu's four kernels, arguments already checked. -> q's shape"""
+    """spark_attention_decode_gpu's four kernels (the select twice past SELECT_SPLIT tokens),
+    arguments already checked. -> q's shape"""
     B, H, hd = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, n = k1.shape[1], k1.shape[2]
     qv = q.reshape(B, H, hd)

@@ -43,7 +43,8 @@ pytestmark = pytest.mark.skipif(kernels_gpu.triton is None, reason="needs triton
 
 @pytest.fixture(autouse=True)
 def _small_launches(monkeypatch):
-    """Several programs at the test sizes: splits of 16 cache tokens, gather chunks of 16 kept tokens (kernels_gpu's tests do the same)."""
+    """Several programs at the test sizes: splits of 16 cache tokens, gather chunks of 16 kept
+    tokens (kernels_gpu's tests do the same)."""
     monkeypatch.setattr(dg, "MIN_SPLIT", 16)
     monkeypatch.setattr(dg, "ATTN_BN", 16)
     monkeypatch.setattr(dg, "TARGET_PROGRAMS", 8)
@@ -197,6 +198,8 @@ def test_spark_ffn_decode_bad_input(monkeypatch):
         dg.spark_ffn_decode_gpu(x, K1p, K2.t(), Vp, k, r)
     with pytest.raises(TypeError, match="V must have x's dtype"):
         dg.spark_ffn_decode_gpu(x, K1p, K2t, Vp.to(torch.bfloat16), k, r)
+    with pytest.raises(TypeError, match="K1 must have x's dtype"):  # (K1 is checked apart: any strides)
+        dg.spark_ffn_decode_gpu(x, K1p.to(torch.bfloat16), K2t, Vp, k, r)
     with pytest.raises(TypeError, match="x is float64"):
         dg.spark_ffn_decode_gpu(x.double(), K1p, K2t, Vp, k, r)
     with pytest.raises(ValueError, match="k must satisfy"):
