@@ -2695,8 +2695,8 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #    issue and barriers, not its bytes), so what matters is how few sweeps there are. The first
 #    sweep uses statistics: for scores drawn from a normal distribution the kt-th largest sits
 #    near mean + z std, z = Q(1 - kt/n) (as statistical top-k's threshold), so the first
-#    candidates are that value and half a std either side. Then quarter points of the interval. The search is exact
-#    whatever the scores look like; a bad guess only costs sweeps.
+#    candidates are that value and half a std either side. Then quarter points of the interval.
+#    The search is exact whatever the scores look like; a bad guess only costs sweeps.
 #        lo = key(-inf), n_lo = n; hi = key(max s) + 1
 #        sweep 0: c = key(mean + std (z - 1/2, z, z + 1/2));  sweeps 1..16: c = quarter points
 #            cnt_c = count(s >= float(c)) for the three c (one reduction)
