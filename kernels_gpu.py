@@ -2230,9 +2230,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #   selection orders floats by their bits, so scores must otherwise be finite.
 # - Scratch tensors come from torch's caching allocator on every call (inside a CUDA graph, from
 #   its private pool): no global state, so concurrent calls on different streams are safe.
-# Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, these kernels read
-# 3-4x fewer bytes than dense decoding but are latency-bound, not bandwidth-bound: the FFN at one
-# token is 2.16x faster than torch's dense GeGLU (byte limit 3.32x with the moments); Spark
+# Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
+# kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
+# caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
+# 2.15-2.16x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark
 # attention, its select costing ~1 us per sweep, is slower than dense flash-decoding up to 16384
 # tokens (0.49-0.91x; 1.00x SDPA at 8192) and faster than both at 32768 (1.12x, 1.44x SDPA); a
 # whole Gemma-2-2B-shaped model decodes 1.21-1.22x faster than the dense one.
@@ -2265,8 +2266,10 @@ COMPACT_CHUNK = 8192  # the select kernel's compaction holds at most this many s
 # placed on the SMs only once the previous kernel has finished, and the GPU idles meanwhile.
 # Launched with launch_pdl=True, a kernel may be placed as soon as every program of the previous
 # one has said so (gdc_launch_dependents) and then waits (gdc_wait) until that kernel has finished
-# and its writes are visible. Every load and store of our decode kernels comes after the wait, so
-# results are those of plain launches; only the placing overlaps.
+# and its writes are visible. Every load of what an earlier kernel of the chain wrote, and every
+# store, comes after the wait (before it, a kernel reads only weights and inputs that were
+# complete before the previous kernel started), so results are those of plain launches; only
+# the placing overlaps.
 #     PDL = 2 (inside a chain): say "place the next" at once, then wait
 #     PDL = 1 (a chain's last kernel): wait only; the next is placed as this one exits
 # Why the last kernel waits to be done: what follows it is not part of the chain, and placed
