@@ -2233,9 +2233,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
 # kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
 # caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
-# 2.15-2.16x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark
+# 2.15-2.17x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark
 # attention, its select costing ~1 us per sweep, is slower than dense flash-decoding up to 16384
-# tokens (0.49-0.91x; 1.00x SDPA at 8192) and faster than both at 32768 (1.12x, 1.44x SDPA); a
+# tokens (0.48-0.91x; 1.00x SDPA at 8192) and faster than both at 32768 (1.12-1.13x, 1.44x SDPA); a
 # whole Gemma-2-2B-shaped model decodes 1.21-1.22x faster than the dense one.
 
 
@@ -2364,7 +2364,8 @@ def prepare_spark_ffn_gpu(K1, K2, V):
     torch's version counter: a write that bypasses it, such as K1.data.copy_(...) or a write to
     the module's parameter through its .data, is not seen; prepare again after changing K1).
     R is stored whole, [min(r, f), r] (4 MB at r = 1024), though the kernels read its upper
-    triangle only."""
+    triangle only. A K1 holding NaN or +-inf is refused (its moments would be NaN for every x).
+    """
     _check_inputs("prepare_spark_ffn_gpu", False, K1=K1, K2=K2, V=V)  # (any strides: we copy)
     if K1.dim() != 2 or K2.dim() != 2 or K2.shape[1] != K1.shape[1] or V.shape != (K1.shape[1], K1.shape[0] + K2.shape[0]):
         raise ValueError(f"prepare_spark_ffn_gpu: expected K1 [r, f], K2 [d-r, f], V [f, d]; got {_shapes(K1=K1, K2=K2, V=V)}")
@@ -2459,7 +2460,7 @@ def _ffn_sparse_kernel(
     NBP: tl.constexpr,  # partial moments summed at once (a power of two)
     FS: tl.constexpr,  # neurons per program (a power of two)
     BR: tl.constexpr,  # input dims per step of p
-    MT: tl.constexpr,  # tokens padded to a power of two (<= 8)
+    ONE: tl.constexpr,  # one token (M == 1): its survivors listed; else the masked whole-slice products
     BK: tl.constexpr,  # several tokens: chunk of a K2t or V row (>= 16)
     E: tl.constexpr,  # one token: listed neurons gathered at once
     D2P: tl.constexpr,  # one token: d - r padded to a power of two
@@ -2504,7 +2505,7 @@ def _ffn_sparse_kernel(
         keep = inside & (p > theta[:, None])
         t = tl.where(keep, p - theta[:, None], 0.0)
     g, _ = _gelu_tanh(t)  # [MP, FS] (0 where a token does not keep the neuron)
-    if MT > 1:
+    if not ONE:
         # several tokens: the products run over the whole slice on the tensor cores, zeros where no
         # token keeps a neuron; its rows of K2t and V are loaded only where some token keeps it (a
         # masked-off row issues no memory access). At 8 tokens half the rows are listed anyway.
@@ -2611,7 +2612,7 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
     _ffn_sparse_kernel[(NS,)](X, K1, K2t, V, part, ypart, X.stride(0), K1.stride(0), K1.stride(1), M, q, NBM, F=f, D=d, R=r, MP=16,
                               NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(FFN_BR, _pad16(r)),
-                              MT=triton.next_power_of_2(M), BK=min(FFN_BK, _pad16(d)),
+                              ONE=M == 1, BK=min(FFN_BK, _pad16(d)),
                               E=max(2, min(FFN_E, 32768 // triton.next_power_of_2(d))),  # (E rows of d in registers)
                               D2P=triton.next_power_of_2(d - r), DP=triton.next_power_of_2(d), ALL=k == f,
                               PREC=_precision(X), num_warps=warps, num_stages=FFN_STAGES, **_pdl(X))
@@ -2651,6 +2652,12 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
     if moments[2] != K1._version:
         raise ValueError(f"{where}: K1 was changed in place since prepare_spark_ffn_gpu computed its moments: "
                          f"prepare the weights again")
+    mu, Rm = moments[0], moments[1]
+    if (mu.shape != (r,) or Rm.shape != (min(r, f), r) or mu.dtype != torch.float32 or Rm.dtype != torch.float32
+            or mu.device != K1.device or Rm.device != K1.device or not Rm.is_contiguous()):
+        raise ValueError(f"{where}: K1.spark_moments must be (mu [r] = {(r,)}, R [min(r, f), r] = {(min(r, f), r)}, "
+                         f"version), float32, contiguous, on K1's device {K1.device}; got mu {tuple(mu.shape)} "
+                         f"{mu.dtype} on {mu.device}, R {tuple(Rm.shape)} {Rm.dtype} on {Rm.device}")
     check_k(k, f)
     X = x.reshape(-1, d)  # [M, d] (a view when possible; the last axis is contiguous)
     Y = torch.empty(X.shape, dtype=x.dtype, device=x.device)
@@ -3377,7 +3384,7 @@ def _spark_decode(q, k1, k2, v, k_top, r, lengths):
         qv, k1, S, lens, qv.stride(0), qv.stride(1), k1.stride(0), k1.stride(1), k1.stride(2), H, G, n,
         1.0 / math.sqrt(r), R=r, R1=_pad16(r), GP=_pad16(G), CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len, PREC=prec,
         num_warps=4, **_pdl(q))
-    # 2. the selection, one program per query head
+    # 2. the selection: one program per query head, or per part of its row in a first pass (_spark_select)
     idx, ssel, mx, kt = _spark_select(S, k_top, H, lens, has_len)
     KT = idx.shape[1]
     # 3. K2 and V of the kept tokens, GATHER_E per program; 4. the merge

@@ -220,6 +220,11 @@ def test_spark_ffn_decode_bad_input(monkeypatch):
     K1p.mul_(2.0)  # changed in place after its moments were computed
     with pytest.raises(ValueError, match="K1 was changed in place"):
         dg.spark_ffn_decode_gpu(x, K1p, K2t, Vp, k, r)
+    # moments that do not fit K1 (attached by hand) are refused, not read out of bounds
+    K1w = K1p.clone()
+    K1w.spark_moments = (torch.zeros(3), torch.zeros(3, 3), K1w._version)
+    with pytest.raises(ValueError, match=r"K1.spark_moments must be \(mu \[r\]"):
+        dg.spark_ffn_decode_gpu(x, K1w, K2t, Vp, k, r)
     K1[0, 0] = float("nan")
     with pytest.raises(ValueError, match="K1 holds NaN"):
         dg.prepare_spark_ffn_gpu(K1, K2, V)
@@ -288,19 +293,21 @@ def chunk_select(monkeypatch, mode):
     compacted in chunks of 16, as a 32K-token cache on the GPU), "two passes" (past 48 scores,
     the kt largest of each third of the row, then of their lists, as a cache longer than 8192
     tokens on the GPU; only when the lists hold at most half the row, so the tests using it
-    take n >= 6 k_top). -> the parts of every select launch, recorded in "two passes" (a test
-    asserts that a first pass of several parts ran), else None."""
-    if mode == "two passes":
+    take n >= 6 k_top), "two passes, search" (both: the second pass then re-reads its candidates
+    and their positions in chunks). -> the parts of every select launch, recorded in the two-pass
+    modes (a test asserts that a first pass of several parts ran), else None."""
+    mode = mode or ""
+    if "search" in mode:
+        monkeypatch.setattr(dg, "MAX_SELECT_IN_REGISTERS", 16)
+        monkeypatch.setattr(dg, "SELECT_CHUNK", 16)
+    if mode == "compaction":
+        monkeypatch.setattr(dg, "COMPACT_CHUNK", 16)
+    if "two passes" in mode:
         monkeypatch.setattr(dg, "SELECT_SPLIT", 48)
         monkeypatch.setattr(dg, "SELECT_PARTS", 3)
         passes, launch = [], dg._select_pass
         monkeypatch.setattr(dg, "_select_pass", lambda *a, **kw: passes.append(a[5]) or launch(*a, **kw))
         return passes
-    if mode == "search":
-        monkeypatch.setattr(dg, "MAX_SELECT_IN_REGISTERS", 16)
-        monkeypatch.setattr(dg, "SELECT_CHUNK", 16)
-    elif mode == "compaction":
-        monkeypatch.setattr(dg, "COMPACT_CHUNK", 16)
     return None
 
 
@@ -309,7 +316,7 @@ def ran_two_passes(passes):
     return passes is None or max(passes, default=1) > 1
 
 
-@pytest.mark.parametrize("mode", ["search", "compaction", "two passes"])
+@pytest.mark.parametrize("mode", ["search", "compaction", "two passes", "two passes, search"])
 def test_spark_attention_decode_chunked_select(mode, monkeypatch):
     """A cache longer than the select kernel holds at once, both ways (chunk_select)."""
     passes = chunk_select(monkeypatch, mode)
@@ -376,10 +383,10 @@ def check_select(scores, k_top, visible=None):
     S = scores.float().to(DEVICE)[None]  # [1, n]
     n = S.shape[1] if visible is None else visible
     lens = S if visible is None else torch.tensor([visible], dtype=torch.int32, device=DEVICE)
-    idx, ssel, mx, kt = dg._spark_select(S, k_top, 1, lens, visible is not None)  # (no lengths: S is an unused pointer)
+    idx, ssel, mx, kt = dg._spark_select(S, k_top, 1, lens, visible is not None)  # (without visible, lens is S: never read)
     KT = min(k_top, n)
     seen = S[0, :n].cpu()
-    ref = torch.tensor(sorted(sorted(range(n), key=lambda i: (-float(seen[i]), i))[:KT]))  # stable: lower positions first
+    ref = torch.from_numpy(np.sort(np.argsort(-seen.numpy(), kind="stable")[:KT]))  # stable: lower positions first
     assert int(kt[0]) == KT
     assert torch.equal(idx[0, :KT].cpu().long(), ref), "the kept positions"
     assert torch.equal(ssel[0, :KT].cpu(), S[0].cpu()[ref])
@@ -387,14 +394,15 @@ def check_select(scores, k_top, visible=None):
 
 
 @pytest.mark.parametrize("chunked,kind,n,k_top", [
-    (c, *shape) for c in (None, "search", "two passes")
+    (c, *shape) for c in (None, "search", "two passes", "two passes, search")
     for shape in (("sinks", 300, 40), ("powers of two", 300, 40), ("negative", 300, 40))] + [
     (c, *shape) for c in (None, "search") for shape in (("normal", 300, 280), ("powers of two", 300, 290))])
 def test_spark_attention_decode_select_any_score_shape(chunked, kind, n, k_top, monkeypatch):
     """The select is exact whatever the scores look like: distinct scores (no ties) drawn from
     shapes far from normal, where its statistical first guess misses. kt near n (280, 290 of
-    300) puts the kt-th score low, where the guess mean + z std has z < 0, and the "search" mode
-    re-reads the scores in chunks for every sweep."""
+    300) puts the kt-th score low, where the guess mean + z std has z < 0; the "search" modes
+    re-read the scores in chunks for every sweep, the "two passes" modes select each third of the
+    row and then their lists (chunk_select)."""
     passes = chunk_select(monkeypatch, chunked)
     scores = scores_of(kind, n, torch.Generator().manual_seed(3)).float()
     assert len(torch.unique(scores)) == n, "distinct scores"
@@ -402,7 +410,7 @@ def test_spark_attention_decode_select_any_score_shape(chunked, kind, n, k_top, 
     assert ran_two_passes(passes)
 
 
-@pytest.mark.parametrize("chunked", [None, "two passes"])
+@pytest.mark.parametrize("chunked", [None, "two passes", "two passes, search"])
 @pytest.mark.parametrize("visible", [None, 100, 25])
 def test_spark_attention_decode_select_ties_in_position_order(chunked, visible, monkeypatch):
     """Integer scores with many ties (300 tokens, 12 values; the 40th place inside a tie) and
