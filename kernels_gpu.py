@@ -1658,9 +1658,9 @@ def _scatter_store(base, k, value, mask, WIDEN: tl.constexpr):
 
     A tl.store of pointers computed from data cannot be coalesced, and Triton re-lays its operands
     into a one-column-per-thread layout first (through shared memory); an inline PTX store is not
-    a memory operation to Triton, so it stores from the registers where the values are. base is
-    one pointer per row ([BM, 1]), and the address base + 4 k one multiply-add (mad.wide). The
-    interpreter cannot run PTX (WIDEN): there it is the plain tl.store.
+    a memory operation to Triton, so it stores from the registers where the values are. base:
+    pointers broadcast against k (here one per row, [BM, 1]), and the address base + 4 k one
+    multiply-add (mad.wide). The interpreter cannot run PTX (WIDEN): there it is the plain tl.store.
     """
     if WIDEN:
         tl.store(base + k, value, mask=mask)
@@ -3041,10 +3041,23 @@ def _add3(a1, a2, a3, b1, b2, b3):
 
 
 @jit
-def _select_counts(s, c1, c2, c3):
+def _ge(s, c, ASM: tl.constexpr):
+    """1.0 where s >= c, else 0.0 (float32; NaN: 0.0). ASM: PTX's set.ge, one instruction a score.
+    Written as tl.where, LLVM packs two of the three candidates' compare results into integer
+    bit masks and unpacks them again: a sweep took 638 instructions a thread (sm_90a, 8192
+    scores, 8 warps, Triton 3.9), 351 with set.ge. The interpreter cannot run PTX."""
+    if ASM:
+        return tl.inline_asm_elementwise("set.ge.f32.f32 $0, $1, $2;", "=f,f,f", [s, c + tl.zeros_like(s)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.where(s >= c, 1.0, 0.0)
+
+
+@jit
+def _select_counts(s, c1, c2, c3, ASM: tl.constexpr):
     """How many of s are >= each candidate (float32 sums: exact up to 2^24 scores), as one
     three-operand reduction: one round of shared memory and barriers instead of three."""
-    return tl.reduce((tl.where(s >= c1, 1.0, 0.0), tl.where(s >= c2, 1.0, 0.0), tl.where(s >= c3, 1.0, 0.0)), 0, _add3)
+    return tl.reduce((_ge(s, c1, ASM), _ge(s, c2, ASM), _ge(s, c3, ASM)), 0, _add3)
 
 
 @jit
@@ -3123,6 +3136,7 @@ def _spark_select_kernel(
     HAS_LEN: tl.constexpr,  # lengths given
     HAS_POS: tl.constexpr,  # positions given
     FILL: tl.constexpr,  # list entries past kt written (position 0, score -inf, or NaN for a NaN part)
+    ASM: tl.constexpr,  # the sweeps' compares and the list's stores in PTX (_ge, _scatter_store; not in the interpreter)
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
     _wait_previous(PDL)
@@ -3187,12 +3201,15 @@ def _spark_select_kernel(
             n2 = tl.zeros((), tl.float32)
             n3 = tl.zeros((), tl.float32)
             f1, f2, f3 = _float_of_key(c1.to(tl.int32)), _float_of_key(c2.to(tl.int32)), _float_of_key(c3.to(tl.int32))
-            for start in range(0, n_b, BLOCK):
-                s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
-                a1, a2, a3 = _select_counts(s, f1, f2, f3)
-                n1 += a1
-                n2 += a2
-                n3 += a3
+            if ONE_BLOCK:  # (not the loop below: its one pass was still a loop, 7 % more instructions)
+                n1, n2, n3 = _select_counts(s_all, f1, f2, f3, ASM)
+            else:
+                for start in range(0, n_b, BLOCK):
+                    s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
+                    a1, a2, a3 = _select_counts(s, f1, f2, f3, ASM)
+                    n1 += a1
+                    n2 += a2
+                    n3 += a3
             # lo: the largest candidate with >= kt scores at or above it; hi: the smallest with fewer
             n_lo = tl.where(n3 >= ktf, n3, tl.where(n2 >= ktf, n2, tl.where(n1 >= ktf, n1, n_lo)))
             lo = tl.where(n3 >= ktf, c3, tl.where(n2 >= ktf, c2, tl.where(n1 >= ktf, c1, lo)))
@@ -3243,8 +3260,10 @@ def _spark_select_kernel(
             where = tl.load(Pos + bh.to(tl.int64) * N + first + start + ccols, mask=in_list, other=0)
         else:
             where = first + start + ccols
-        tl.store(Idx + out + pos, where, mask=in_list)
-        tl.store(Ssel + out + pos, s, mask=in_list)
+        # (as inline PTX stores, _scatter_store: with tl.store, Triton 3.6 passed positions and
+        # values through shared memory first, and the select took 1.3 us longer on an H200)
+        _scatter_store(Idx + out + tl.zeros_like(pos), pos, where, in_list, not ASM)
+        _scatter_store(Ssel.to(tl.pointer_type(tl.int32)) + out + tl.zeros_like(pos), pos, s.to(tl.int32, bitcast=True), in_list, not ASM)
         kept += tl.sum(keep.to(tl.int32), axis=0)
     kept = tl.minimum(kept, KT)
     tl.store(Mx + lst, m)
@@ -3339,7 +3358,7 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
     _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
                                       PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
                                       BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
-                                      HAS_POS=prev is not None, FILL=parts > 1, num_warps=min(16, max(4, block // 1024)),
+                                      HAS_POS=prev is not None, FILL=parts > 1, ASM=S.is_cuda, num_warps=min(16, max(4, block // 1024)),
                                       **_pdl(S))
     return idx, ssel, mx, kt
 
