@@ -3328,11 +3328,13 @@ def _spark_gather_kernel(
                  other=0.0).to(tl.float32)  # [R2]
     k2 = tl.load(K2 + b.to(tl.int64) * stride_2b + kvh.to(tl.int64) * stride_2h + j[:, None] * stride_2t + c2[None, :],
                  mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
+    # (V's rows loaded before the gates are computed: written after them, the load was issued
+    # after them too, a second round trip to memory)
+    vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
+                 mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
     # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
     ew = tl.where(em, tl.exp(s - m), 0.0)
     w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")  # (tl.log: a few gates a program)
-    vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
-                 mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
     row = bh.to(tl.int64) * NCH + c
     tl.store(Mp + row, m)
     tl.store(Lp + row, tl.sum(ew, axis=0))
