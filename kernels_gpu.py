@@ -535,6 +535,11 @@ def gelu_topk_mul(p, u, k):
 
 
 @jit
+def _add2(a1, a2, b1, b2):
+    return a1 + b1, a2 + b2
+
+
+@jit
 def _gelu_tanh(t):
     """gelu(t) and gelu'(t), tanh approximation, float32."""
     c = 0.7978845608028654  # sqrt(2 / pi)
@@ -2488,24 +2493,24 @@ def _ffn_sparse_kernel(
         p = _dot(x1, w, p, PREC)
     if PDL >= 1:
         gdc_wait()
-    # theta = mean + q std from kernel 1's partial sums, in block order (every program the same bits)
-    s1 = tl.zeros((MP,), tl.float32)
-    s2 = tl.zeros((MP,), tl.float32)
-    for b0 in range(0, NBM, NBP):
-        bb = b0 + tl.arange(0, NBP)
-        msk = rmask[:, None] & (bb < NBM)[None, :]
-        s1 += tl.sum(tl.load(Part + (bb[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0), axis=1)
-        s2 += tl.sum(tl.load(Part + (bb[None, :] * M + rows[:, None]) * 2 + 1, mask=msk, other=0.0), axis=1)
-    theta = s1 + q * tl.sqrt(s2)  # [MP] (NaN when x[:r] is not finite: no survivors)
-    # t = statistical_topk(p) = p - theta on each token's survivors, 0 elsewhere (k == f: p)
-    if ALL:
-        keep = inside
-        t = p
-    else:
-        keep = inside & (p > theta[:, None])
-        t = tl.where(keep, p - theta[:, None], 0.0)
-    g, _ = _gelu_tanh(t)  # [MP, FS] (0 where a token does not keep the neuron)
     if not ONE:
+        # theta = mean + q std from kernel 1's partial sums, in block order (every program the same bits)
+        s1 = tl.zeros((MP,), tl.float32)
+        s2 = tl.zeros((MP,), tl.float32)
+        for b0 in range(0, NBM, NBP):
+            bb = b0 + tl.arange(0, NBP)
+            msk = rmask[:, None] & (bb < NBM)[None, :]
+            s1 += tl.sum(tl.load(Part + (bb[None, :] * M + rows[:, None]) * 2, mask=msk, other=0.0), axis=1)
+            s2 += tl.sum(tl.load(Part + (bb[None, :] * M + rows[:, None]) * 2 + 1, mask=msk, other=0.0), axis=1)
+        theta = s1 + q * tl.sqrt(s2)  # [MP] (NaN when x[:r] is not finite: no survivors)
+        # t = statistical_topk(p) = p - theta on each token's survivors, 0 elsewhere (k == f: p)
+        if ALL:
+            keep = inside
+            t = p
+        else:
+            keep = inside & (p > theta[:, None])
+            t = tl.where(keep, p - theta[:, None], 0.0)
+        g, _ = _gelu_tanh(t)  # [MP, FS] (0 where a token does not keep the neuron)
         # several tokens: the products run over the whole slice on the tensor cores, zeros where no
         # token keeps a neuron; its rows of K2t and V are loaded only where some token keeps it (a
         # masked-off row issues no memory access). At 8 tokens half the rows are listed anyway.
@@ -2531,10 +2536,28 @@ def _ffn_sparse_kernel(
         # one token: its survivors listed (a cumsum), E whole rows of K2t and V loaded at once (one
         # round trip to memory; rows in chunks of a pipelined loop waited ~1 us a chunk on an H200),
         # and the two products on the CUDA cores
-        listed = tl.max(keep.to(tl.int32), axis=0)  # [FS] (only row 0 of keep can be set)
-        pos = tl.where(listed > 0, tl.cumsum(listed, axis=0) - 1, -1)  # [FS] its place in the list (-1: not listed)
+        # everything on vectors of the slice [FS]: row 0 of p taken once, so that no reduction
+        # runs over the 16 padded rows of the tensor-core layout
+        p0 = tl.sum(tl.where(rows[:, None] == 0, p, 0.0), axis=0)  # [FS] (adding zeros: exact)
+        s1 = tl.zeros((), tl.float32)
+        s2 = tl.zeros((), tl.float32)
+        for b0 in range(0, NBM, NBP):
+            bb = b0 + tl.arange(0, NBP)
+            a1, a2 = tl.reduce((tl.load(Part + bb * 2, mask=bb < NBM, other=0.0),
+                                tl.load(Part + bb * 2 + 1, mask=bb < NBM, other=0.0)), 0, _add2)
+            s1 += a1
+            s2 += a2
+        theta = s1 + q * tl.sqrt(s2)
+        if ALL:
+            keep0 = j < F
+            t0 = p0
+        else:
+            keep0 = (j < F) & (p0 > theta)
+            t0 = tl.where(keep0, p0 - theta, 0.0)
+        g0, _ = _gelu_tanh(t0)  # [FS]
+        listed = keep0.to(tl.int32)
+        pos = tl.where(keep0, tl.cumsum(listed, axis=0) - 1, -1)  # [FS] its place in the list (-1: not listed)
         n_loc = tl.sum(listed, axis=0)  # list length (~5 at 8 % of FS = 64: one step of E = 8)
-        g0 = tl.sum(g, axis=0)  # [FS] the token's g (the padded rows are 0)
         c2 = tl.arange(0, D2P)  # [D2P] columns of a K2t row (d - r, padded)
         cd = tl.arange(0, DP)  # [DP] columns of a V row (d, padded)
         x2 = tl.load(X + R + c2, mask=c2 < D2, other=0.0).to(tl.float32)  # [D2P]
