@@ -2535,10 +2535,11 @@ def _ffn_sparse_kernel(
     else:
         # one token: its survivors listed (a cumsum), E whole rows of K2t and V loaded at once (one
         # round trip to memory; rows in chunks of a pipelined loop waited ~1 us a chunk on an H200),
-        # and the two products on the CUDA cores
-        # everything on vectors of the slice [FS]: row 0 of p taken once, so that no reduction
-        # runs over the 16 padded rows of the tensor-core layout
+        # and the two products on the CUDA cores. Everything on vectors of the slice [FS]: row 0 of
+        # p taken once, so that no reduction runs over the 16 padded rows of the tensor-core
+        # layout (on an H200, 42 -> 32 groups of barriers, 0.1-0.4 us of ~20.5)
         p0 = tl.sum(tl.where(rows[:, None] == 0, p, 0.0), axis=0)  # [FS] (adding zeros: exact)
+        # theta = mean + q std, as above, for the one token
         s1 = tl.zeros((), tl.float32)
         s2 = tl.zeros((), tl.float32)
         for b0 in range(0, NBM, NBP):
