@@ -2238,10 +2238,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
 # kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
 # caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
-# 2.15-2.17x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark
-# attention, its select costing ~1 us per sweep, is slower than dense flash-decoding up to 16384
-# tokens (0.48-0.91x; 1.00x SDPA at 8192) and faster than both at 32768 (1.12-1.13x, 1.44x SDPA); a
-# whole Gemma-2-2B-shaped model decodes 1.21-1.22x faster than the dense one.
+# 2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention, its
+# select costing ~1 us per sweep, is slower than dense flash-decoding up to 16384 tokens
+# (0.51-0.96x; 1.06-1.07x SDPA at 8192) and faster than both at 32768 (1.16-1.18x, 1.50-1.52x
+# SDPA); a whole Gemma-2-2B-shaped model decodes 1.23-1.24x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
@@ -2727,11 +2727,11 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #    count(s >= float(lo)) >= kt > count(s >= float(hi)). Each sweep counts three candidates in
 #    one block-wide reduction; on an H200 such a sweep costs about 1 us (the latency of its
 #    shuffles and barriers, not its bytes nor its instructions: halving those saved ~0.04 us a
-#    sweep), so what matters is how few sweeps there are. The first
-#    sweep uses statistics: for scores drawn from a normal distribution the kt-th largest sits
-#    near mean + z std, z = Q(1 - kt/n) (as statistical top-k's threshold), so the first
-#    candidates are that value and half a std either side. Then quarter points of the interval.
-#    The search is exact whatever the scores look like; a bad guess only costs sweeps.
+#    sweep), so what matters is how few sweeps there are. The first sweep uses statistics: for
+#    scores drawn from a normal distribution the kt-th largest sits near mean + z std,
+#    z = Q(1 - kt/n) (as statistical top-k's threshold), so the first candidates are that value
+#    and half a std either side. Then quarter points of the interval. The search is exact
+#    whatever the scores look like; a bad guess only costs sweeps.
 #        lo = key(-inf), n_lo = n; hi = key(max s) + 1
 #        sweep 0: c = key(mean + std (z - 1/2, z, z + 1/2));  sweeps 1..16: c = quarter points
 #            cnt_c = count(s >= float(c)) for the three c (one reduction)
