@@ -2238,10 +2238,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
 # kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
 # caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
-# 2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention, its
-# select costing ~1 us per sweep, is slower than dense flash-decoding up to 16384 tokens
-# (0.51-0.96x; 1.06-1.07x SDPA at 8192) and faster than both at 32768 (1.16-1.18x, 1.50-1.52x
-# SDPA); a whole Gemma-2-2B-shaped model decodes 1.23-1.24x faster than the dense one.
+# 2.18-2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention,
+# its select taking ~10 us of ~22 at 8192 tokens, is slower than dense flash-decoding up to
+# 16384 tokens (0.53-0.96x; 1.06-1.07x SDPA at 8192) and faster than both at 32768 (1.16-1.18x,
+# 1.50-1.52x SDPA); a whole Gemma-2-2B-shaped model decodes 1.23-1.25x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
@@ -2264,6 +2264,7 @@ SELECT_SPLIT, SELECT_PARTS = 8192, 8  # longer caches are selected in two passes
 MAX_SELECT_IN_REGISTERS = 32768  # a query head's scores held at once by the select kernel
 SELECT_CHUNK = 4096  # longer caches: chunks re-read from L2 for every step of the search
 COMPACT_CHUNK = 8192  # the select kernel's compaction holds at most this many scores at once
+FIT_STEPS = 8  # the select's sweeps 1 .. FIT_STEPS - 1 may place their candidates by a fit, later ones not
 
 
 # Programmatic dependent launch (CUDA's PDL, Hopper and later). A decode step is a chain of short
@@ -2539,7 +2540,8 @@ def _ffn_sparse_kernel(
         # p taken once, so that no reduction runs over the 16 padded rows of the tensor-core
         # layout (on an H200, 42 -> 32 groups of barriers, 0.1-0.4 us of ~20.5)
         p0 = tl.sum(tl.where(rows[:, None] == 0, p, 0.0), axis=0)  # [FS] (adding zeros: exact)
-        # theta = mean + q std, as above, for the one token
+        # theta = mean + q std, as above, for the one token (written again on vectors: the [MP] code
+        # above, shared through a helper and row 0 taken after, took 0.1-0.2 us longer on an H200)
         s1 = tl.zeros((), tl.float32)
         s2 = tl.zeros((), tl.float32)
         for b0 in range(0, NBM, NBP):
@@ -2725,26 +2727,38 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #    The select. With order keys (kernels_gpu._float_of_key: key order is float order) the
 #    kt-th largest score is found by narrowing an interval of keys [lo, hi) with
 #    count(s >= float(lo)) >= kt > count(s >= float(hi)). Each sweep counts three candidates in
-#    one block-wide reduction; on an H200 such a sweep costs about 1 us (the latency of its
-#    shuffles and barriers, not its bytes nor its instructions: halving those saved ~0.04 us a
-#    sweep), so what matters is how few sweeps there are. The first sweep uses statistics: for
-#    scores drawn from a normal distribution the kt-th largest sits near mean + z std,
-#    z = Q(1 - kt/n) (as statistical top-k's threshold), so the first candidates are that value
-#    and half a std either side. Then quarter points of the interval. The search is exact
-#    whatever the scores look like; a bad guess only costs sweeps.
-#        lo = key(-inf), n_lo = n; hi = key(max s) + 1
-#        sweep 0: c = key(mean + std (z - 1/2, z, z + 1/2));  sweeps 1..16: c = quarter points
+#    one block-wide reduction. The first sweep uses statistics: for scores drawn from a normal
+#    distribution the kt-th largest sits near mean + z std, z = Q(1 - kt/n) (as statistical
+#    top-k's threshold), so the first candidates are that value and half a std either side. The
+#    next ones come from a fit: if the interval's scores were spread evenly, the kt-th largest
+#    would sit at a known fraction of it; when a fit does not leave at most a quarter of the
+#    interval's scores, quarter points take the next sweep. After FIT_STEPS sweeps only quarter
+#    points, which end any interval of 32-bit keys within 16 more: the search is exact whatever
+#    the scores look like, and a bad guess or fit only costs sweeps.
+#        lo = key(-inf), n_lo = n; hi = key(max s) + 1, n_hi = 0
+#        sweep 0: c = key(mean + std (z - 1/2, z, z + 1/2))
+#        sweeps 1 .. FIT_STEPS - 1, unless the last fit left more than a quarter of the scores:
+#            nothing found below hi yet (lo = key(-inf)): c = key(float(hi) - std (4.5, 1.5, 1/2))
+#            else, with m = n_lo - n_hi scores in [lo, hi) and a = kt - n_hi of them wanted:
+#            c = hi - (hi - lo) u for u = f + e, f, f - e, f = (a + 1/2) / (m + 1),
+#            e = sqrt(a (m - a) / m) / (m + 1) (one binomial std), in keys when [lo, hi) spans
+#            more than a factor 4 on one side of zero (evenly in log |s|), else in values
+#        other sweeps (at most 16 of them): c = the quarter points of [lo, hi)
 #            cnt_c = count(s >= float(c)) for the three c (one reduction)
-#            lo, n_lo = the largest c with cnt_c >= kt; hi = the smallest c with cnt_c < kt
+#            lo, n_lo = the largest c with cnt_c >= kt; hi, n_hi = the smallest c with cnt_c < kt
 #            stop when n_lo == kt (exactly kt scores >= float(lo)) or hi == lo + 1
 #        n_lo == kt: keep s >= float(lo)
 #        else (v = float(lo) is the kt-th value, held by a tie): keep s > v, then the first
 #            kt - count(s > v) of the s == v in position order
-#    Cost: in a NumPy replica over 8192 scores, ~5-6 sweeps for near-normal ones (normal, Student t
-#    with 3-5 degrees of freedom, lognormal, mild mixtures), against ~9-10 for a radix select two
-#    bits a step (the first version here). When the guess misses (two modes far apart, very heavy
-#    tails), the quarter points start from the whole key range and it can take as many or more:
-#    11 on average for two modes 10 std apart (radix: 10), 17 at the very most.
+#    Cost: in a NumPy replica over 8192 scores, 3.5-4 sweeps on average for normal and lognormal
+#    scores, ~5 for Student t with 3 degrees of freedom (quarter points after the guess: 5, and
+#    ~9-10 for a radix select two bits a step, the first version here), 6-7 for two modes 10 std
+#    apart (quarter points: 11) or four scores 40-70 std above the rest (10). It loses where
+#    the spread is far from even: ~13 for four scores 10^4 std above the rest (quarter points:
+#    10), 12-13 for small integers (11-12). On an H200 a sweep costs ~0.3 us, less than we had
+#    thought, and the select kernel's time is mostly elsewhere (notes/kernels_gpu.md): at 8192
+#    normal scores the fit saved ~1.3 of the ~7 sweeps of the slowest query head and no time,
+#    with four huge sink scores it saved ~3 sweeps and 0.85 us.
 #
 #    Long caches (n > SELECT_SPLIT = 8192): one program per query head over 32768 scores counts
 #    4x the scores of 8192 in every sweep, and past MAX_SELECT_IN_REGISTERS it re-reads them from
@@ -3161,6 +3175,7 @@ def _spark_select_kernel(
     HAS_LEN: tl.constexpr,  # lengths given
     HAS_POS: tl.constexpr,  # positions given
     FILL: tl.constexpr,  # list entries past kt written (position 0, score -inf, or NaN for a NaN part)
+    FIT: tl.constexpr,  # sweeps 1 .. FIT - 1 may place their candidates by the fit (FIT_STEPS)
     ASM: tl.constexpr,  # the sweeps' compares and the list's stores in PTX (_ge, _scatter_store; not in the interpreter)
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
@@ -3206,19 +3221,50 @@ def _spark_select_kernel(
     lo = tl.full((), 0x007FFFFF, tl.int64)  # the key of -inf: every visible score is >= it
     n_lo = nf
     hi = _key64_of_float(m) + 1
+    n_hi = tl.zeros((), tl.float32)  # count(s >= float(hi)): none above the max
+    fit = tl.zeros((), tl.int32)  # 1: the last sweep's candidates came from the fit (below)
+    m_prev = nf  # scores inside the interval before the last sweep
     go = need & (n_lo != ktf) & (hi - lo > 1)
-    for step in range(17):
+    for step in range(FIT + 16):  # (quarter points end any interval of 32-bit keys in 16 sweeps)
         if go:
+            mm = n_lo - n_hi  # scores in [lo, hi) (>= 1)
+            # the fit may place this sweep's candidates, unless it placed the last sweep's and that left
+            # more than a quarter of the interval's scores (then quarter points, once)
+            may_fit = (step < FIT) & ((fit == 0) | (4.0 * mm <= m_prev))
             if step == 0:
-                # the statistical guess and half a std either side (the bracket that took fewest
-                # steps in a NumPy simulation of normal, heavy-tailed, skewed and tied scores)
+                # the statistical guess and half a std either side
                 c1 = _key64_of_float(mu + sd * (z - 0.5))
                 c2 = _key64_of_float(mu + sd * z)
                 c3 = _key64_of_float(mu + sd * (z + 0.5))
+            elif may_fit & (lo == 0x007FFFFF):
+                # every candidate so far had fewer than kt scores above it (the guess was too
+                # high: a few huge scores inflate the std): step down from hi by 0.5, 1.5, 4.5 std
+                fhi = _float_of_key(hi.to(tl.int32))
+                c1 = _key64_of_float(fhi - 4.5 * sd)
+                c2 = _key64_of_float(fhi - 1.5 * sd)
+                c3 = _key64_of_float(fhi - 0.5 * sd)
+            elif may_fit:
+                # the fit: if the mm scores of the interval were spread evenly over it, the kt-th
+                # largest would sit a fraction (a + 1/2) / (mm + 1) of the way down from hi,
+                # a = kt - n_hi; the candidates are that point and one binomial std either side.
+                # Evenly over values, or over keys (evenly over log |s|) when the interval spans
+                # more than a factor of 4 on one side of zero
+                a = ktf - n_hi
+                frac = (a + 0.5) / (mm + 1.0)
+                spread = tl.sqrt(tl.maximum(a, 1.0) * tl.maximum(mm - a, 1.0) / mm) / (mm + 1.0)
+                u1, u3 = tl.minimum(frac + spread, 1.0), tl.maximum(frac - spread, 0.0)
+                flo, fhi = _float_of_key(lo.to(tl.int32)), _float_of_key(hi.to(tl.int32))
+                logs = (flo * fhi > 0.0) & (tl.maximum(tl.abs(flo), tl.abs(fhi)) > 4.0 * tl.minimum(tl.abs(flo), tl.abs(fhi)))
+                width = (hi - lo).to(tl.float32)
+                c1 = tl.where(logs, hi - (width * u1).to(tl.int64), _key64_of_float(fhi - (fhi - flo) * u1))
+                c2 = tl.where(logs, hi - (width * frac).to(tl.int64), _key64_of_float(fhi - (fhi - flo) * frac))
+                c3 = tl.where(logs, hi - (width * u3).to(tl.int64), _key64_of_float(fhi - (fhi - flo) * u3))
             else:  # the interval's quarter points
                 c1 = lo + (hi - lo) // 4
                 c2 = lo + (hi - lo) // 2
                 c3 = lo + (hi - lo) * 3 // 4
+            fit = ((step > 0) & may_fit).to(tl.int32)
+            m_prev = mm
             c1 = tl.minimum(tl.maximum(c1, lo + 1), hi - 1)  # strictly inside, in order
             c2 = tl.minimum(tl.maximum(c2, c1), hi - 1)
             c3 = tl.minimum(tl.maximum(c3, c2), hi - 1)
@@ -3238,6 +3284,7 @@ def _spark_select_kernel(
             # lo: the largest candidate with >= kt scores at or above it; hi: the smallest with fewer
             n_lo = tl.where(n3 >= ktf, n3, tl.where(n2 >= ktf, n2, tl.where(n1 >= ktf, n1, n_lo)))
             lo = tl.where(n3 >= ktf, c3, tl.where(n2 >= ktf, c2, tl.where(n1 >= ktf, c1, lo)))
+            n_hi = tl.where(n1 < ktf, n1, tl.where(n2 < ktf, n2, tl.where(n3 < ktf, n3, n_hi)))
             hi = tl.where(n1 < ktf, c1, tl.where(n2 < ktf, c2, tl.where(n3 < ktf, c3, hi)))
             go = need & (n_lo != ktf) & (hi - lo > 1)
     # Exactly kt scores >= t0 (the usual end, or no search): keep those. Otherwise hi = lo + 1,
@@ -3385,7 +3432,7 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
     _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
                                       PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
                                       BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
-                                      HAS_POS=prev is not None, FILL=parts > 1, ASM=S.is_cuda, num_warps=min(16, max(4, block // 1024)),
+                                      HAS_POS=prev is not None, FILL=parts > 1, FIT=FIT_STEPS, ASM=S.is_cuda, num_warps=min(16, max(4, block // 1024)),
                                       **_pdl(S))
     return idx, ssel, mx, kt
 

@@ -422,12 +422,15 @@ def test_spark_attention_decode_select_ties_in_position_order(chunked, visible, 
     assert ran_two_passes(passes)
 
 
-def test_spark_attention_decode_select_longest_search():
-    """The select's longest search, 17 sweeps: sinks make the statistical guess miss, so the
-    quarter points start from the whole key range, and the 8 scores after the kt-th are the 8
-    floats below it, so nothing ends the search before the interval is one key wide (a NumPy
-    replica of the search takes all 17 sweeps here). Two sweeps fewer leave four scores at or
-    above lo, and a wrong list (one fewer leaves two: the tie pass still keeps the right kt)."""
+@pytest.mark.parametrize("fit", [dg.FIT_STEPS, 1])
+def test_spark_attention_decode_select_longest_search(fit, monkeypatch):
+    """The select's longest search: sinks make the statistical guess miss, and the 8 scores
+    after the kt-th are the 8 floats below it, so nothing ends the search before its interval
+    is one key wide. With fit = 1 (the guess, then quarter points only) a NumPy replica of the
+    search takes all 1 + 16 sweeps the kernel then allows; two sweeps fewer leave four scores at
+    or above lo, and a wrong list (one fewer leaves two: the tie pass still keeps the right kt).
+    With the fit (the default: up to FIT_STEPS - 1 fitted sweeps, then 16) it takes 16 of 24."""
+    monkeypatch.setattr(dg, "FIT_STEPS", fit)
     n, k_top = 300, 40
     scores = scores_of("sinks", n, torch.Generator().manual_seed(2)).float()
     order = torch.argsort(scores, descending=True)
