@@ -2241,7 +2241,7 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # 2.18-2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention,
 # its select taking ~10 us of ~22 at 8192 tokens, is slower than dense flash-decoding up to
 # 16384 tokens (0.53-0.96x; 1.06-1.07x SDPA at 8192) and faster than both at 32768 (1.16-1.18x,
-# 1.50-1.52x SDPA); a whole Gemma-2-2B-shaped model decodes 1.23-1.25x faster than the dense one.
+# 1.50-1.51x SDPA); a whole Gemma-2-2B-shaped model decodes 1.24x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
