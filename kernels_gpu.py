@@ -2238,10 +2238,10 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
 # kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
 # caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
-# 2.18-2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention,
+# 2.19-2.21x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention,
 # its select taking ~10 us of ~22 at 8192 tokens, is slower than dense flash-decoding up to
-# 16384 tokens (0.53-0.96x; 1.06-1.07x SDPA at 8192) and faster than both at 32768 (1.16-1.18x,
-# 1.50-1.51x SDPA); a whole Gemma-2-2B-shaped model decodes 1.24x faster than the dense one.
+# 16384 tokens (0.53-0.97x; 1.06-1.07x SDPA at 8192) and faster than both at 32768 (1.16-1.19x,
+# 1.50-1.52x SDPA); a whole Gemma-2-2B-shaped model decodes 1.24-1.25x faster than the dense one.
 
 
 # ------------------------------------------------------------------------------------------
@@ -2740,9 +2740,8 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #        sweeps 1 .. FIT_STEPS - 1, unless the last fit left more than a quarter of the scores:
 #            nothing found below hi yet (lo = key(-inf)): c = key(float(hi) - std (4.5, 1.5, 1/2))
 #            else, with m = n_lo - n_hi scores in [lo, hi) and a = kt - n_hi of them wanted:
-#            c = hi - (hi - lo) u for u = f + e, f, f - e, f = (a + 1/2) / (m + 1),
-#            e = sqrt(a (m - a) / m) / (m + 1) (one binomial std), in keys when [lo, hi) spans
-#            more than a factor 4 on one side of zero (evenly in log |s|), else in values
+#            c = key(float(hi) - (float(hi) - float(lo)) u) for u = f + e, f, f - e,
+#            f = (a + 1/2) / (m + 1), e = sqrt(a (m - a) / m) / (m + 1) (one binomial std)
 #        other sweeps (at most 16 of them): c = the quarter points of [lo, hi)
 #            cnt_c = count(s >= float(c)) for the three c (one reduction)
 #            lo, n_lo = the largest c with cnt_c >= kt; hi, n_hi = the smallest c with cnt_c < kt
@@ -2750,15 +2749,16 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #        n_lo == kt: keep s >= float(lo)
 #        else (v = float(lo) is the kt-th value, held by a tie): keep s > v, then the first
 #            kt - count(s > v) of the s == v in position order
-#    Cost: in a NumPy replica over 8192 scores, 3.5-4 sweeps on average for normal and lognormal
-#    scores, ~5 for Student t with 3 degrees of freedom (quarter points after the guess: 5, and
-#    ~9-10 for a radix select two bits a step, the first version here), 6-7 for two modes 10 std
-#    apart (quarter points: 11) or four scores 40-70 std above the rest (10). It loses where
-#    the spread is far from even: ~13 for four scores 10^4 std above the rest (quarter points:
-#    10), 12-13 for small integers (11-12). On an H200 a sweep costs ~0.3 us, less than we had
-#    thought, and the select kernel's time is mostly elsewhere (notes/kernels_gpu.md): at 8192
-#    normal scores the fit saved ~1.3 of the ~7 sweeps of the slowest query head and no time,
-#    with four huge sink scores it saved ~3 sweeps and 0.85 us.
+#    Cost: in a NumPy replica over 8192 scores, ~3.7-4 sweeps on average for normal and lognormal
+#    scores (quarter points after the guess: ~5; a radix select two bits a step, the first version
+#    here: ~9-10), ~5 for Student t with 3 degrees of freedom (5), ~7 for two modes 10 std apart
+#    (11), ~6 for four scores 40-70 std above the rest (10). It loses where the spread is far from
+#    even: ~13 for four scores 10^4 std above the rest (10), ~12 for magnitudes spread over
+#    2^-40 .. 2^40 (8), ~13 for small integers (12). On an H200 a sweep costs ~0.55 us (its
+#    reduction), a fitted one ~0.2 us more (its scalar arithmetic), and the kernel ends with its
+#    slowest query head: alone, at 8192 normal scores, it took 10.2-10.3 us with the fit and
+#    9.9 without (the slowest head's sweeps 6.9 -> 5.6), with four sink scores 12.2 and 13.2, at
+#    2048 scores 5.0-5.1 and 5.9 (notes/kernels_gpu.md).
 #
 #    Long caches (n > SELECT_SPLIT = 8192): one program per query head over 32768 scores counts
 #    4x the scores of 8192 in every sweep, and past MAX_SELECT_IN_REGISTERS it re-reads them from
@@ -3244,21 +3244,16 @@ def _spark_select_kernel(
                 c2 = _key64_of_float(fhi - 1.5 * sd)
                 c3 = _key64_of_float(fhi - 0.5 * sd)
             elif may_fit:
-                # the fit: if the mm scores of the interval were spread evenly over it, the kt-th
-                # largest would sit a fraction (a + 1/2) / (mm + 1) of the way down from hi,
-                # a = kt - n_hi; the candidates are that point and one binomial std either side.
-                # Evenly over values, or over keys (evenly over log |s|) when the interval spans
-                # more than a factor of 4 on one side of zero
+                # the fit: if the mm scores of the interval were spread evenly over its values, the
+                # kt-th largest would sit a fraction (a + 1/2) / (mm + 1) of the way down from hi,
+                # a = kt - n_hi; the candidates are that point and one binomial std either side
                 a = ktf - n_hi
                 frac = (a + 0.5) / (mm + 1.0)
                 spread = tl.sqrt(tl.maximum(a, 1.0) * tl.maximum(mm - a, 1.0) / mm) / (mm + 1.0)
-                u1, u3 = tl.minimum(frac + spread, 1.0), tl.maximum(frac - spread, 0.0)
                 flo, fhi = _float_of_key(lo.to(tl.int32)), _float_of_key(hi.to(tl.int32))
-                logs = (flo * fhi > 0.0) & (tl.maximum(tl.abs(flo), tl.abs(fhi)) > 4.0 * tl.minimum(tl.abs(flo), tl.abs(fhi)))
-                width = (hi - lo).to(tl.float32)
-                c1 = tl.where(logs, hi - (width * u1).to(tl.int64), _key64_of_float(fhi - (fhi - flo) * u1))
-                c2 = tl.where(logs, hi - (width * frac).to(tl.int64), _key64_of_float(fhi - (fhi - flo) * frac))
-                c3 = tl.where(logs, hi - (width * u3).to(tl.int64), _key64_of_float(fhi - (fhi - flo) * u3))
+                c1 = _key64_of_float(fhi - (fhi - flo) * tl.minimum(frac + spread, 1.0))
+                c2 = _key64_of_float(fhi - (fhi - flo) * frac)
+                c3 = _key64_of_float(fhi - (fhi - flo) * tl.maximum(frac - spread, 0.0))
             else:  # the interval's quarter points
                 c1 = lo + (hi - lo) // 4
                 c2 = lo + (hi - lo) // 2
