@@ -2238,10 +2238,11 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
 # kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
 # caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
-# 2.19-2.21x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention,
-# its select taking ~10 us of ~22 at 8192 tokens, is slower than dense flash-decoding up to
-# 16384 tokens (0.53-0.97x; 1.06-1.07x SDPA at 8192) and faster than both at 32768 (1.16-1.19x,
-# 1.50-1.52x SDPA); a whole Gemma-2-2B-shaped model decodes 1.24-1.25x faster than the dense one.
+# 2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention, its
+# select taking ~10 us of ~22 at 8192 tokens, is slower than dense flash-decoding up to 16384
+# tokens (0.54-0.96x; 1.06x SDPA at 8192) and faster than both at 32768 (1.20x, 1.53x SDPA); a
+# whole Gemma-2-2B-shaped model decodes 1.25x faster than the dense one (one run of the final
+# kernels; the notes give the ranges over runs).
 
 
 # ------------------------------------------------------------------------------------------
@@ -3409,6 +3410,14 @@ def _spark_gather_kernel(
     tl.store(Accp + row * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
 
 
+def _select_warps(block):
+    """Warps of a select program holding `block` scores. On an H200 (one program alone, 8 query
+    heads of normal scores, us): 2048 scores 5.0-5.1 with 4 warps, 5.5-5.7 with 8, 7.0 with 2;
+    4096: 7.2-7.5 with 8, 7.6-7.8 with 4, 11.3-11.6 with 2; 8192: 10.2-10.4 with 8, 11.3-11.5
+    with 16, 11.9 with 4. Up to 32768 scores in registers need 16 (64 a thread)."""
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
 def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
     """One launch of the select kernel over scores S [B H, N], each row in `parts` parts of
     cdiv(N, parts) scores (parts > 1: lists padded to KT, FILL), or (prev: the first pass's idx,
@@ -3427,7 +3436,7 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
     _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
                                       PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
                                       BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
-                                      HAS_POS=prev is not None, FILL=parts > 1, FIT=FIT_STEPS, ASM=S.is_cuda, num_warps=min(16, max(4, block // 1024)),
+                                      HAS_POS=prev is not None, FILL=parts > 1, FIT=FIT_STEPS, ASM=S.is_cuda, num_warps=_select_warps(block),
                                       **_pdl(S))
     return idx, ssel, mx, kt
 
