@@ -3176,7 +3176,7 @@ def _spark_select_kernel(
     HAS_LEN: tl.constexpr,  # lengths given
     HAS_POS: tl.constexpr,  # positions given
     FILL: tl.constexpr,  # list entries past kt written (position 0, score -inf, or NaN for a NaN part)
-    FIT: tl.constexpr,  # sweeps 1 .. FIT - 1 may place their candidates by the fit (FIT_STEPS)
+    FIT: tl.constexpr,  # sweeps 1 .. FIT - 1 may place their candidates by the fit (FIT_STEPS; >= 1: sweep 0 is the guess)
     ASM: tl.constexpr,  # the sweeps' compares and the list's stores in PTX (_ge, _scatter_store; not in the interpreter)
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
@@ -3436,7 +3436,7 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
     _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
                                       PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
                                       BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
-                                      HAS_POS=prev is not None, FILL=parts > 1, FIT=FIT_STEPS, ASM=S.is_cuda, num_warps=_select_warps(block),
+                                      HAS_POS=prev is not None, FILL=parts > 1, FIT=max(FIT_STEPS, 1), ASM=S.is_cuda, num_warps=_select_warps(block),
                                       **_pdl(S))
     return idx, ssel, mx, kt
 
