@@ -3106,10 +3106,12 @@ def _max_add_add(a0, a1, a2, b0, b1, b2):
 
 
 @jit
-def _key64_of_float(x):
-    """The order key of float32 x (_float_of_key's inverse) as an int64 in [0, 2^32)."""
-    b = x.to(tl.int32, bitcast=True).to(tl.int64)  # sign-extended
-    return tl.where(b < 0, b ^ -1, b | 0x80000000) & 0xFFFFFFFF
+def _key_of_float(x):
+    """The order key of float32 x (_float_of_key's inverse) as a uint32: the search's interval
+    arithmetic in 32-bit integers (with int64 keys, each min, max and compare of its scalar chain
+    was three instructions)."""
+    b = x.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ -1, b ^ ~0x7FFFFFFF).to(tl.uint32, bitcast=True)  # (~0x7FFFFFFF: the sign bit)
 
 
 @jit
@@ -3212,16 +3214,17 @@ def _spark_select_kernel(
         m = tl.maximum(m, a0)
         s1 += a1
         s2 += a2
-    # the search (section header): lo, hi order keys (int64 holding 32 bits) with
+    # the search (section header): lo, hi order keys (uint32) with
     # count(s >= float(lo)) = n_lo >= kt > count(s >= float(hi)); padding (-inf) never counts
     nf = n_b.to(tl.float32)
     nd = tl.maximum(nf, 1.0)  # (a first pass's part past every visible token has none)
     mu = s1 / nd
     sd = tl.sqrt(tl.maximum(s2 / nd - mu * mu, 0.0))
     z = _normal_quantile_upper(ktf / nd)  # mean + z std: the kt-th largest of normal scores
-    lo = tl.full((), 0x007FFFFF, tl.int64)  # the key of -inf: every visible score is >= it
+    lo = tl.full((), 0x007FFFFF, tl.uint32)  # the key of -inf: every visible score is >= it
     n_lo = nf
-    hi = _key64_of_float(m) + 1
+    hi = _key_of_float(m)
+    hi = tl.maximum(hi, hi + 1)  # (+1, except for the largest key, a NaN's: no score is >= a NaN)
     n_hi = tl.zeros((), tl.float32)  # count(s >= float(hi)): none above the max
     fit = tl.zeros((), tl.int32)  # 1: the last sweep's candidates came from the fit (below)
     m_prev = nf  # scores inside the interval before the last sweep
@@ -3234,16 +3237,16 @@ def _spark_select_kernel(
             may_fit = (step < FIT) & ((fit == 0) | (4.0 * mm <= m_prev))
             if step == 0:
                 # the statistical guess and half a std either side
-                c1 = _key64_of_float(mu + sd * (z - 0.5))
-                c2 = _key64_of_float(mu + sd * z)
-                c3 = _key64_of_float(mu + sd * (z + 0.5))
+                c1 = _key_of_float(mu + sd * (z - 0.5))
+                c2 = _key_of_float(mu + sd * z)
+                c3 = _key_of_float(mu + sd * (z + 0.5))
             elif may_fit & (lo == 0x007FFFFF):
                 # every candidate so far had fewer than kt scores above it (the guess was too
                 # high: a few huge scores inflate the std): step down from hi by 0.5, 1.5, 4.5 std
-                fhi = _float_of_key(hi.to(tl.int32))
-                c1 = _key64_of_float(fhi - 4.5 * sd)
-                c2 = _key64_of_float(fhi - 1.5 * sd)
-                c3 = _key64_of_float(fhi - 0.5 * sd)
+                fhi = _float_of_key(hi.to(tl.int32, bitcast=True))
+                c1 = _key_of_float(fhi - 4.5 * sd)
+                c2 = _key_of_float(fhi - 1.5 * sd)
+                c3 = _key_of_float(fhi - 0.5 * sd)
             elif may_fit:
                 # the fit: if the mm scores of the interval were spread evenly over its values, the
                 # kt-th largest would sit a fraction (a + 1/2) / (mm + 1) of the way down from hi,
@@ -3251,14 +3254,14 @@ def _spark_select_kernel(
                 a = ktf - n_hi
                 frac = (a + 0.5) / (mm + 1.0)
                 spread = tl.sqrt(tl.maximum(a, 1.0) * tl.maximum(mm - a, 1.0) / mm) / (mm + 1.0)
-                flo, fhi = _float_of_key(lo.to(tl.int32)), _float_of_key(hi.to(tl.int32))
-                c1 = _key64_of_float(fhi - (fhi - flo) * tl.minimum(frac + spread, 1.0))
-                c2 = _key64_of_float(fhi - (fhi - flo) * frac)
-                c3 = _key64_of_float(fhi - (fhi - flo) * tl.maximum(frac - spread, 0.0))
+                flo, fhi = _float_of_key(lo.to(tl.int32, bitcast=True)), _float_of_key(hi.to(tl.int32, bitcast=True))
+                c1 = _key_of_float(fhi - (fhi - flo) * tl.minimum(frac + spread, 1.0))
+                c2 = _key_of_float(fhi - (fhi - flo) * frac)
+                c3 = _key_of_float(fhi - (fhi - flo) * tl.maximum(frac - spread, 0.0))
             else:  # the interval's quarter points
-                c1 = lo + (hi - lo) // 4
-                c2 = lo + (hi - lo) // 2
-                c3 = lo + (hi - lo) * 3 // 4
+                c1 = lo + ((hi - lo) >> 2)
+                c2 = lo + ((hi - lo) >> 1)
+                c3 = hi - ((hi - lo + 3) >> 2)  # lo + floor(3 (hi - lo) / 4), without overflow
             fit = ((step > 0) & may_fit).to(tl.int32)
             m_prev = mm
             c1 = tl.minimum(tl.maximum(c1, lo + 1), hi - 1)  # strictly inside, in order
@@ -3267,7 +3270,7 @@ def _spark_select_kernel(
             n1 = tl.zeros((), tl.float32)
             n2 = tl.zeros((), tl.float32)
             n3 = tl.zeros((), tl.float32)
-            f1, f2, f3 = _float_of_key(c1.to(tl.int32)), _float_of_key(c2.to(tl.int32)), _float_of_key(c3.to(tl.int32))
+            f1, f2, f3 = _float_of_key(c1.to(tl.int32, bitcast=True)), _float_of_key(c2.to(tl.int32, bitcast=True)), _float_of_key(c3.to(tl.int32, bitcast=True))
             if ONE_BLOCK:  # (not the loop below: its one pass was still a loop, 7 % more instructions)
                 n1, n2, n3 = _select_counts(s_all, f1, f2, f3, ASM)
             else:
@@ -3287,7 +3290,7 @@ def _spark_select_kernel(
     # so t0 = v is the kt-th largest value itself, held by several scores: keep s > v, then the
     # first kt - count(s > v) of the s == v in position order. No search: every finite score
     # (t0 the lowest float, so a first pass's -inf padding is not kept).
-    t0 = tl.where(need, _float_of_key(lo.to(tl.int32)), -3.4028234663852886e38)
+    t0 = tl.where(need, _float_of_key(lo.to(tl.int32, bitcast=True)), -3.4028234663852886e38)
     exact = (n_lo == ktf) | (not need)
     v = t0
     quota = kt
