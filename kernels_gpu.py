@@ -3147,6 +3147,46 @@ def _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK: tl.constexpr):
         return tl.load(row + start + cols, mask=start + cols < n_b, other=float("-inf"))
 
 
+@jit
+def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, KT, first, CBLOCK: tl.constexpr, HELD: tl.constexpr,
+                  HAS_POS: tl.constexpr, TIES: tl.constexpr, ASM: tl.constexpr):
+    """The select's list: every visible score s > v, and (TIES) the first quota of the s == v in
+    position order, else (exactly kt scores >= v) every s >= v; each at list position = running
+    count of keeps, with its token position (its Pos entry when HAS_POS) and its score. Scores in
+    chunks of CBLOCK (HELD: s_all holds the row; else re-read from L1 / L2: two cumsums over
+    32768 scores in registers spilled). TIES is a separate copy of the loop: in one loop with a
+    runtime branch, the compiled code did both cases' work (2796 instructions a thread at 8192
+    scores, 1507 for the case without ties).   -> the count of keeps"""
+    ccols = tl.arange(0, CBLOCK)
+    ties = tl.zeros((), tl.int32)
+    kept = tl.zeros((), tl.int32)
+    for start in range(0, n_b, CBLOCK):
+        if HELD:
+            s = s_all
+        else:
+            s = tl.load(row + start + ccols, mask=start + ccols < n_b, other=float("-inf"))
+        valid = start + ccols < n_b
+        if TIES:
+            tie = valid & (s == v)
+            rank = ties + _cumsum_rows(tie.to(tl.int32), CBLOCK, 32)  # 1-based rank among the ties so far
+            keep = valid & ((s > v) | (tie & (rank <= quota)))
+            ties += tl.sum(tie.to(tl.int32), axis=0)
+        else:
+            keep = valid & (s >= v)
+        pos = kept + _cumsum_rows(keep.to(tl.int32), CBLOCK, 32) - 1
+        in_list = keep & (pos < KT)  # (always, by construction; a guard so that no bug writes past the list)
+        if HAS_POS:
+            where = tl.load(Pos + start + ccols, mask=in_list, other=0)
+        else:
+            where = first + start + ccols
+        # (as inline PTX stores, _scatter_store: with tl.store, Triton 3.6 passed positions and
+        # values through shared memory first, and the select took 1.3 us longer on an H200)
+        _scatter_store(Idx + tl.zeros_like(pos), pos, where, in_list, not ASM)
+        _scatter_store(Ssel.to(tl.pointer_type(tl.int32)) + tl.zeros_like(pos), pos, s.to(tl.int32, bitcast=True), in_list, not ASM)
+        kept += tl.sum(keep.to(tl.int32), axis=0)
+    return kept
+
+
 # Spark pass 2, one program per (part of L scores, query head) (the section's pseudo-code).
 # Everything it reads is its part of the head's row of S (4 L bytes, just written, so in L2);
 # everything it writes is the list of the part's kt positions and scores, its max and kt. The
@@ -3304,38 +3344,17 @@ def _spark_select_kernel(
             s = _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK)
             n_gt += tl.sum(((s > v) & (start + cols < n_b)).to(tl.int32), axis=0)
         quota = kt - n_gt
-    # compaction: list position = running count of keeps. Two cumsums (ties) hold two more ints
-    # per score: over 32768 scores in registers that spilled, so long rows are compacted in
-    # chunks of CBLOCK, re-read once from L1 / L2.
-    ties = tl.zeros((), tl.int32)
-    kept = tl.zeros((), tl.int32)
+    # compaction: list position = running count of keeps (_compact_list), as two copies of its
+    # loop: one where exactly kt scores clear v, and one with the tie pass's second cumsum
     lst = bh * NP + part  # this program's list
     out = lst.to(tl.int64) * KT
-    ccols = tl.arange(0, CBLOCK)
-    for start in range(0, n_b, CBLOCK):
-        if ONE_BLOCK and CBLOCK == BLOCK:
-            s = s_all
-        else:
-            s = tl.load(row + start + ccols, mask=start + ccols < n_b, other=float("-inf"))
-        valid = start + ccols < n_b
-        if exact:
-            keep = valid & (s >= v)
-        else:
-            tie = valid & (s == v)
-            rank = ties + _cumsum_rows(tie.to(tl.int32), CBLOCK, 32)  # 1-based rank among the ties so far
-            keep = valid & ((s > v) | (tie & (rank <= quota)))
-            ties += tl.sum(tie.to(tl.int32), axis=0)
-        pos = kept + _cumsum_rows(keep.to(tl.int32), CBLOCK, 32) - 1
-        in_list = keep & (pos < KT)  # (always, by construction; a guard so that no bug writes past the list)
-        if HAS_POS:
-            where = tl.load(Pos + bh.to(tl.int64) * N + first + start + ccols, mask=in_list, other=0)
-        else:
-            where = first + start + ccols
-        # (as inline PTX stores, _scatter_store: with tl.store, Triton 3.6 passed positions and
-        # values through shared memory first, and the select took 1.3 us longer on an H200)
-        _scatter_store(Idx + out + tl.zeros_like(pos), pos, where, in_list, not ASM)
-        _scatter_store(Ssel.to(tl.pointer_type(tl.int32)) + out + tl.zeros_like(pos), pos, s.to(tl.int32, bitcast=True), in_list, not ASM)
-        kept += tl.sum(keep.to(tl.int32), axis=0)
+    pos_row = Pos + bh.to(tl.int64) * N + first
+    if exact:
+        kept = _compact_list(row, s_all, n_b, v, quota, Idx + out, Ssel + out, pos_row, KT, first,
+                             CBLOCK, ONE_BLOCK and CBLOCK == BLOCK, HAS_POS, False, ASM)
+    else:
+        kept = _compact_list(row, s_all, n_b, v, quota, Idx + out, Ssel + out, pos_row, KT, first,
+                             CBLOCK, ONE_BLOCK and CBLOCK == BLOCK, HAS_POS, True, ASM)
     kept = tl.minimum(kept, KT)
     tl.store(Mx + lst, m)
     # the entries listed: kt by construction (fewer only if scores were NaN, and then the gather
