@@ -2238,11 +2238,11 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
 # kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
 # caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
-# 2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention, its
-# select taking ~10 us of ~22 at 8192 tokens, is slower than dense flash-decoding up to 16384
-# tokens (0.54-0.96x; 1.06x SDPA at 8192) and faster than both at 32768 (1.20x, 1.53x SDPA); a
-# whole Gemma-2-2B-shaped model decodes 1.25x faster than the dense one (one run of the final
-# kernels; the notes give the ranges over runs).
+# 2.21x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention, its
+# select taking ~8 us of ~20 at 8192 tokens, is slower than dense flash-decoding up to 8192
+# tokens (0.55-0.92x; 1.16x SDPA at 8192), as fast at 16384 and faster than both at 32768 (1.26x,
+# 1.60x SDPA); a whole Gemma-2-2B-shaped model decodes 1.27x faster than the dense one (one run
+# of the final kernels; the notes give the ranges over runs).
 
 
 # ------------------------------------------------------------------------------------------
@@ -2755,11 +2755,11 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #    here: ~9-10), ~5 for Student t with 3 degrees of freedom (5), ~7 for two modes 10 std apart
 #    (11), ~6 for four scores 40-70 std above the rest (10). It loses where the spread is far from
 #    even: ~13 for four scores 10^4 std above the rest (10), ~12 for magnitudes spread over
-#    2^-40 .. 2^40 (8), ~13 for small integers (12). On an H200 a sweep costs ~0.55 us (its
-#    reduction), a fitted one ~0.2 us more (its scalar arithmetic), and the kernel ends with its
-#    slowest query head: alone, at 8192 normal scores, it took 10.2-10.3 us with the fit and
-#    9.9 without (the slowest head's sweeps 6.9 -> 5.6), with four sink scores 12.2 and 13.2, at
-#    2048 scores 5.0-5.1 and 5.9 (notes/kernels_gpu.md).
+#    2^-40 .. 2^40 (8), ~13 for small integers (12). On an H200 (clock counters read inside the
+#    kernel, 8192 normal scores, in the attention) a sweep took ~0.8 us, ~0.58 of it the
+#    block-wide reduction of its counts; the kernel ends with its slowest query head (~5.6
+#    sweeps): ~0.2 us loading the scores, 0.58 their moments, ~4.5 the search, ~2.0 the
+#    compaction, ~7.9 in all; alone (with its launch) it took 8.6 us (notes/kernels_gpu.md).
 #
 #    Long caches (n > SELECT_SPLIT = 8192): one program per query head over 32768 scores counts
 #    4x the scores of 8192 in every sweep, and past MAX_SELECT_IN_REGISTERS it re-reads them from
