@@ -3156,7 +3156,7 @@ def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, KT, first, CBLOCK: 
     chunks of CBLOCK (HELD: s_all holds the row; else re-read from L1 / L2: two cumsums over
     32768 scores in registers spilled). TIES is a separate copy of the loop: in one loop with a
     runtime branch, the compiled code did both cases' work (2796 instructions a thread at 8192
-    scores, 1507 for the case without ties).   -> the count of keeps"""
+    scores, 1501 for the case without ties).   -> the count of keeps"""
     ccols = tl.arange(0, CBLOCK)
     ties = tl.zeros((), tl.int32)
     kept = tl.zeros((), tl.int32)
