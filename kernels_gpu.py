@@ -2189,7 +2189,8 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #         _spark_select_kernel: the kt-th largest score per query head by a search over an
 #                               interval of order keys that starts from a statistical guess, the
 #                               kept tokens compacted (cumsum); past 8192 tokens in two passes;
-#         _spark_gather_kernel: K2 and V of the kept tokens only, partial (m, l, acc) per chunk;
+#                               its last pass then reads K2 and V of the kept tokens only,
+#                               partial (m, l, acc) per chunk of the list;
 #         _decode_merge_kernel: out = sum acc / sum l (flash-decoding's merge).
 #     attention_decode_gpu(q, k, v)                     reference: spark.attention_np, T = 1
 #         _attn_split_kernel + _decode_merge_kernel: dense flash-decoding, the same skeleton.
@@ -2260,7 +2261,7 @@ FFN_RB = 32  # columns per reduce program (72 programs at d = 2304)
 TARGET_PROGRAMS = 264  # attention splits aim at two programs per SM of an H200
 MIN_SPLIT = 64  # at least this many cache tokens per split
 ATTN_BN = 32  # keys per tile in the split kernels
-GATHER_E = 16  # kept tokens per gather program (kt 256 -> 16 programs per query head)
+GATHER_E = 16  # kept tokens attended per select program (kt 256 -> 16 programs per query head)
 SELECT_SPLIT, SELECT_PARTS = 8192, 8  # longer caches are selected in two passes, the first over 8 parts
 MAX_SELECT_IN_REGISTERS = 32768  # a query head's scores held at once by the select kernel
 SELECT_CHUNK = 4096  # longer caches: chunks re-read from L2 for every step of the search
@@ -2710,15 +2711,15 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #        _decode_merge_kernel: M = max_c m_c; out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
 #        Bytes: 2 n hd per KV head (all of K and V). FLOPs 4 n hd per query head.
 #
-#    Spark (spark_attention_decode_gpu), four kernels:
+#    Spark (spark_attention_decode_gpu), three kernels:
 #        _spark_scores_kernel: per chunk, s_j = q[:r] . K1_j / sqrt(r) -> a float32 scratch
 #                              S [B H, n] (4 bytes per score: 1/16 of what K1 costs at r = 128 bf16)
-#        _spark_select_kernel: per query head, over its n scores (in registers up to
-#                              MAX_SELECT_IN_REGISTERS): m = max s; the kt-th largest by an
-#                              interval search (below); the kept tokens compacted (cumsum) into
-#                              a list, ascending (past SELECT_SPLIT tokens: two passes, below)
-#        _spark_gather_kernel: per GATHER_E listed tokens of a query head: K2_j and V_j of those
-#                              tokens only, w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r)),
+#        _spark_select_kernel: per (GATHER_E list entries, query head), over the head's n scores
+#                              (in registers up to MAX_SELECT_IN_REGISTERS): m = max s; the kt-th
+#                              largest by an interval search (below); the kept tokens compacted
+#                              (cumsum) into a list, ascending (past SELECT_SPLIT tokens: two
+#                              passes, below); then, for this program's GATHER_E entries only:
+#                              K2_j and V_j, w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r)),
 #                              l = sum e^(s_j - m), acc = sum w_j V_j
 #        _decode_merge_kernel: as dense (every chunk has the same m, so out = sum acc / sum l)
 #        Values read per KV head: n r + up to G kt (2 hd - r), vs 2 n hd dense; at n = 8192, hd 256,
@@ -2915,7 +2916,7 @@ def _attn_split_kernel(
     tl.store(Accp + row[:, None] * HD + cols[None, :], acc, mask=gm[:, None] & (cols < HD)[None, :])
 
 
-# The merge, one program per output head (b, h): the partials of its splits (or gather chunks)
+# The merge, one program per output head (b, h): the partials of its splits (or list chunks)
 # are rescaled to their common max and added, in split order. With a table, the partials are
 # those of h's slot, and a head whose group is not in the table gets 0.
 #     j = slot of h // G in heads[b] (or none); partials of row (b HT + j) G + h % G (dense: b H + h)
@@ -3148,11 +3149,12 @@ def _scores_chunk(row, start, cols, n_b, s_all, ONE_BLOCK: tl.constexpr):
 
 
 @jit
-def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, KT, first, CBLOCK: tl.constexpr, HELD: tl.constexpr,
+def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, P0, P1, first, CBLOCK: tl.constexpr, HELD: tl.constexpr,
                   HAS_POS: tl.constexpr, TIES: tl.constexpr, ASM: tl.constexpr):
     """The select's list: every visible score s > v, and (TIES) the first quota of the s == v in
     position order, else (exactly kt scores >= v) every s >= v; each at list position = running
-    count of keeps, with its token position (its Pos entry when HAS_POS) and its score. Scores in
+    count of keeps, with its token position (its Pos entry when HAS_POS) and its score; only
+    list positions P0 .. P1 - 1 are written (a program that attends writes its own). Scores in
     chunks of CBLOCK (HELD: s_all holds the row; else re-read from L1 / L2: two cumsums over
     32768 scores in registers spilled). TIES is a separate copy of the loop: in one loop with a
     runtime branch, the compiled code did both cases' work (2796 instructions a thread at 8192
@@ -3174,7 +3176,7 @@ def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, KT, first, CBLOCK: 
         else:
             keep = valid & (s >= v)
         pos = kept + _cumsum_rows(keep.to(tl.int32), CBLOCK, 32) - 1
-        in_list = keep & (pos < KT)  # (always, by construction; a guard so that no bug writes past the list)
+        in_list = keep & (pos >= P0) & (pos < P1)  # (pos < kt always, by construction: P1 <= KT guards the list's end)
         if HAS_POS:
             where = tl.load(Pos + start + ccols, mask=in_list, other=0)
         else:
@@ -3194,6 +3196,16 @@ def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, KT, first, CBLOCK: 
 # section header): FILL (the first pass) pads each part's list to KT entries; HAS_POS (the
 # second) reads those lists as its row, counts as tokens only their kept entries, and maps a
 # kept candidate back to its token position.
+# ATTEND (the attention's last pass): one program per (E listed tokens, query head) instead,
+# the row one part. Each of a head's NCH programs runs the same select (they run side by side
+# on their own SMs, so the copies cost no time), writes only its E entries of the list, and then
+# reads K2 and V of those tokens only:
+#     j = list[c E .. c E + E);  e_j = exp(s_j - m);  g_j = softplus(q[r:] . K2_j / sqrt(hd - r))
+#     store (m, l = sum e_j, acc = sum e_j g_j V_j)      (the merge kernel sums them)
+# One query row, so the products are plain multiply-and-sum on the CUDA cores (a tl.dot would
+# pad it to 16 rows). The listed rows are the only K2 and V rows any Spark kernel reads. (A
+# separate gather kernel, as before, cost its launch and a round trip of the list: the
+# attention took 1.0-1.8 us longer, H200, notes/kernels_gpu.md.)
 @jit
 def _spark_select_kernel(
     S,  # pointer to the scores [B H, N] float32 (entries of the visible tokens)
@@ -3220,11 +3232,38 @@ def _spark_select_kernel(
     FILL: tl.constexpr,  # list entries past kt written (position 0, score -inf, or NaN for a NaN part)
     FIT: tl.constexpr,  # sweeps 1 .. FIT - 1 may place their candidates by the fit (FIT_STEPS; >= 1: sweep 0 is the guess)
     ASM: tl.constexpr,  # the sweeps' compares and the list's stores in PTX (_ge, _scatter_store; not in the interpreter)
+    # (ATTEND only; otherwise never read)
+    Q,  # pointer to q [B, H, hd]: element [b, h, c] at Q + b * stride_qb + h * stride_qh + c (columns >= r read)
+    K2,  # pointer to k2 [B, Hkv, n, hd - r]: element [b, g, t, c] at K2 + b * stride_2b + g * stride_2h + t * stride_2t + c
+    V,  # pointer to v [B, Hkv, n, hd]: element [b, g, t, c] at V + b * stride_vb + g * stride_vh + t * stride_vt + c
+    Mp,  # pointer to the partial maxima [B H, NCH] float32 (written: every chunk gets the head's max)
+    Lp,  # pointer to the partial sums [B H, NCH] float32 (written)
+    Accp,  # pointer to the partial outputs [B H, NCH, hd] float32 (written)
+    stride_qb, stride_qh,  # elements between consecutive batches, heads of q
+    stride_2b, stride_2h, stride_2t,  # between consecutive batches, KV heads, tokens of k2
+    stride_vb, stride_vh, stride_vt,  # the same for v
+    G,  # query heads per KV head
+    NCH,  # programs per query head, cdiv(KT, E)
+    scale2,  # 1 / sqrt(hd - r)
+    HD: tl.constexpr,  # hd
+    R: tl.constexpr,  # r
+    R2: tl.constexpr,  # hd - r padded to a power of two >= 16
+    HDP: tl.constexpr,  # hd padded likewise
+    E: tl.constexpr,  # listed tokens per program
+    ATTEND: tl.constexpr,  # attend to the listed tokens (above)
     PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
 ):
     _wait_previous(PDL)
-    part, bh = tl.program_id(0), tl.program_id(1)
-    NP = tl.num_programs(0)
+    if ATTEND:  # program (c, bh): the whole row, list positions c E .. c E + E - 1
+        part, bh, c = 0, tl.program_id(1), tl.program_id(0)
+        NP = 1
+        P0 = c * E
+        P1 = tl.minimum(P0 + E, KT)
+    else:  # program (part, bh): the part's whole list
+        part, bh = tl.program_id(0), tl.program_id(1)
+        NP = tl.num_programs(0)
+        P0 = 0
+        P1 = KT
     first = part * L  # the part's first score
     n_b = tl.minimum(tl.maximum(_visible(Len, bh // H, N, HAS_LEN) - first, 0), L)  # its visible scores
     if HAS_POS:  # the tokens among the candidates: the first pass's kept entries, not its padding
@@ -3350,16 +3389,43 @@ def _spark_select_kernel(
     out = lst.to(tl.int64) * KT
     pos_row = Pos + bh.to(tl.int64) * N + first
     if exact:
-        kept = _compact_list(row, s_all, n_b, v, quota, Idx + out, Ssel + out, pos_row, KT, first,
+        kept = _compact_list(row, s_all, n_b, v, quota, Idx + out, Ssel + out, pos_row, P0, P1, first,
                              CBLOCK, ONE_BLOCK and CBLOCK == BLOCK, HAS_POS, False, ASM)
     else:
-        kept = _compact_list(row, s_all, n_b, v, quota, Idx + out, Ssel + out, pos_row, KT, first,
+        kept = _compact_list(row, s_all, n_b, v, quota, Idx + out, Ssel + out, pos_row, P0, P1, first,
                              CBLOCK, ONE_BLOCK and CBLOCK == BLOCK, HAS_POS, True, ASM)
+    # the entries listed: kt by construction (fewer only if scores were NaN, and then no
+    # unwritten entry is read)
     kept = tl.minimum(kept, KT)
-    tl.store(Mx + lst, m)
-    # the entries listed: kt by construction (fewer only if scores were NaN, and then the gather
-    # kernel reads no unwritten entry)
-    tl.store(Kt + lst, kept)
+    if ATTEND:
+        tl.debug_barrier()  # (this program's list entries, stored by its other threads, are visible)
+        b, h = bh // H, bh % H
+        kvh = h // G
+        e = P0 + tl.arange(0, E)
+        em = e < kept  # past kt (a short cache, or the last chunk): nothing is read
+        j = tl.load(Idx + out + e, mask=em, other=0).to(tl.int64)  # [E] token positions
+        s = tl.load(Ssel + out + e, mask=em, other=float("-inf"))
+        c2 = tl.arange(0, R2)
+        cv = tl.arange(0, HDP)
+        q2 = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + R + c2, mask=c2 < HD - R,
+                     other=0.0).to(tl.float32)  # [R2]
+        k2 = tl.load(K2 + b.to(tl.int64) * stride_2b + kvh.to(tl.int64) * stride_2h + j[:, None] * stride_2t + c2[None, :],
+                     mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
+        # (V's rows loaded before the gates are computed: written after them, the load was issued
+        # after them too, a second round trip to memory)
+        vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
+                     mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
+        # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
+        ew = tl.where(em, tl.exp(s - m), 0.0)
+        w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")  # (tl.log: a few gates a program)
+        prow = bh.to(tl.int64) * NCH + c
+        tl.store(Mp + prow, m)
+        tl.store(Lp + prow, tl.sum(ew, axis=0))
+        # acc = sum_j w_j V_j
+        tl.store(Accp + prow * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
+    else:
+        tl.store(Mx + lst, m)
+        tl.store(Kt + lst, kept)
     if FILL:
         # the rest of the list, for the second pass: token 0 (any valid row) with score -inf, which
         # no kept token's weight e^(s - m) notices; NaN when the part's scores were NaN, so that a
@@ -3370,68 +3436,6 @@ def _spark_select_kernel(
         tl.store(Ssel + out + e, tl.zeros((KTP,), tl.float32) + pad, mask=(e >= kept) & (e < KT))
 
 
-# Spark pass 3, one program per (GATHER_E listed tokens, query head):
-#     j = list[chunk];  e_j = exp(s_j - m);  g_j = softplus(q[r:] . K2_j / sqrt(hd - r))
-#     store (m, l = sum e_j, acc = sum e_j g_j V_j)
-# One query row, so the products are plain multiply-and-sum on the CUDA cores (a tl.dot would
-# pad it to 16 rows). The listed rows are the only K2 and V rows any Spark kernel reads.
-@jit
-def _spark_gather_kernel(
-    Q,  # pointer to q [B, H, hd]: element [b, h, c] at Q + b * stride_qb + h * stride_qh + c (columns >= r read)
-    K2,  # pointer to k2 [B, Hkv, n, hd - r]: element [b, g, t, c] at K2 + b * stride_2b + g * stride_2h + t * stride_2t + c
-    V,  # pointer to v [B, Hkv, n, hd]: element [b, g, t, c] at V + b * stride_vb + g * stride_vh + t * stride_vt + c
-    Idx,  # pointer to the kept list [B H, KT] int32 (select kernel)
-    Ssel,  # pointer to the kept scores [B H, KT] float32
-    Mx,  # pointer to the max scores [B H] float32
-    Kt,  # pointer to the kept counts [B H] int32
-    Mp,  # pointer to the partial maxima [B H, NCH] float32 (written: every chunk gets the head's max)
-    Lp,  # pointer to the partial sums [B H, NCH] float32 (written)
-    Accp,  # pointer to the partial outputs [B H, NCH, hd] float32 (written)
-    stride_qb, stride_qh,  # elements between consecutive batches, heads of q
-    stride_2b, stride_2h, stride_2t,  # between consecutive batches, KV heads, tokens of k2
-    stride_vb, stride_vh, stride_vt,  # the same for v
-    H,  # query heads
-    G,  # query heads per KV head
-    KT,  # row length of the lists
-    NCH,  # chunks per query head, cdiv(KT, E)
-    scale2,  # 1 / sqrt(hd - r)
-    HD: tl.constexpr,  # hd
-    R: tl.constexpr,  # r
-    R2: tl.constexpr,  # hd - r padded to a power of two >= 16
-    HDP: tl.constexpr,  # hd padded likewise
-    E: tl.constexpr,  # listed tokens per program
-    PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
-):
-    _wait_previous(PDL)
-    c, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    kvh = h // G
-    kt = tl.load(Kt + bh)
-    e = c * E + tl.arange(0, E)
-    em = e < kt  # past kt (a short cache, or the last chunk): nothing is read
-    j = tl.load(Idx + bh.to(tl.int64) * KT + e, mask=em, other=0).to(tl.int64)  # [E] token positions
-    s = tl.load(Ssel + bh.to(tl.int64) * KT + e, mask=em, other=float("-inf"))
-    m = tl.load(Mx + bh)
-    c2 = tl.arange(0, R2)
-    cv = tl.arange(0, HDP)
-    q2 = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + R + c2, mask=c2 < HD - R,
-                 other=0.0).to(tl.float32)  # [R2]
-    k2 = tl.load(K2 + b.to(tl.int64) * stride_2b + kvh.to(tl.int64) * stride_2h + j[:, None] * stride_2t + c2[None, :],
-                 mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
-    # (V's rows loaded before the gates are computed: written after them, the load was issued
-    # after them too, a second round trip to memory)
-    vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
-                 mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
-    # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
-    ew = tl.where(em, tl.exp(s - m), 0.0)
-    w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")  # (tl.log: a few gates a program)
-    row = bh.to(tl.int64) * NCH + c
-    tl.store(Mp + row, m)
-    tl.store(Lp + row, tl.sum(ew, axis=0))
-    # acc = sum_j w_j V_j
-    tl.store(Accp + row * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
-
-
 def _select_warps(block):
     """Warps of a select program holding `block` scores. On an H200 (one program alone, 8 query
     heads of normal scores, us): 2048 scores 5.0-5.1 with 4 warps, 5.5-5.7 with 8, 7.0 with 2;
@@ -3440,11 +3444,12 @@ def _select_warps(block):
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
+def _select_pass(S, k_top, H, lens, has_len, parts, prev=None, attend=None):
     """One launch of the select kernel over scores S [B H, N], each row in `parts` parts of
     cdiv(N, parts) scores (parts > 1: lists padded to KT, FILL), or (prev: the first pass's idx,
     kt and parts) over the first pass's lists. -> idx int32 [B H, parts KT], scores float32
-    [B H, parts KT], max [B H parts], kt int32 [B H parts]; KT = min(k_top, part)"""
+    [B H, parts KT], max [B H parts], kt int32 [B H parts]; KT = min(k_top, part). attend: the
+    kernel's ATTEND arguments (one part; then only the partials are written, not max and kt)."""
     (BH, N), dev = S.shape, S.device
     L = triton.cdiv(N, parts)
     KT = min(k_top, L)
@@ -3455,15 +3460,19 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None):
     one = triton.next_power_of_2(L) <= MAX_SELECT_IN_REGISTERS
     block = triton.next_power_of_2(L) if one else SELECT_CHUNK
     pos, cnt, nprev = prev if prev is not None else (S, S, 1)  # (without prev: pointers never read)
-    _spark_select_kernel[(parts, BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
-                                      PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
-                                      BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
-                                      HAS_POS=prev is not None, FILL=parts > 1, FIT=max(FIT_STEPS, 1), ASM=S.is_cuda, num_warps=_select_warps(block),
-                                      **_pdl(S))
+    if attend is None:  # (pointers and sizes never read)
+        attend = dict(Q=S, K2=S, V=S, Mp=S, Lp=S, Accp=S, stride_qb=0, stride_qh=0, stride_2b=0, stride_2h=0,
+                      stride_2t=0, stride_vb=0, stride_vh=0, stride_vt=0, G=1, NCH=parts, scale2=1.0, HD=1, R=1,
+                      R2=1, HDP=1, E=1, ATTEND=False)
+    _spark_select_kernel[(attend["NCH"], BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
+                                              PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
+                                              BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
+                                              HAS_POS=prev is not None, FILL=parts > 1, FIT=max(FIT_STEPS, 1), ASM=S.is_cuda,
+                                              **attend, num_warps=_select_warps(block), **_pdl(S))
     return idx, ssel, mx, kt
 
 
-def _spark_select(S, k_top, H, lens, has_len):
+def _spark_select(S, k_top, H, lens, has_len, attend=None):
     """The select on scores S [B H, n] float32 (entries past each sequence's length ignored).
     -> idx int32 [B H, KT] (kept positions, ascending; the first kt of each row written), their
     scores float32 [B H, KT], each row's max [B H] and kt [B H] int32; KT = min(k_top, n).
@@ -3481,13 +3490,13 @@ def _spark_select(S, k_top, H, lens, has_len):
     n = S.shape[1]
     parts = SELECT_PARTS if n > SELECT_SPLIT else 1
     if parts == 1 or 2 * parts * min(k_top, triton.cdiv(n, parts)) > n:
-        return _select_pass(S, k_top, H, lens, has_len, 1)
+        return _select_pass(S, k_top, H, lens, has_len, 1, attend=attend)
     idx, ssel, _, kt = _select_pass(S, k_top, H, lens, has_len, parts)
-    return _select_pass(ssel, k_top, H, lens, False, 1, prev=(idx, kt, parts))
+    return _select_pass(ssel, k_top, H, lens, False, 1, prev=(idx, kt, parts), attend=attend)
 
 
 def _spark_decode(q, k1, k2, v, k_top, r, lengths):
-    """spark_attention_decode_gpu's four kernels (the select twice past SELECT_SPLIT tokens),
+    """spark_attention_decode_gpu's three kernels (the select twice past SELECT_SPLIT tokens),
     arguments already checked. -> q's shape"""
     B, H, hd = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, n = k1.shape[1], k1.shape[2]
@@ -3503,18 +3512,17 @@ def _spark_decode(q, k1, k2, v, k_top, r, lengths):
         qv, k1, S, lens, qv.stride(0), qv.stride(1), k1.stride(0), k1.stride(1), k1.stride(2), H, G, n,
         1.0 / math.sqrt(r), R=r, R1=_pad16(r), GP=_pad16(G), CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len, PREC=prec,
         num_warps=4, **_pdl(q))
-    # 2. the selection: one program per query head, or per part of its row in a first pass (_spark_select)
-    idx, ssel, mx, kt = _spark_select(S, k_top, H, lens, has_len)
-    KT = idx.shape[1]
-    # 3. K2 and V of the kept tokens, GATHER_E per program; 4. the merge
-    NCH = triton.cdiv(KT, GATHER_E)
+    # 2. the selection, and K2 and V of the kept tokens, GATHER_E per program (past SELECT_SPLIT
+    # tokens a first pass selects each part of the row: _spark_select); 3. the merge
+    NCH = triton.cdiv(min(k_top, n), GATHER_E)  # (the last pass's list length, KT, in both cases)
     mp = torch.empty(B * H, NCH, dtype=f32, device=dev)
     lp = torch.empty(B * H, NCH, dtype=f32, device=dev)
     accp = torch.empty(B * H, NCH, hd, dtype=f32, device=dev)
-    _spark_gather_kernel[(NCH, B * H)](
-        qv, k2, v, idx, ssel, mx, kt, mp, lp, accp, qv.stride(0), qv.stride(1), k2.stride(0), k2.stride(1), k2.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), H, G, KT, NCH, 1.0 / math.sqrt(hd - r), HD=hd, R=r, R2=_pad16(hd - r),
-        HDP=_pad16(hd), E=GATHER_E, num_warps=4, **_pdl(q))
+    _spark_select(S, k_top, H, lens, has_len, attend=dict(
+        Q=qv, K2=k2, V=v, Mp=mp, Lp=lp, Accp=accp, stride_qb=qv.stride(0), stride_qh=qv.stride(1),
+        stride_2b=k2.stride(0), stride_2h=k2.stride(1), stride_2t=k2.stride(2), stride_vb=v.stride(0),
+        stride_vh=v.stride(1), stride_vt=v.stride(2), G=G, NCH=NCH, scale2=1.0 / math.sqrt(hd - r), HD=hd, R=r,
+        R2=_pad16(hd - r), HDP=_pad16(hd), E=GATHER_E, ATTEND=True))
     return _merge(mp, lp, accp, B, H, hd, q.dtype).view(q.shape)
 
 
