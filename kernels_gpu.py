@@ -3460,7 +3460,7 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None, attend=None):
     one = triton.next_power_of_2(L) <= MAX_SELECT_IN_REGISTERS
     block = triton.next_power_of_2(L) if one else SELECT_CHUNK
     pos, cnt, nprev = prev if prev is not None else (S, S, 1)  # (without prev: pointers never read)
-    if attend is None:  # (pointers and sizes never read)
+    if attend is None:  # (pointers and sizes never read; NCH is the grid's first axis, so parts)
         attend = dict(Q=S, K2=S, V=S, Mp=S, Lp=S, Accp=S, stride_qb=0, stride_qh=0, stride_2b=0, stride_2h=0,
                       stride_2t=0, stride_vb=0, stride_vh=0, stride_vt=0, G=1, NCH=parts, scale2=1.0, HD=1, R=1,
                       R2=1, HDP=1, E=1, ATTEND=False)
@@ -3486,7 +3486,9 @@ def _spark_select(S, k_top, H, lens, has_len, attend=None):
     keeps them all and nothing else, as in one pass. Two passes only when the first pass's lists
     hold at most half the row (else one pass over about as many candidates costs less). On an
     H200 (8 query heads, kt 256): 32768 tokens 37 us against 49 in one pass, 65536 tokens 51
-    against 178 (notes/kernels_gpu.md)."""
+    against 178 (notes/kernels_gpu.md). attend (the attention's arguments, _spark_decode): the
+    last pass also attends to the kept tokens and writes the merge's partials; its list is
+    written as without it (each program writes its own entries), its max and kt are not."""
     n = S.shape[1]
     parts = SELECT_PARTS if n > SELECT_SPLIT else 1
     if parts == 1 or 2 * parts * min(k_top, triton.cdiv(n, parts)) > n:
