@@ -2261,7 +2261,8 @@ FFN_RB = 32  # columns per reduce program (72 programs at d = 2304)
 TARGET_PROGRAMS = 264  # attention splits aim at two programs per SM of an H200
 MIN_SPLIT = 64  # at least this many cache tokens per split
 ATTN_BN = 32  # keys per tile in the split kernels
-GATHER_E = 16  # kept tokens attended per select program (kt 256 -> 16 programs per query head)
+GATHER_E = 16  # kept tokens attended per program (kt 256 -> 16 programs per query head)
+ATTEND_PROGRAMS = 128  # the select attends itself when its programs number at most this (an H200 has 132 SMs)
 SELECT_SPLIT, SELECT_PARTS = 8192, 8  # longer caches are selected in two passes, the first over 8 parts
 MAX_SELECT_IN_REGISTERS = 32768  # a query head's scores held at once by the select kernel
 SELECT_CHUNK = 4096  # longer caches: chunks re-read from L2 for every step of the search
@@ -3189,6 +3190,40 @@ def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, P0, P1, first, CBLO
     return kept
 
 
+# Spark pass 3, for E listed tokens of one query head:
+#     j = list[e0 .. e0 + E);  e_j = exp(s_j - m);  g_j = softplus(q[r:] . K2_j / sqrt(hd - r))
+#     store (m, l = sum e_j, acc = sum e_j g_j V_j)      (the merge kernel sums these partials)
+# One query row, so the products are plain multiply-and-sum on the CUDA cores (a tl.dot would
+# pad it to 16 rows). The listed rows are the only K2 and V rows any Spark kernel reads.
+@jit
+def _attend_list(Q, K2, V, Idx, Ssel, e0, kt, m, b, h, kvh, Mp, Lp, Accp, prow, stride_qb, stride_qh, stride_2b,
+                 stride_2h, stride_2t, stride_vb, stride_vh, stride_vt, scale2, HD: tl.constexpr, R: tl.constexpr,
+                 R2: tl.constexpr, HDP: tl.constexpr, E: tl.constexpr):
+    """Entries e0 .. e0 + E - 1 (those below kt) of a query head's list (Idx, Ssel: its row) ->
+    partial prow of Mp, Lp, Accp. b, h, kvh: the sequence, query head and KV head."""
+    e = e0 + tl.arange(0, E)
+    em = e < kt  # past kt (a short cache, or the last chunk): nothing is read
+    j = tl.load(Idx + e, mask=em, other=0).to(tl.int64)  # [E] token positions
+    s = tl.load(Ssel + e, mask=em, other=float("-inf"))
+    c2 = tl.arange(0, R2)
+    cv = tl.arange(0, HDP)
+    q2 = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + R + c2, mask=c2 < HD - R,
+                 other=0.0).to(tl.float32)  # [R2]
+    k2 = tl.load(K2 + b.to(tl.int64) * stride_2b + kvh.to(tl.int64) * stride_2h + j[:, None] * stride_2t + c2[None, :],
+                 mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
+    # (V's rows loaded before the gates are computed: written after them, the load was issued
+    # after them too, a second round trip to memory)
+    vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
+                 mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
+    # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
+    ew = tl.where(em, tl.exp(s - m), 0.0)
+    w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")  # (tl.log: a few gates a program)
+    tl.store(Mp + prow, m)
+    tl.store(Lp + prow, tl.sum(ew, axis=0))
+    # acc = sum_j w_j V_j
+    tl.store(Accp + prow * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
+
+
 # Spark pass 2, one program per (part of L scores, query head) (the section's pseudo-code).
 # Everything it reads is its part of the head's row of S (4 L bytes, just written, so in L2);
 # everything it writes is the list of the part's kt positions and scores, its max and kt. The
@@ -3196,16 +3231,14 @@ def _compact_list(row, s_all, n_b, v, quota, Idx, Ssel, Pos, P0, P1, first, CBLO
 # section header): FILL (the first pass) pads each part's list to KT entries; HAS_POS (the
 # second) reads those lists as its row, counts as tokens only their kept entries, and maps a
 # kept candidate back to its token position.
-# ATTEND (the attention's last pass): one program per (E listed tokens, query head) instead,
-# the row one part. Each of a head's NCH programs runs the same select (they run side by side
-# on their own SMs, so the copies cost no time), writes only its E entries of the list, and then
-# reads K2 and V of those tokens only:
-#     j = list[c E .. c E + E);  e_j = exp(s_j - m);  g_j = softplus(q[r:] . K2_j / sqrt(hd - r))
-#     store (m, l = sum e_j, acc = sum e_j g_j V_j)      (the merge kernel sums them)
-# One query row, so the products are plain multiply-and-sum on the CUDA cores (a tl.dot would
-# pad it to 16 rows). The listed rows are the only K2 and V rows any Spark kernel reads. (A
-# separate gather kernel, as before, cost its launch and a round trip of the list: the
-# attention took 1.0-1.8 us longer, H200, notes/kernels_gpu.md.)
+# ATTEND (the attention's last pass, when there are few query heads): one program per (E
+# listed tokens, query head) instead, the row one part. Each of a head's NCH programs runs the
+# same select (they run side by side on their own SMs, so the copies cost no time), writes only
+# its E entries of the list, and then does pass 3 for them (_attend_list): no gather kernel
+# and no round trip of the list between kernels (on an H200 the attention took 1.0-1.8 us less
+# at batch 1). With more query heads the copies would queue for SMs (at 4 sequences of 8 heads
+# the attention took 58 us against 35), so past ATTEND_PROGRAMS programs _spark_gather_kernel
+# does pass 3 after the select instead (notes/kernels_gpu.md).
 @jit
 def _spark_select_kernel(
     S,  # pointer to the scores [B H, N] float32 (entries of the visible tokens)
@@ -3400,29 +3433,9 @@ def _spark_select_kernel(
     if ATTEND:
         tl.debug_barrier()  # (this program's list entries, stored by its other threads, are visible)
         b, h = bh // H, bh % H
-        kvh = h // G
-        e = P0 + tl.arange(0, E)
-        em = e < kept  # past kt (a short cache, or the last chunk): nothing is read
-        j = tl.load(Idx + out + e, mask=em, other=0).to(tl.int64)  # [E] token positions
-        s = tl.load(Ssel + out + e, mask=em, other=float("-inf"))
-        c2 = tl.arange(0, R2)
-        cv = tl.arange(0, HDP)
-        q2 = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + R + c2, mask=c2 < HD - R,
-                     other=0.0).to(tl.float32)  # [R2]
-        k2 = tl.load(K2 + b.to(tl.int64) * stride_2b + kvh.to(tl.int64) * stride_2h + j[:, None] * stride_2t + c2[None, :],
-                     mask=em[:, None] & (c2 < HD - R)[None, :], other=0.0).to(tl.float32)  # [E, R2]: kept rows only
-        # (V's rows loaded before the gates are computed: written after them, the load was issued
-        # after them too, a second round trip to memory)
-        vt = tl.load(V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + j[:, None] * stride_vt + cv[None, :],
-                     mask=em[:, None] & (cv < HD)[None, :], other=0.0).to(tl.float32)  # [E, HDP]: kept rows only
-        # w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r))
-        ew = tl.where(em, tl.exp(s - m), 0.0)
-        w = ew * _softplus(tl.sum(k2 * q2[None, :], axis=1) * scale2, "ieee")  # (tl.log: a few gates a program)
-        prow = bh.to(tl.int64) * NCH + c
-        tl.store(Mp + prow, m)
-        tl.store(Lp + prow, tl.sum(ew, axis=0))
-        # acc = sum_j w_j V_j
-        tl.store(Accp + prow * HD + cv, tl.sum(w[:, None] * vt, axis=0), mask=cv < HD)
+        _attend_list(Q, K2, V, Idx + out, Ssel + out, P0, kept, m, b, h, h // G, Mp, Lp, Accp, bh.to(tl.int64) * NCH + c,
+                     stride_qb, stride_qh, stride_2b, stride_2h, stride_2t, stride_vb, stride_vh, stride_vt, scale2, HD,
+                     R, R2, HDP, E)
     else:
         tl.store(Mx + lst, m)
         tl.store(Kt + lst, kept)
@@ -3434,6 +3447,30 @@ def _spark_select_kernel(
         pad = tl.where(s1 == s1, float("-inf"), float("nan"))
         tl.store(Idx + out + e, 0, mask=(e >= kept) & (e < KT))
         tl.store(Ssel + out + e, tl.zeros((KTP,), tl.float32) + pad, mask=(e >= kept) & (e < KT))
+
+
+# Spark pass 3 as its own kernel, one program per (E listed tokens, query head), after the select
+# (many query heads: the ATTEND comment above).
+@jit
+def _spark_gather_kernel(
+    Idx,  # pointer to the kept lists [B H, KT] int32 (select kernel)
+    Ssel,  # pointer to the kept scores [B H, KT] float32
+    Mx,  # pointer to the max scores [B H] float32
+    Kt,  # pointer to the kept counts [B H] int32
+    H,  # query heads
+    KT,  # row length of the lists
+    # as the select kernel's ATTEND arguments:
+    Q, K2, V, Mp, Lp, Accp, stride_qb, stride_qh, stride_2b, stride_2h, stride_2t, stride_vb, stride_vh, stride_vt,
+    G, NCH, scale2, HD: tl.constexpr, R: tl.constexpr, R2: tl.constexpr, HDP: tl.constexpr, E: tl.constexpr,
+    PDL: tl.constexpr,  # programmatic dependent launch (_pdl)
+):
+    _wait_previous(PDL)
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    lst = bh.to(tl.int64) * KT
+    _attend_list(Q, K2, V, Idx + lst, Ssel + lst, c * E, tl.load(Kt + bh), tl.load(Mx + bh), b, h, h // G, Mp, Lp, Accp,
+                 bh.to(tl.int64) * NCH + c, stride_qb, stride_qh, stride_2b, stride_2h, stride_2t, stride_vb,
+                 stride_vh, stride_vt, scale2, HD, R, R2, HDP, E)
 
 
 def _select_warps(block):
@@ -3464,6 +3501,8 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None, attend=None):
         attend = dict(Q=S, K2=S, V=S, Mp=S, Lp=S, Accp=S, stride_qb=0, stride_qh=0, stride_2b=0, stride_2h=0,
                       stride_2t=0, stride_vb=0, stride_vh=0, stride_vt=0, G=1, NCH=parts, scale2=1.0, HD=1, R=1,
                       R2=1, HDP=1, E=1, ATTEND=False)
+    else:
+        attend = dict(attend, ATTEND=True)
     _spark_select_kernel[(attend["NCH"], BH)](S, idx, ssel, mx, kt, lens, pos, cnt, H, N, L, KT, k_top, nprev,
                                               PP=triton.next_power_of_2(nprev), KTP=triton.next_power_of_2(KT) if parts > 1 else 1,
                                               BLOCK=block, ONE_BLOCK=one, CBLOCK=min(block, COMPACT_CHUNK), HAS_LEN=has_len,
@@ -3514,17 +3553,23 @@ def _spark_decode(q, k1, k2, v, k_top, r, lengths):
         qv, k1, S, lens, qv.stride(0), qv.stride(1), k1.stride(0), k1.stride(1), k1.stride(2), H, G, n,
         1.0 / math.sqrt(r), R=r, R1=_pad16(r), GP=_pad16(G), CH=CH, BN=min(ATTN_BN, CH), HAS_LEN=has_len, PREC=prec,
         num_warps=4, **_pdl(q))
-    # 2. the selection, and K2 and V of the kept tokens, GATHER_E per program (past SELECT_SPLIT
-    # tokens a first pass selects each part of the row: _spark_select); 3. the merge
-    NCH = triton.cdiv(min(k_top, n), GATHER_E)  # (the last pass's list length, KT, in both cases)
+    # 2. the selection (past SELECT_SPLIT tokens a first pass selects each part of the row:
+    # _spark_select), and K2 and V of the kept tokens, GATHER_E per program: by the select's
+    # programs themselves when they are few, else by a gather kernel; 3. the merge
+    KT = min(k_top, n)  # (the last pass's list length, in both cases)
+    NCH = triton.cdiv(KT, GATHER_E)
     mp = torch.empty(B * H, NCH, dtype=f32, device=dev)
     lp = torch.empty(B * H, NCH, dtype=f32, device=dev)
     accp = torch.empty(B * H, NCH, hd, dtype=f32, device=dev)
-    _spark_select(S, k_top, H, lens, has_len, attend=dict(
-        Q=qv, K2=k2, V=v, Mp=mp, Lp=lp, Accp=accp, stride_qb=qv.stride(0), stride_qh=qv.stride(1),
-        stride_2b=k2.stride(0), stride_2h=k2.stride(1), stride_2t=k2.stride(2), stride_vb=v.stride(0),
-        stride_vh=v.stride(1), stride_vt=v.stride(2), G=G, NCH=NCH, scale2=1.0 / math.sqrt(hd - r), HD=hd, R=r,
-        R2=_pad16(hd - r), HDP=_pad16(hd), E=GATHER_E, ATTEND=True))
+    attend = dict(Q=qv, K2=k2, V=v, Mp=mp, Lp=lp, Accp=accp, stride_qb=qv.stride(0), stride_qh=qv.stride(1),
+                  stride_2b=k2.stride(0), stride_2h=k2.stride(1), stride_2t=k2.stride(2), stride_vb=v.stride(0),
+                  stride_vh=v.stride(1), stride_vt=v.stride(2), G=G, NCH=NCH, scale2=1.0 / math.sqrt(hd - r), HD=hd,
+                  R=r, R2=_pad16(hd - r), HDP=_pad16(hd), E=GATHER_E)
+    if B * H * NCH <= ATTEND_PROGRAMS:
+        _spark_select(S, k_top, H, lens, has_len, attend=attend)
+    else:
+        idx, ssel, mx, kt = _spark_select(S, k_top, H, lens, has_len)
+        _spark_gather_kernel[(NCH, B * H)](idx, ssel, mx, kt, H, KT, **attend, num_warps=4, **_pdl(q))
     return _merge(mp, lp, accp, B, H, hd, q.dtype).view(q.shape)
 
 

@@ -275,10 +275,15 @@ SPARK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["select attends", "gather kernel"])
 @pytest.mark.parametrize("case", SPARK_CASES, ids=lambda c: "B{}H{}Hkv{}n{}hd{}r{}k{}".format(*c))
-def test_spark_attention_decode_matches_reference(case):
+def test_spark_attention_decode_matches_reference(case, gather, monkeypatch):
     """Spark attention against spark_attention_np: n below and above k_top, the two extreme r,
-    k_top = 1, grouped-query heads, batch 2, gather chunks of which the last is partial."""
+    k_top = 1, grouped-query heads, batch 2, gather chunks of which the last is partial; the
+    kept tokens attended by the select's own programs (few query heads, as here) or by the
+    gather kernel after it (many: ATTEND_PROGRAMS set to 0)."""
+    if gather:
+        monkeypatch.setattr(dg, "ATTEND_PROGRAMS", 0)
     B, H, Hkv, n, hd, r, k_top = case
     q, k, v = kv_case(B, H, Hkv, n, hd)
     k1, k2, vv = dg.prepare_spark_kv_gpu(k, v, r)
@@ -458,12 +463,16 @@ def test_spark_attention_decode_nan_query(chunked, monkeypatch):
     assert ran_two_passes(passes)
 
 
+@pytest.mark.parametrize("gather", [False, True], ids=["select attends", "gather kernel"])
 @pytest.mark.parametrize("chunked", [None, "two passes"])
-def test_decode_lengths(chunked, monkeypatch):
+def test_decode_lengths(chunked, gather, monkeypatch):
     """lengths [B]: each query sees the first lengths[b] tokens of its cache (one sequence below
     k_top, one above), as the reference on the truncated caches; out-of-range values are an error.
-    In two passes the last part has no visible token, and sequence 0 fewer than k_top in all."""
+    In two passes the last part has no visible token, and sequence 0 fewer than k_top in all.
+    Both ways of attending to the kept tokens (test_spark_attention_decode_matches_reference)."""
     passes = chunk_select(monkeypatch, chunked)
+    if gather:
+        monkeypatch.setattr(dg, "ATTEND_PROGRAMS", 0)
     B, H, Hkv, n, hd, r, k_top = 2, 4, 2, 80, 16, 6, 12
     q, k, v = kv_case(B, H, Hkv, n, hd)
     lengths = torch.tensor([9, 41], dtype=torch.int32, device=DEVICE)
