@@ -2239,9 +2239,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 # Performance: bench_decode's H200 rows are in notes/kernels_gpu.md. In short, at one token these
 # kernels read up to 3.3-3.8x fewer bytes than dense decoding (less at several tokens and short
 # caches), but their time is in chains of dependent steps, not in bytes: the FFN at one token is
-# 2.20x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention, its
+# 2.21x faster than torch's dense GeGLU (byte limit 3.3x with the moments); Spark attention, its
 # select taking ~8 us of ~19 at 8192 tokens, is slower than dense flash-decoding up to 8192
-# tokens (0.61-0.96x; 1.21x SDPA at 8192) and faster than both from 16384 on (1.32x and 1.68x
+# tokens (0.61-0.96x; 1.21x SDPA at 8192) and faster than both from 16384 on (1.32x and 1.69x
 # at 32768); a whole Gemma-2-2B-shaped model decodes 1.29x faster than the dense one (one run
 # of the final kernels; the notes give the ranges over runs).
 
