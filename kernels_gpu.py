@@ -2189,8 +2189,9 @@ def twell_ffn_gpu(x, Wg, Wu, Wd, tile=256, C=8, *, cap=None, WuT=None):
 #         _spark_select_kernel: the kt-th largest score per query head by a search over an
 #                               interval of order keys that starts from a statistical guess, the
 #                               kept tokens compacted (cumsum); past 8192 tokens in two passes;
-#                               its last pass then reads K2 and V of the kept tokens only,
-#                               partial (m, l, acc) per chunk of the list;
+#                               with few query heads its last pass then reads K2 and V of the
+#                               kept tokens only, partial (m, l, acc) per chunk of the list;
+#         _spark_gather_kernel: the same reads and partials after the select, with many heads;
 #         _decode_merge_kernel: out = sum acc / sum l (flash-decoding's merge).
 #     attention_decode_gpu(q, k, v)                     reference: spark.attention_np, T = 1
 #         _attn_split_kernel + _decode_merge_kernel: dense flash-decoding, the same skeleton.
@@ -2712,7 +2713,7 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #        _decode_merge_kernel: M = max_c m_c; out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c
 #        Bytes: 2 n hd per KV head (all of K and V). FLOPs 4 n hd per query head.
 #
-#    Spark (spark_attention_decode_gpu), three kernels:
+#    Spark (spark_attention_decode_gpu), three kernels (four with many query heads):
 #        _spark_scores_kernel: per chunk, s_j = q[:r] . K1_j / sqrt(r) -> a float32 scratch
 #                              S [B H, n] (4 bytes per score: 1/16 of what K1 costs at r = 128 bf16)
 #        _spark_select_kernel: per (GATHER_E list entries, query head), over the head's n scores
@@ -2722,6 +2723,8 @@ def spark_ffn_decode_gpu(x, K1, K2t, V, k, r):
 #                              passes, below); then, for this program's GATHER_E entries only:
 #                              K2_j and V_j, w_j = e^(s_j - m) softplus(q[r:] . K2_j / sqrt(hd - r)),
 #                              l = sum e^(s_j - m), acc = sum w_j V_j
+#                              (more than ATTEND_PROGRAMS such programs: one per query head, and
+#                              _spark_gather_kernel does the last step, per GATHER_E entries)
 #        _decode_merge_kernel: as dense (every chunk has the same m, so out = sum acc / sum l)
 #        Values read per KV head: n r + up to G kt (2 hd - r), vs 2 n hd dense; at n = 8192, hd 256,
 #        r 128, kt 256, G 2: 1.05 M + 0.20 M vs 4.19 M, 3.3x fewer. Plus 8 G n bytes of float32
@@ -3537,8 +3540,8 @@ def _spark_select(S, k_top, H, lens, has_len, attend=None):
 
 
 def _spark_decode(q, k1, k2, v, k_top, r, lengths):
-    """spark_attention_decode_gpu's three kernels (the select twice past SELECT_SPLIT tokens),
-    arguments already checked. -> q's shape"""
+    """spark_attention_decode_gpu's three kernels (the select twice past SELECT_SPLIT tokens; a
+    gather kernel after it past ATTEND_PROGRAMS programs), arguments already checked. -> q's shape"""
     B, H, hd = q.shape[0], q.shape[1], q.shape[-1]
     Hkv, n = k1.shape[1], k1.shape[2]
     qv = q.reshape(B, H, hd)
