@@ -3489,7 +3489,8 @@ def _select_pass(S, k_top, H, lens, has_len, parts, prev=None, attend=None):
     cdiv(N, parts) scores (parts > 1: lists padded to KT, FILL), or (prev: the first pass's idx,
     kt and parts) over the first pass's lists. -> idx int32 [B H, parts KT], scores float32
     [B H, parts KT], max [B H parts], kt int32 [B H parts]; KT = min(k_top, part). attend: the
-    kernel's ATTEND arguments (one part; then only the partials are written, not max and kt)."""
+    kernel's ATTEND arguments (one part; then the list and the merge's partials are written, not
+    max and kt)."""
     (BH, N), dev = S.shape, S.device
     L = triton.cdiv(N, parts)
     KT = min(k_top, L)
