@@ -807,6 +807,9 @@ def _check_attn_args(q, k, v, k_top, r):
                          f"got S = {k.shape[2]} (with a KV cache use spark.spark_attention)")
     if hd < 2:
         raise ValueError(f"q's head size hd = {hd} leaves no room for the split: Spark attention needs hd >= 2")
+    if hd * q.element_size() > 512:  # (shared memory: _spark_attn_bwd)
+        raise ValueError(f"q's head size hd = {hd} in {q.dtype}: spark_attention_gpu takes rows of at most 512 "
+                         f"bytes (hd <= 128 in float32, 256 in bfloat16 or float16)")
     _check_int("k_top", k_top, 1)
     _check_int("r", r, 1, hd - 1)
 
@@ -1364,7 +1367,13 @@ def _spark_attn_bwd(do, q, k, v, out, m, l_sum, thr, r):
     prec = _precision(q)
     scale1, scale2 = 1.0 / math.sqrt(r), 1.0 / math.sqrt(hd - r)
     consts = dict(HD=hd, R=r, R1=_pad16(r), R2=_pad16(hd - r), HDP=_pad16(hd), PREC=prec, num_warps=4)
-    bm, bn = _tiles(T, 64, 64)
+    # 64 x 64 tiles for rows of up to 256 bytes (hd 128 in bf16), 32 x 32 for 512 (hd 256 in bf16,
+    # 128 in float32; longer rows are refused by _check_attn_args). Compiled by Triton 3.6 for an
+    # H200, which has 227 KB of shared memory a program, the dk dv kernel at 512-byte rows needs
+    # 272 KB at 64 x 64 and 101-136 KB at 32 x 32 (r = hd / 2, and the r padding worst); pass 2's
+    # 64 x 32 tiles 107-172 KB. At 1024-byte rows pass 2 would need 213-270 KB.
+    tile = 64 if hd * q.element_size() <= 256 else 32  # (the same as hd padded to a power of two)
+    bm, bn = _tiles(T, tile, tile)
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, G, T, scale1, scale2)
     _spark_attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, out, do, dq, m, l_sum, thr, dd, *args, BLOCK_M=bm, BLOCK_N=bn, **consts)
@@ -2634,6 +2643,10 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     NBM = triton.cdiv(r, FFN_BI)
     FS, warps = (FFN_FS1, FFN_WARPS1) if M == 1 else (FFN_FS, FFN_WARPS)
     FS = min(FS, _pad16(f))
+    # the tiles are sized for 2-byte values: float32 takes half as many per tile (the same bytes),
+    # so the pipeline's stages fit in shared memory (several tokens' at float32 would need 288 KB
+    # of an H200's 227 KB)
+    half = X.element_size() // 2
     NS = triton.cdiv(f, FS)
     part = torch.empty(NBM, M, 2, dtype=f32, device=dev)
     ypart = torch.empty(NS, M, d, dtype=f32, device=dev)
@@ -2641,8 +2654,8 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
                                 BI=FFN_BI, BJ=min(FFN_BJ, triton.next_power_of_2(r)), num_warps=4, **_pdl(X))
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
     _ffn_sparse_kernel[(NS,)](X, K1, K2t, V, part, ypart, X.stride(0), K1.stride(0), K1.stride(1), M, q, NBM, F=f, D=d, R=r, MP=16,
-                              NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(FFN_BR, _pad16(r)),
-                              ONE=M == 1, BK=min(FFN_BK, _pad16(d)),
+                              NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(max(16, FFN_BR // half), _pad16(r)),
+                              ONE=M == 1, BK=min(max(16, FFN_BK // half), _pad16(d)),
                               E=max(2, min(FFN_E, 32768 // triton.next_power_of_2(d))),  # (E rows of d in registers)
                               D2P=triton.next_power_of_2(d - r), DP=triton.next_power_of_2(d), ALL=k == f,
                               PREC=_precision(X), num_warps=warps, num_stages=FFN_STAGES, **_pdl(X))

@@ -2,8 +2,9 @@
 
 Where this runs: without CUDA (CI, laptops) tests/conftest.py sets TRITON_INTERPRET=1 and the
 kernels run in Triton's interpreter on CPU tensors, at small awkward shapes (T = 1, 5, 37, 70;
-hd = 8, 16, 24 padded to 16 and 32; r = 1 and hd - 1; grouped-query H 4 / Hkv 2). On a GPU machine
-the same tests run compiled kernels on CUDA tensors, and the `gpu` test adds the training preset.
+hd = 8, 16, 24 padded to 16 and 32, and the longest heads, 128 in float32 and 256 in bf16; r = 1
+and hd - 1; grouped-query H 4 / Hkv 2). On a GPU machine the same tests run compiled kernels on
+CUDA tensors, and the `gpu` test adds the training preset.
 
 References: spark.spark_attention (torch; keeps every score tied with the kt-th, as the kernels
 do) in float64 and float32, and spark.spark_attention_np (float64; keeps exactly kt, so it is used
@@ -46,6 +47,7 @@ SHAPES = [
     (1, 4, 1, 37, 24, 12, 40),  # k_top >= T; hd 24 pads hd - r = 12 to 16 and hd to 32
     (1, 2, 2, 70, 24, 23, 3),  # r = hd - 1 = 23 pads to 32, hd - r = 1 to 16
     (2, 2, 1, 70, 16, 8, 1),  # k_top = 1
+    (1, 2, 1, 40, 128, 64, 9),  # 512-byte rows (the longest): the backward's 32 x 32 tiles
 ]
 
 
@@ -91,10 +93,11 @@ def test_forward_matches_references(shape):
     assert_close("kept vs torch float32", kept, kept32, 0, 0)
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:5], ids=lambda s: "B{}H{}Hkv{}T{}hd{}r{}k{}".format(*s))
+@pytest.mark.parametrize("shape", SHAPES[1:5] + SHAPES[6:], ids=lambda s: "B{}H{}Hkv{}T{}hd{}r{}k{}".format(*s))
 def test_gradients_match_torch_float64(shape):
     """dq, dk, dv of the two backward kernels, float32 inputs, against float64 autograd. The
-    grouped-query shapes check that dk and dv sum over the G query heads of their KV head."""
+    grouped-query shapes check that dk and dv sum over the G query heads of their KV head; the
+    long heads, that the backward's tiles shrink to fit the GPU's shared memory."""
     B, H, Hkv, T, hd, r, k_top = shape
     q, k, v = make_qkv(B, H, Hkv, T, hd)
     dout = torch.randn(B, H, T, hd, dtype=torch.float64)  # upstream gradient, the same for both
@@ -221,10 +224,11 @@ def test_strided_views_are_read_in_place():
         assert_close(f"{name} (views)", g, gr, 2e-5, 2e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(dtype):
-    """bf16 / fp16 inputs against float64 on the same values (tolerances: module docstring)."""
-    B, H, Hkv, T, hd, r, k_top = 2, 4, 2, 37, 24, 12, 9
+@pytest.mark.parametrize("dtype,hd", [(torch.bfloat16, 24), (torch.float16, 24), (torch.bfloat16, 256)])
+def test_half_precision(dtype, hd):
+    """bf16 / fp16 inputs against float64 on the same values (tolerances: module docstring);
+    hd = 256 in bf16 takes the backward's 32 x 32 tiles."""
+    B, H, Hkv, T, r, k_top = 2, 4, 2, 37, hd // 2, 9
     q, k, v = make_qkv(B, H, Hkv, T, hd, dtype)
     out, kept = spark_attention_gpu(q, k, v, k_top, r)
     assert out.dtype == dtype
@@ -267,6 +271,8 @@ def test_bad_arguments(monkeypatch):
             spark_attention_gpu(q, k, v, 3, r)
     with pytest.raises(ValueError, match="hd >= 2"):
         spark_attention_gpu(q[..., :1], k[..., :1], v[..., :1], 3, 1)
+    with pytest.raises(ValueError, match=r"hd = 129 in torch.float32: .*hd <= 128 in float32"):
+        spark_attention_gpu(*make_qkv(1, 2, 1, 5, 129), 3, 4)
     if not HAS_CUDA:  # a CPU tensor is accepted only by the interpreter
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="q must be on a CUDA device"):

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import HAS_CUDA, assert_close, run_in_cuda_graph, scores_of
+from conftest import HAS_CUDA, SEED, assert_close, run_in_cuda_graph, scores_of
 import kernels_gpu as dg
 import kernels_gpu
 import spark
@@ -39,6 +39,9 @@ from topk import statistical_topk_np
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"  # the CPU runs the kernels in Triton's interpreter
 pytestmark = pytest.mark.skipif(kernels_gpu.triton is None, reason="needs triton (none on this platform)")
+
+
+GPU_LAUNCHES = {name: getattr(dg, name) for name in ("MIN_SPLIT", "ATTN_BN", "TARGET_PROGRAMS")}  # before the fixture
 
 
 @pytest.fixture(autouse=True)
@@ -653,3 +656,42 @@ def test_generate_gpu_graph_bf16_runs():
     a = dg.generate_gpu(model, idx, 12, temperature=0, graph=True)
     b = dg.generate_gpu(model, idx, 12, temperature=0, graph=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_decode_at_gpu_launch_settings_random_shapes(monkeypatch):
+    """The tests above lower the launch settings so that small shapes split; this one keeps the
+    GPU's own (splits of 64+ tokens, 264 target programs, the select in registers up to 8192
+    scores and in two passes past that) and draws shapes at random: caches of 1 to 40000 tokens,
+    with and without lengths, batch 1 to 8 (so both ways of attending), hd 64 to 256, any r, k_top
+    from 1 to past n; FFNs of 1 to 8 tokens, d to 2304, f to 14000, any r, k = 1, 8 % and f.
+    float32 against float64 on the same values. Tolerances: float32 sums over up to ~10^4 terms
+    (~sqrt(N) ulps, 1e-5 relative), with a 10x margin. Random keys put the kt-th and (kt+1)-th
+    scores of 40000 far apart compared with float32 rounding, so the kept tokens are the
+    reference's."""
+    for name, value in GPU_LAUNCHES.items():
+        monkeypatch.setattr(dg, name, value)
+    rng = np.random.default_rng(SEED)
+    for _ in range(10):
+        B = int(rng.choice([1, 2, 8]))
+        H, Hkv = [(8, 4), (8, 1), (4, 4), (2, 2)][rng.integers(4)]
+        hd = int(rng.choice([64, 128, 256]))
+        r = int(rng.integers(1, hd))
+        n = int(np.exp(rng.uniform(0, np.log(40000 if B <= 2 else 10000))))
+        k_top = int(rng.choice([1, 37, 256, 600]))
+        lengths = rng.integers(1, n + 1, B) if rng.random() < 0.5 else np.full(B, n)
+        q, k, v = kv_case(B, H, Hkv, n, hd)
+        got = dg.spark_attention_decode_gpu(q, *dg.prepare_spark_kv_gpu(k, v, r), k_top, r,
+                                            lengths=torch.tensor(lengths, dtype=torch.int32, device=DEVICE))
+        for b, L in enumerate(lengths.tolist()):
+            ref = spark.spark_attention_np(np64(q[b:b + 1]), np64(k[b:b + 1, :, :L]), np64(v[b:b + 1, :, :L]), k_top, r)
+            assert_close(f"B{B} H{H} Hkv{Hkv} n{n} hd{hd} r{r} k_top{k_top}, sequence {b} (length {L})",
+                         got[b:b + 1], ref, 1e-4 * np.abs(ref).max(), 1e-4)
+    for _ in range(6):
+        M, d = int(rng.integers(1, 9)), int(rng.choice([96, 1000, 2304]))
+        f, r = int(rng.integers(100, 14000)), int(rng.integers(1, d))
+        k = int(rng.choice([1, max(1, round(0.08 * f)), f]))
+        x, K1, K2, V = ffn_case(M, d, f, r)
+        y = dg.spark_ffn_decode_gpu(x, *dg.prepare_spark_ffn_gpu(K1, K2, V), k, r)
+        ref = spark.spark_ffn_np(np64(x), np64(K1), np64(K2), np64(V), k, r)
+        assert_close(f"M{M} d{d} f{f} r{r} k{k}", y, ref, 1e-4 * np.abs(ref).max(), 1e-4)
