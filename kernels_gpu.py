@@ -2815,6 +2815,11 @@ def _check_decode(where, q, caches, lengths):
     if Hkv == 0 or H % Hkv != 0 or n == 0 or B == 0:
         raise ValueError(f"{where}: need B >= 1, H ({H}) a multiple of Hkv ({Hkv}) and a cache of n >= 1 tokens "
                          f"(n = {n})")
+    # (compiled by Triton 3.6 for an H200, the split kernel's tiles at 2048-byte rows need 296-297 KB
+    # of shared memory, of the 227 KB a program has; at 1024 bytes 149 KB)
+    if hd * q.element_size() > 1024:
+        raise ValueError(f"{where}: q's head size hd = {hd} in {q.dtype}: the decoding kernels take rows of at most "
+                         f"1024 bytes (hd <= 256 in float32, 512 in bfloat16 or float16)")
     if lengths is not None:
         if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) \
                 or tuple(lengths.shape) != (B,) or lengths.device != q.device:

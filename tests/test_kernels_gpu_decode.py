@@ -499,7 +499,7 @@ def test_decode_lengths(chunked, gather, monkeypatch):
 def test_attention_decode_bad_input():
     """Each bad argument gets an error naming it: the unsplit cache as k1, a cache with strided
     rows, mixed dtypes, float64, r and k_top out of range, H not a multiple of Hkv, lengths of
-    the wrong shape, more than one query per sequence."""
+    the wrong shape, more than one query per sequence, heads too long for the kernels' tiles."""
     q, k, v = kv_case(1, 4, 2, 20, 16)
     k1, k2, vv = dg.prepare_spark_kv_gpu(k, v, 6)
     with pytest.raises(ValueError, match="expected k1"):  # the unsplit cache: not a prepared layout
@@ -520,6 +520,8 @@ def test_attention_decode_bad_input():
         dg.attention_decode_gpu(q, k, v, lengths=torch.ones(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="one new token"):
         dg.attention_decode_gpu(q.expand(1, 4, 2, 16), k, v)
+    with pytest.raises(ValueError, match=r"hd = 257 in torch.float32: .*hd <= 256 in float32"):
+        dg.attention_decode_gpu(*kv_case(1, 2, 1, 3, 257))
 
 
 # ------------------------------------------------------------------------------------------
