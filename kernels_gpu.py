@@ -1372,7 +1372,7 @@ def _spark_attn_bwd(do, q, k, v, out, m, l_sum, thr, r):
     # H200, which has 227 KB of shared memory a program, the dk dv kernel at 512-byte rows needs
     # 272 KB at 64 x 64 and 101-136 KB at 32 x 32 (r = hd / 2, and the r padding worst); pass 2's
     # 64 x 32 tiles 107-172 KB. At 1024-byte rows pass 2 would need 213-270 KB.
-    tile = 64 if hd * q.element_size() <= 256 else 32  # (the same as hd padded to a power of two)
+    tile = 64 if hd * q.element_size() <= 256 else 32  # (true of hd exactly when of hd padded to a power of two)
     bm, bn = _tiles(T, tile, tile)
     args = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), H, G, T, scale1, scale2)
     _spark_attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
