@@ -790,6 +790,7 @@ def gelu_topk_mul_gpu(p, u, k):
 # Tests lower MAX_KEYS_IN_REGISTERS to exercise that path at small T.
 MAX_KEYS_IN_REGISTERS = 2048
 BLOCK_M1 = 16  # pass 1 query rows per program (tl.dot's smallest M)
+MAX_HEAD_BYTES = 512  # the longest head taken, hd times the dtype's bytes (shared memory: _spark_attn_bwd)
 
 # ------------------------------------------------------------------------------------------
 # 5a. Argument checks
@@ -807,9 +808,10 @@ def _check_attn_args(q, k, v, k_top, r):
                          f"got S = {k.shape[2]} (with a KV cache use spark.spark_attention)")
     if hd < 2:
         raise ValueError(f"q's head size hd = {hd} leaves no room for the split: Spark attention needs hd >= 2")
-    if hd * q.element_size() > 512:  # (shared memory: _spark_attn_bwd)
-        raise ValueError(f"q's head size hd = {hd} in {q.dtype}: spark_attention_gpu takes rows of at most 512 "
-                         f"bytes (hd <= 128 in float32, 256 in bfloat16 or float16)")
+    if hd * q.element_size() > MAX_HEAD_BYTES:
+        raise ValueError(f"q's head size hd = {hd} in {q.dtype}: spark_attention_gpu takes rows of at most "
+                         f"{MAX_HEAD_BYTES} bytes (hd <= {MAX_HEAD_BYTES // 4} in float32, {MAX_HEAD_BYTES // 2} in "
+                         f"bfloat16 or float16)")
     _check_int("k_top", k_top, 1)
     _check_int("r", r, 1, hd - 1)
 
@@ -2646,7 +2648,7 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
     # the tiles are sized for 2-byte values: float32 takes half as many per tile (the same bytes),
     # so the pipeline's stages fit in shared memory (several tokens' at float32 would need 288 KB
     # of an H200's 227 KB)
-    half = X.element_size() // 2
+    per2 = X.element_size() // 2  # 1 for 2-byte values, 2 for float32
     NS = triton.cdiv(f, FS)
     part = torch.empty(NBM, M, 2, dtype=f32, device=dev)
     ypart = torch.empty(NS, M, d, dtype=f32, device=dev)
@@ -2654,8 +2656,8 @@ def _spark_ffn_launch(X, K1, K2t, V, k, r, Y):
                                 BI=FFN_BI, BJ=min(FFN_BJ, triton.next_power_of_2(r)), num_warps=4, **_pdl(X))
     q = normal_icdf(1.0 - k / f) if k < f else 0.0  # float64 on the host, from k and f only
     _ffn_sparse_kernel[(NS,)](X, K1, K2t, V, part, ypart, X.stride(0), K1.stride(0), K1.stride(1), M, q, NBM, F=f, D=d, R=r, MP=16,
-                              NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(max(16, FFN_BR // half), _pad16(r)),
-                              ONE=M == 1, BK=min(max(16, FFN_BK // half), _pad16(d)),
+                              NBP=min(256, triton.next_power_of_2(NBM)), FS=FS, BR=min(max(16, FFN_BR // per2), _pad16(r)),
+                              ONE=M == 1, BK=min(max(16, FFN_BK // per2), _pad16(d)),
                               E=max(2, min(FFN_E, 32768 // triton.next_power_of_2(d))),  # (E rows of d in registers)
                               D2P=triton.next_power_of_2(d - r), DP=triton.next_power_of_2(d), ALL=k == f,
                               PREC=_precision(X), num_warps=warps, num_stages=FFN_STAGES, **_pdl(X))

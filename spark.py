@@ -422,9 +422,9 @@ def gated_ffn(x, Wg, Wu, Wd, act, *, return_act=False):
 # One switch, TRITON: on a CUDA tensor (not float64; triton needed) the statistical top-k FFNs compute
 # a = gelu(statistical_topk(p, k)) * u in kernels_gpu.py's fused Triton pass, forward and backward
 # (p and u read once, the sparse t never stored), and SparkAttention trains (S == T, no dropout,
-# heads of at most 512 bytes) with kernels_gpu.spark_attention_gpu; everywhere else, and with
-# TRITON = False, the torch ops below. Both match the NumPy references (tests/test_kernels_gpu*.py:
-# tolerances).
+# heads of at most kernels_gpu.MAX_HEAD_BYTES) with kernels_gpu.spark_attention_gpu; everywhere
+# else, and with TRITON = False, the torch ops below. Both match the NumPy references
+# (tests/test_kernels_gpu*.py: tolerances).
 TRITON = True
 
 
@@ -801,12 +801,14 @@ class SparkAttention(Attention):
         B, H, T, _ = q.shape
         S = k.shape[2]
         p = self.dropout if self.training else 0.0
-        # heads of over 512 bytes (hd > 128 in float32) take the torch path: the kernels' tiles
-        # would not fit in a GPU's shared memory
-        short = q.shape[-1] * q.element_size() <= 512
-        if TRITON and q.is_cuda and q.dtype != torch.float64 and S == T and p == 0.0 and short:
+        gpu = TRITON and q.is_cuda and q.dtype != torch.float64 and S == T and p == 0.0
+        if gpu:
             import kernels_gpu  # (as in _gelu_topk_mul) two Triton passes; no [T, S] tensor is stored
 
+            # longer heads (hd > 128 in float32) take the torch path: the kernels' tiles would not
+            # fit in a GPU's shared memory
+            gpu = q.shape[-1] * q.element_size() <= kernels_gpu.MAX_HEAD_BYTES
+        if gpu:
             out, kept = kernels_gpu.spark_attention_gpu(q, k, v, self.k_top, self.r)
         else:
             out, kept = spark_attention(q, k, v, self.k_top, self.r, causal=True, dropout_p=p, return_kept=True)
